@@ -1,0 +1,468 @@
+"""BViT: Broad Attention based Vision Transformer (Li et al., arXiv 2202.06268, IEEE TNNLS 2024).
+
+Importing this module registers ``bvit_5m`` and ``bvit_22m`` with timm, so
+``timm.create_model('bvit_5m', num_classes=10)`` works like any other ViT. The defaults are the
+released architecture (see README, "The released model"): a 7x7 stride-2 conv stem, a linear
+patch embedding (stored as a Conv2d), no qkv bias, LayerNorm eps 1e-5, and the broad attention
+output, scaled by 0.4 and pooled to the embedding width, added to every token of the last layer.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import resample_abs_pos_embed, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from .layers import Block, attention_probs, broad_attention, broad_attention_probs
+
+_int_or_pair = Union[int, Tuple[int, int]]
+
+
+def _pair(x: _int_or_pair) -> Tuple[int, int]:
+    return (x, x) if isinstance(x, int) else (int(x[0]), int(x[1]))
+
+
+class AttentionMaps(NamedTuple):
+    """Explicit attention probabilities of one forward pass (softmax rows, sum to 1).
+
+    layers: L tensors (B, H, N+1, N+1), one per block. broad: (B, H, N+1, N+1), the broad
+    attention, i.e. the softmax of the sum of all layers' logits. grid_size: the (h, w) patch grid,
+    so ``maps.broad[:, :, 0, 1:].reshape(B, H, *grid_size)`` is the class token's map.
+    """
+    layers: List[Tensor]
+    broad: Tensor
+    grid_size: Tuple[int, int]
+
+
+class BViT(nn.Module):
+    """Vision transformer with broad attention (BViT).
+
+    Every block hands its (q, k, v) to a parameter-free broad attention over all L layers; its
+    output, pooled to the embedding width and scaled by ``broad_scale``, joins the last layer's
+    tokens before the norm and the head.
+    """
+
+    def __init__(
+            self,
+            img_size: _int_or_pair = 224,
+            patch_size: int = 16,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'token',
+            embed_dim: int = 192,
+            depth: int = 12,
+            num_heads: int = 3,
+            head_dim: int = 64,
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = False,
+            stem: str = 'conv',
+            broad: bool = True,
+            broad_scale: float = 0.4,
+            drop_rate: float = 0.,
+            attn_drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            norm_eps: float = 1e-5,
+    ) -> None:
+        """
+        Args:
+            img_size: input size (int or (h, w)); inputs must have exactly this size.
+            patch_size: side p of the square patches (after the stem).
+            in_chans: image channels.
+            num_classes: classes of the head; 0 makes ``forward`` return the normed class token.
+            global_pool: 'token' (class token, as released) or 'avg' (mean of the patch tokens).
+            embed_dim, depth, num_heads, head_dim, mlp_ratio, qkv_bias: transformer width D,
+                layers L, heads H, head dim d, MLP hidden D·mlp_ratio, bias of the qkv projection.
+            stem: 'conv' (released: 7x7 stride-2 conv, in_chans -> in_chans, so 224 gives 7x7
+                patches) or 'none' (plain patchify, 14x14 patches at 224).
+            broad: add broad attention; False gives the same network and parameters without it.
+            broad_scale: weight of the broad output (0.4 as released).
+            drop_rate: dropout after the position embedding, in attention/MLP outputs and before the head.
+            attn_drop_rate: dropout on attention probabilities of the blocks.
+            drop_path_rate: stochastic depth, linearly increasing to this value over the blocks.
+            norm_eps: LayerNorm eps (PyTorch's default 1e-5, as released; timm's ViT uses 1e-6).
+        """
+        super().__init__()
+        if stem not in ('conv', 'none'):
+            raise ValueError(f"stem must be 'conv' or 'none', got {stem!r}")
+        if global_pool not in ('token', 'avg'):
+            raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+        self.img_size = _pair(img_size)
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.num_features = self.embed_dim = embed_dim
+        self.head_hidden_size = embed_dim
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.num_prefix_tokens = 1
+        self.stem_type = stem
+        self.broad = broad
+        self.broad_scale = broad_scale
+        self.grad_checkpointing = False
+
+        if stem == 'conv':
+            self.stem: nn.Module = nn.Conv2d(in_chans, in_chans, kernel_size=7, stride=2, padding=3)
+            stem_out = tuple(math.ceil(s / 2) for s in self.img_size)
+        else:
+            self.stem = nn.Identity()
+            stem_out = self.img_size
+        if any(s % patch_size for s in stem_out):
+            raise ValueError(
+                f'image size {self.img_size} gives {stem_out} after the {stem!r} stem, '
+                f'which is not divisible by patch size {patch_size}')
+        self.grid_size: Tuple[int, int] = (stem_out[0] // patch_size, stem_out[1] // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+
+        # Linear(in_chans·p², D) on each patch, stored as the equivalent Conv2d (faster).
+        self.patch_embed = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        # As released, the table is sized for the image without the stem ((224/16)² + 1 = 197
+        # rows) and only its first N+1 rows are used; keeping it makes the parameter count and
+        # the checkpoint layout those of the release.
+        rows = (self.img_size[0] // patch_size) * (self.img_size[1] // patch_size) + 1
+        self.pos_embed = nn.Parameter(torch.zeros(1, rows, embed_dim))
+        self.pos_drop = nn.Dropout(drop_rate)
+
+        dpr = [r.item() for r in torch.linspace(0, drop_path_rate, depth)]
+        self.blocks = nn.ModuleList([
+            Block(embed_dim, num_heads, head_dim, mlp_ratio, qkv_bias, proj_drop=drop_rate,
+                  attn_drop=attn_drop_rate, drop_path=dpr[i], norm_eps=norm_eps)
+            for i in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head: nn.Module = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        trunc_normal_(self.pos_embed, std=.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    # timm conventions -------------------------------------------------------------------------
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return {'pos_embed', 'cls_token'}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(stem=r'^cls_token|pos_embed|stem|patch_embed', blocks=[(r'^blocks\.(\d+)', None), (r'^norm', (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace the head with a fresh Linear(D, num_classes) (Identity for 0)."""
+        if global_pool is not None:
+            if global_pool not in ('token', 'avg'):
+                raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    # forward ----------------------------------------------------------------------------------
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.ndim != 4 or x.shape[1] != self.in_chans or tuple(x.shape[-2:]) != self.img_size:
+            raise ValueError(
+                f'{type(self).__name__} expects images of shape (B, {self.in_chans}, {self.img_size[0]}, '
+                f'{self.img_size[1]}), got {tuple(x.shape)}; build the model with img_size/in_chans to match')
+
+    def _embed(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> tokens (B, N+1, D), class token first."""
+        self._check_input(x)
+        x = self.patch_embed(self.stem(x)).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return self.pos_drop(x + self.pos_embed[:, :x.shape[1]])
+
+    def _run_blocks(self, x: Tensor, keep_qkv: bool) -> Tuple[Tensor, List[Tensor], List[Tensor], List[Tensor]]:
+        qs: List[Tensor] = []
+        ks: List[Tensor] = []
+        vs: List[Tensor] = []
+        for blk in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+                x, (q, k, v) = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x, (q, k, v) = blk(x)
+            if keep_qkv:
+                qs.append(q)
+                ks.append(k)
+                vs.append(v)
+        return x, qs, ks, vs
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Images (B, C, H, W) -> normed tokens (B, N+1, D), broad output added on every token."""
+        x, qs, ks, vs = self._run_blocks(self._embed(x), keep_qkv=self.broad)
+        if self.broad:
+            x = x + self.broad_scale * broad_attention(qs, ks, vs, self.embed_dim)
+        return self.norm(x)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Tokens (B, N+1, D) -> logits (B, classes), or pooled features (B, D) with pre_logits."""
+        x = x[:, self.num_prefix_tokens:].mean(1) if self.global_pool == 'avg' else x[:, 0]
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Images (B, C, H, W) -> logits (B, num_classes), or (B, D) features if num_classes == 0.
+
+        Equal to ``forward_head(forward_features(x))``. With the class-token head only the class
+        token's row of the broad attention reaches the output, so only that row is computed.
+        """
+        if self.global_pool != 'token':
+            return self.forward_head(self.forward_features(x))
+        x, qs, ks, vs = self._run_blocks(self._embed(x), keep_qkv=self.broad)
+        x = x[:, :1]
+        if self.broad:
+            x = x + self.broad_scale * broad_attention([q[:, :, :1] for q in qs], ks, vs, self.embed_dim)
+        return self.forward_head(self.norm(x))
+
+    def attention_maps(self, x: Tensor) -> AttentionMaps:
+        """Explicit attention maps of every layer and of the broad attention, for inspection.
+
+        Materialises the (N+1) x (N+1) maps that the normal forward never builds. Wrap the call in
+        ``torch.no_grad()`` unless gradients through the maps are wanted.
+        """
+        _, qs, ks, _ = self._run_blocks(self._embed(x), keep_qkv=True)
+        scale = self.head_dim ** -0.5
+        layers = [attention_probs(q, k, scale) for q, k in zip(qs, ks)]
+        return AttentionMaps(layers, broad_attention_probs(qs, ks, scale), self.grid_size)
+
+
+# Released checkpoints ---------------------------------------------------------------------------
+
+# Key renames from the released layout (vit-pytorch style) to this module's.
+_OFFICIAL_RENAMES = [
+    (r'^conv\.', 'stem.'),
+    (r'^to_patch_embedding\.1\.', 'patch_embed.'),
+    (r'^pos_embedding$', 'pos_embed'),
+    (r'^transformer\.layers\.(\d+)\.0\.norm\.', r'blocks.\1.norm1.'),
+    (r'^transformer\.layers\.(\d+)\.0\.fn\.to_qkv\.', r'blocks.\1.attn.qkv.'),
+    (r'^transformer\.layers\.(\d+)\.0\.fn\.to_out\.0\.', r'blocks.\1.attn.proj.'),
+    (r'^transformer\.layers\.(\d+)\.1\.norm\.', r'blocks.\1.norm2.'),
+    (r'^transformer\.layers\.(\d+)\.1\.fn\.net\.0\.', r'blocks.\1.mlp.fc1.'),
+    (r'^transformer\.layers\.(\d+)\.1\.fn\.net\.3\.', r'blocks.\1.mlp.fc2.'),
+    (r'^mlp_head\.0\.', 'norm.'),
+    (r'^mlp_head\.1\.', 'head.'),
+]
+_WRAPPER_PREFIXES = ('module.', '_orig_mod.', 'model.')
+
+
+def unwrap_state_dict(obj: Any, use_ema: bool = False) -> Dict[str, Tensor]:
+    """The state dict inside whatever ``torch.load(path, weights_only=True)`` returned.
+
+    Accepts a bare state dict or one under ``model`` (DeiT), ``state_dict`` (Lightning) or, with
+    ``use_ema``, ``model_ema``; strips ``module.`` (DDP), ``_orig_mod.`` (torch.compile) and
+    ``model.`` (Lightning wrapper) prefixes. Raises ValueError if no state dict is found.
+    """
+    if isinstance(obj, Mapping):
+        if use_ema:
+            if not isinstance(obj.get('model_ema'), Mapping):
+                raise ValueError('the checkpoint holds no model_ema weights')
+            obj = obj['model_ema']
+        else:
+            for key in ('model', 'state_dict', 'model_ema'):
+                if isinstance(obj.get(key), Mapping):
+                    obj = obj[key]
+                    break
+    if not isinstance(obj, Mapping) or not obj or not all(
+            isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
+        raise ValueError('the file holds no model state dict (expected a dict of tensors, '
+                         "or one under 'model' or 'state_dict')")
+    out = {}
+    for key, value in obj.items():
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in _WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix):], True
+        out[key] = value
+    return out
+
+
+def convert_official_state_dict(obj: Any, use_ema: bool = False) -> Dict[str, Tensor]:
+    """State dict for :class:`BViT` from a released BViT file or one of this project's.
+
+    ``obj`` is what ``torch.load(path, weights_only=True)`` returned (see
+    :func:`unwrap_state_dict` for the containers and prefixes understood). Keys in the released
+    layout are renamed, and its Linear patch embedding, which flattens each patch as (row,
+    column, channel), becomes the Conv2d kernel (D, C, p, p). Other keys pass unchanged.
+    """
+    sd = unwrap_state_dict(obj, use_ema)
+    out: Dict[str, Tensor] = {}
+    for key, value in sd.items():
+        for pattern, repl in _OFFICIAL_RENAMES:
+            new = re.sub(pattern, repl, key)
+            if new != key:
+                if key == 'to_patch_embedding.1.weight':
+                    chans = sd['conv.weight'].shape[0] if 'conv.weight' in sd else 3
+                    dim, fan_in = value.shape
+                    p = math.isqrt(fan_in // chans)
+                    if p * p * chans != fan_in:
+                        raise ValueError(f'{key}: {fan_in} inputs is not {chans}·p² for any patch size p')
+                    value = value.reshape(dim, p, p, chans).permute(0, 3, 1, 2).contiguous()
+                key = new
+                break
+        out[key] = value
+    return out
+
+
+def check_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
+    """Raise ValueError naming the first key where ``state_dict`` does not fit ``model``."""
+    expected = model.state_dict()
+    name = type(model).__name__
+    for key, ref in expected.items():
+        if key not in state_dict:
+            raise ValueError(f"checkpoint does not fit this {name}: key '{key}' (shape {tuple(ref.shape)}) is missing")
+        if tuple(state_dict[key].shape) != tuple(ref.shape):
+            raise ValueError(
+                f"checkpoint does not fit this {name}: '{key}' has shape {tuple(state_dict[key].shape)} "
+                f"in the checkpoint but {tuple(ref.shape)} in the model")
+    for key in state_dict:
+        if key not in expected:
+            raise ValueError(f"checkpoint does not fit this {name}: unexpected key '{key}'")
+
+
+def read_checkpoint(path: Union[str, os.PathLike]) -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU, with errors a person can act on.
+
+    Raises FileNotFoundError for a missing file and ValueError for one that is not a readable
+    PyTorch checkpoint (truncated, corrupt, or holding arbitrary pickled objects).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'checkpoint not found: {path}')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # torch raises several types for bad files; all mean the same here
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f'{path} is not a readable PyTorch checkpoint: {reason[:200]}') from None
+
+
+def load_checkpoint(model: nn.Module, path: Union[str, os.PathLike], use_ema: bool = False) -> Any:
+    """Load a released BViT file or one of this project's checkpoints into ``model``.
+
+    Returns the object read from the file (so a training script can restore the rest of its
+    state). Raises FileNotFoundError or ValueError (see :func:`read_checkpoint`,
+    :func:`check_state_dict`) and leaves the model untouched on error.
+    """
+    obj = read_checkpoint(path)
+    try:
+        sd = convert_official_state_dict(obj, use_ema)
+    except ValueError as e:
+        raise ValueError(f'{os.fspath(path)}: {e}') from None
+    check_state_dict(model, sd)
+    model.load_state_dict(sd)
+    return obj
+
+
+def resample_pos_embed(
+        pos_embed: Tensor,
+        old_grid: Tuple[int, int],
+        new_grid: Tuple[int, int],
+        num_rows: Optional[int] = None,
+        num_prefix_tokens: int = 1,
+) -> Tensor:
+    """Resize a position table (1, R, D) whose first rows are ``num_prefix_tokens`` + an
+    ``old_grid`` patch grid (row-major) to ``new_grid``, bicubically; prefix rows are kept.
+
+    Rows past the used ones (the release sizes its table for the image without the stem) are
+    dropped; ``num_rows`` pads the result with zeros to a table of that many rows. Exactly a no-op
+    when the grids are equal.
+    """
+    used = num_prefix_tokens + old_grid[0] * old_grid[1]
+    if pos_embed.shape[1] < used:
+        raise ValueError(f'position table has {pos_embed.shape[1]} rows, fewer than the {used} of a {old_grid} grid')
+    if tuple(old_grid) == tuple(new_grid):
+        out = pos_embed[:, :used]
+    else:
+        out = resample_abs_pos_embed(
+            pos_embed[:, :used], list(new_grid), list(old_grid), num_prefix_tokens=num_prefix_tokens)
+    if num_rows is not None and num_rows > out.shape[1]:
+        out = torch.cat([out, out.new_zeros(1, num_rows - out.shape[1], out.shape[2])], dim=1)
+    return out
+
+
+# Registration -----------------------------------------------------------------------------------
+
+MODEL_ARGS: Dict[str, Dict[str, Any]] = {
+    'bvit_5m': dict(embed_dim=192, depth=12, num_heads=3, head_dim=64, mlp_ratio=4.),
+    'bvit_22m': dict(embed_dim=384, depth=12, num_heads=6, head_dim=64, mlp_ratio=4.),
+}
+_ALIASES = {
+    'bvit-5': 'bvit_5m', 'bvit_5': 'bvit_5m', 'bvit_5m': 'bvit_5m', 'bvit-5m': 'bvit_5m',
+    'bvit-22': 'bvit_22m', 'bvit_22': 'bvit_22m', 'bvit-21': 'bvit_22m', 'bvit_21': 'bvit_22m',
+    'bvit_22m': 'bvit_22m', 'bvit-22m': 'bvit_22m',
+}
+
+
+def resolve_arch(name: str) -> str:
+    """Registered model name for a BViT architecture name, as spelled by the paper, the release
+    or timm (case-insensitive): ``BViT-5``/``BViT_5``/``bvit_5m`` -> ``bvit_5m``,
+    ``BViT-22``/``BViT-21``/``BViT_21``/``bvit_22m`` -> ``bvit_22m``. ValueError otherwise."""
+    key = name.strip().lower()
+    if key not in _ALIASES:
+        known = ', '.join(['BViT-5', 'BViT_5', 'bvit_5m', 'BViT-22', 'BViT-21', 'BViT_21', 'bvit_22m'])
+        raise ValueError(f'unknown BViT architecture {name!r}; known names: {known}')
+    return _ALIASES[key]
+
+
+def _cfg(**kwargs: Any) -> Dict[str, Any]:
+    return {
+        'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None,
+        'crop_pct': 0.875, 'interpolation': 'bicubic', 'fixed_input_size': True,
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'patch_embed', 'classifier': 'head',
+        'paper_ids': 'arXiv:2202.06268', 'paper_name': 'BViT: Broad Attention based Vision Transformer',
+        'license': 'apache-2.0', **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({'bvit_5m': _cfg(), 'bvit_22m': _cfg()})
+
+
+def _pretrained_filter(state_dict: Dict[str, Tensor], model: nn.Module) -> Dict[str, Tensor]:
+    return convert_official_state_dict(state_dict)
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> BViT:
+    args = {**MODEL_ARGS[variant], **kwargs}
+    return build_model_with_cfg(BViT, variant, pretrained, pretrained_filter_fn=_pretrained_filter, **args)
+
+
+@register_model
+def bvit_5m(pretrained: bool = False, **kwargs: Any) -> BViT:
+    """BViT-5M (released ``BViT_5``): D=192, 12 layers, 3 heads of 64; 5.71M parameters."""
+    return _create('bvit_5m', pretrained, **kwargs)
+
+
+@register_model
+def bvit_22m(pretrained: bool = False, **kwargs: Any) -> BViT:
+    """BViT-22M (released ``BViT_21``): D=384, 12 layers, 6 heads of 64; 22.04M parameters."""
+    return _create('bvit_22m', pretrained, **kwargs)
+
+
+__all__ = [
+    'BViT', 'AttentionMaps', 'bvit_5m', 'bvit_22m', 'resolve_arch', 'unwrap_state_dict',
+    'convert_official_state_dict', 'check_state_dict', 'read_checkpoint', 'load_checkpoint',
+    'resample_pos_embed', 'MODEL_ARGS',
+]
