@@ -115,11 +115,23 @@ def broad_attention(
     Average pooling is linear, so it commutes with the attention product: when the pooling
     groups stay inside one head (always for the released configurations), V is pooled first and
     the value width shrinks from L·d to D/H, which is exact and L times cheaper.
+
+    When fewer rows are asked for than there are tokens (the class token alone, for
+    classification), Q Kᵀ = Σ_l q_l k_lᵀ and O = concat_l(A v_l) are computed layer by layer,
+    which never copies the L layers' keys and values into one wide tensor.
     """
-    Q, K, V = torch.cat(list(q), -1), torch.cat(list(k), -1), torch.cat(list(v), -1)
-    B, H, Nq, E = Q.shape
     if scale is None:
         scale = q[0].shape[-1] ** -0.5
+    B, H, Nq, _ = q[0].shape
+    if Nq < k[0].shape[-2]:
+        logits = q[0] @ k[0].transpose(-2, -1)
+        for qi, ki in zip(q[1:], k[1:]):
+            logits = logits + qi @ ki.transpose(-2, -1)
+        attn = (logits * scale).softmax(-1)
+        out = torch.cat([attn @ vi for vi in v], -1).transpose(1, 2).reshape(B, Nq, -1)
+        return F.adaptive_avg_pool1d(out, out_dim)
+    Q, K, V = torch.cat(list(q), -1), torch.cat(list(k), -1), torch.cat(list(v), -1)
+    E = Q.shape[-1]
     g = _pool_groups(H * E, out_dim, E)
     if g is not None and g > 1:
         V = V.unflatten(-1, (E // g, g)).mean(-1)

@@ -1,0 +1,79 @@
+"""Parameters and FLOPs of the registered BViT models, counted with ``torch.utils.flop_counter``.
+
+    python -m bvit.profile [--img-size 224] [--num-classes 1000]
+
+One line per model and stem, for the classification forward ``model(x)`` of one image.
+``GFLOPs`` counts a multiply-add as 2 (flop_counter's convention); ``GMACs`` is half of it, the
+unit vision papers (BViT's included) call "FLOPs".
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Dict, List, Optional
+
+import torch
+import timm
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
+
+import bvit.models  # noqa: F401  (registers the BViT models)
+
+# flop_counter knows the CUDA attention kernels but not the CPU one that
+# scaled_dot_product_attention dispatches to here; without this its FLOPs would be dropped.
+_cpu_sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+if _cpu_sdpa not in torch.utils.flop_counter.flop_registry:
+    @register_flop_formula(_cpu_sdpa)
+    def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(model: nn.Module, img_size: int = 224, in_chans: int = 3) -> int:
+    """FLOPs (2 per multiply-add) of ``model(x)`` for one image, in eval mode."""
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(torch.zeros(1, in_chans, img_size, img_size))
+    model.train(was_training)
+    return counter.get_total_flops()
+
+
+def table(names: Optional[List[str]] = None, img_size: int = 224, num_classes: int = 1000,
+          twins: bool = False) -> List[Dict]:
+    """Rows of {model, stem, broad, params, gflops, gmacs, tokens} for the registered BViTs."""
+    rows = []
+    for name in names or ['bvit_5m', 'bvit_22m']:
+        for stem in ('conv', 'none'):
+            for broad in ((True, False) if twins else (True,)):
+                model = timm.create_model(name, img_size=img_size, num_classes=num_classes, stem=stem, broad=broad)
+                flops = count_flops(model, img_size)
+                rows.append(dict(model=name, stem=stem, broad=broad, params=count_params(model),
+                                 gflops=flops / 1e9, gmacs=flops / 2e9, tokens=model.num_patches + 1))
+    return rows
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--img-size', type=int, default=224, help='input resolution')
+    parser.add_argument('--num-classes', type=int, default=1000, help='classes of the head')
+    parser.add_argument('--twins', action='store_true', help='also list the broad=False twins')
+    parser.add_argument('--deit', action='store_true', help="also list timm's deit_tiny/deit_small for comparison")
+    args = parser.parse_args(argv)
+    print(f"{'model':10s} {'stem':5s} {'broad':6s} {'tokens':>6s} {'params':>12s} {'GFLOPs':>8s} {'GMACs':>7s}")
+    for r in table(img_size=args.img_size, num_classes=args.num_classes, twins=args.twins):
+        print(f"{r['model']:10s} {r['stem']:5s} {str(r['broad']):6s} {r['tokens']:6d} {r['params']:12,d} "
+              f"{r['gflops']:8.3f} {r['gmacs']:7.3f}")
+    if args.deit:
+        for name in ('deit_tiny_patch16_224', 'deit_small_patch16_224'):
+            model = timm.create_model(name, num_classes=args.num_classes, img_size=args.img_size)
+            flops = count_flops(model, args.img_size)
+            tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+            print(f"{name:23s} {tokens:6d} {count_params(model):12,d} {flops / 1e9:8.3f} {flops / 2e9:7.3f}")
+
+
+if __name__ == '__main__':
+    main()
