@@ -1,0 +1,544 @@
+"""Broad attention (BViT, arXiv 2202.06268) for other timm backbones: ViT / DeiT and Swin.
+
+``add_broad_attention(model, scale=0.4)`` turns a timm model into its broad-attention variant in
+place and returns it. No parameter, buffer or state-dict key is added, removed or renamed, so the
+model's pretrained weights load as they are, and ``scale=0`` gives the original model's output
+exactly. The conversion swaps the classes of the model and of its attention modules for
+subclasses defined here (the instances, their parameters and their hooks stay as they are);
+``remove_broad_attention`` swaps them back.
+
+Supported models
+----------------
+* timm ``VisionTransformer`` (ViT, DeiT, DeiT III, register-token and class-token-free variants,
+  any ``global_pool``) and DeiT's ``VisionTransformerDistilled``, as long as every block's ``attn``
+  is timm's ``Attention`` (``timm.layers.Attention``). Each block hands the q, k, v its own
+  attention used (after qkv bias and q_norm / k_norm) to the broad attention of BViT:
+  ``adaptive_avg_pool1d(softmax(Q Kᵀ · d^-0.5) V, D)`` with Q, K, V concatenated over the L blocks
+  along the channel axis (:func:`bvit.layers.broad_attention`), added with ``scale`` to every token
+  of the last block's output, before the final norm and the head. With a class-token head
+  (``global_pool='token'``, or the distilled head) ``forward`` computes only the rows that reach
+  the logits (1, or 2 for the distilled model); ``forward_features`` returns every token.
+  An ``attn_mask`` / ``is_causal`` given to ``forward`` is applied to the broad attention too.
+  Gradient checkpointing (``model.set_grad_checkpointing()``) checkpoints each block.
+  ``forward_intermediates`` is timm's own and does not include the broad output.
+* timm ``SwinTransformer`` (v1, ``swin_*``), see the next section.
+* This project's ``bvit.models.BViT``: broad attention is switched on (``broad=True``) and its
+  scale set.
+
+Anything else raises ``TypeError`` naming what is supported.
+
+Swin Transformer: design (the paper gives no code for it)
+----------------------------------------------------------
+Broad attention is applied within each stage, over that stage's blocks, and its output is added,
+scaled, to the stage output (after the stage's last block, so before the next stage's patch
+merging, or before the final norm for the last stage).
+
+* **One window partition per stage.** q, k and v are per-token projections, so a shifted block's
+  q, k, v are taken out of its shifted windows and rolled back to the unshifted token grid
+  (reverse window partition, crop the padding, roll by +shift: exactly what the block does with
+  its output), and then all blocks of the stage are partitioned with the regular, unshifted
+  windows (shift 0, the stage's window size, padding bottom/right as the block does). Within each
+  window Q, K, V are concatenated over the stage's blocks and ``softmax(Q Kᵀ · d^-0.5 + Σ_l B_l) V``
+  is pooled to the stage width C exactly as in BViT (layout head, block, channel; adaptive
+  average pooling), then windows are reversed to the (B, H, W, C) map.
+* **Relative position bias: included** (``swin_rel_pos_bias=True``, the default). BViT's broad
+  map is the softmax of the sum of every layer's attention logits; in Swin a block's logits are
+  ``q kᵀ · d^-0.5 + B_l`` with B_l its learned relative position bias, so the sum over the stage's
+  blocks includes Σ_l B_l, looked up for the regular window's relative positions (the same table
+  lookup the unshifted blocks use). Without it the windowed broad attention would be blind to
+  position (Swin has no absolute position embedding). ``swin_rel_pos_bias=False`` leaves it out.
+* **No shift mask.** The shifted blocks' masks only separate tokens that the cyclic shift brought
+  together from opposite borders; in the unshifted partition every window holds true neighbours,
+  so no mask is needed. Padding tokens (feature maps not divisible by the window) are masked out
+  as keys, and their rows are cropped away.
+* No dropout, no new parameters; the logit scale is d^-0.5 of one head, as in BViT.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+from timm.layers import Attention
+from timm.models.swin_transformer import (
+    SwinTransformer, SwinTransformerBlock, SwinTransformerStage, WindowAttention, window_partition, window_reverse)
+from timm.models.vision_transformer import VisionTransformer
+
+from .layers import broad_attention
+
+try:  # timm >= 1.0.15 builds additive masks for the non-fused path with these
+    from timm.layers import maybe_add_mask, resolve_self_attn_mask
+except ImportError:  # pragma: no cover - older timm, whose Attention takes no mask
+    maybe_add_mask = resolve_self_attn_mask = None
+
+try:
+    from timm.models.deit import VisionTransformerDistilled
+except ImportError:  # pragma: no cover
+    VisionTransformerDistilled = None
+
+QKV = Tuple[Tensor, Tensor, Tensor]
+
+SUPPORTED = (
+    "timm VisionTransformer models (ViT, DeiT, DeiT distilled, register / no-class-token variants) "
+    "whose blocks use timm.layers.Attention, timm SwinTransformer (v1) with WindowAttention, "
+    "and bvit.models.BViT")
+
+
+# Broad attention with a mask --------------------------------------------------------------------
+
+def _exact_pool_group(width: int, out_dim: int, head_width: int) -> Optional[int]:
+    """g if adaptive average pooling width -> out_dim averages runs of g values inside one head."""
+    if width % out_dim:
+        return None
+    g = width // out_dim
+    return g if head_width % g == 0 else None
+
+
+def broad_attention_masked(
+        q: Sequence[Tensor],
+        k: Sequence[Tensor],
+        v: Sequence[Tensor],
+        out_dim: int,
+        attn_mask: Optional[Tensor] = None,
+        is_causal: bool = False,
+        scale: Optional[float] = None,
+) -> Tensor:
+    """:func:`bvit.layers.broad_attention` with an attention mask or bias.
+
+    ``attn_mask`` follows ``F.scaled_dot_product_attention``: a boolean mask (True = attend) or an
+    additive float bias broadcastable to (B, H, Nq, N). Without a mask this is exactly
+    ``broad_attention``. Returns (B, Nq, out_dim).
+    """
+    if attn_mask is None and not is_causal:
+        return broad_attention(q, k, v, out_dim, scale)
+    Q, K, V = torch.cat(list(q), -1), torch.cat(list(k), -1), torch.cat(list(v), -1)
+    B, H, Nq, E = Q.shape
+    if scale is None:
+        scale = q[0].shape[-1] ** -0.5
+    g = _exact_pool_group(H * V.shape[-1], out_dim, V.shape[-1])
+    if g is not None and g > 1:  # pooling is linear: pool V first when the groups stay in a head
+        V = V.unflatten(-1, (V.shape[-1] // g, g)).mean(-1)
+    out = F.scaled_dot_product_attention(Q, K, V, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
+    out = out.transpose(1, 2).reshape(B, Nq, -1)
+    if g is None:
+        out = F.adaptive_avg_pool1d(out, out_dim)
+    return out
+
+
+# Attention modules that hand on their q, k, v ----------------------------------------------------
+
+class _QKVSink:
+    """Mixin: when ``_broad_sink`` is a list, ``forward`` appends its (q, k, v) to it."""
+    _broad_sink: Optional[List[QKV]] = None
+
+    def _broad_record(self, q: Tensor, k: Tensor, v: Tensor) -> None:
+        sink = self._broad_sink
+        if sink is not None:
+            sink.append((q, k, v))
+
+
+class BroadAttention(_QKVSink, Attention):
+    """timm ``Attention`` that also hands on the q, k, v it used (q, k after q_norm / k_norm).
+
+    Its output is computed with the same operations as timm's, so it is bitwise the same; the
+    fused (``F.scaled_dot_product_attention``) or explicit path is chosen by ``fused_attn`` as in
+    timm.
+    """
+
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        B, N, _ = x.shape
+        gate = getattr(self, 'gate', None)
+        gate = gate(x).sigmoid() if gate is not None else None
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        self._broad_record(q, k, v)
+        drop = self.attn_drop.p if self.training else 0.
+        if self.fused_attn:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop, is_causal=is_causal)
+        else:
+            logits = (q * self.scale) @ k.transpose(-2, -1)
+            if resolve_self_attn_mask is not None:
+                logits = maybe_add_mask(logits, resolve_self_attn_mask(N, logits, attn_mask, is_causal))
+            elif attn_mask is not None or is_causal:  # pragma: no cover
+                raise NotImplementedError('attention masks need timm >= 1.0.15')
+            out = self.attn_drop(logits.softmax(dim=-1)) @ v
+        out = out.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
+        norm = getattr(self, 'norm', None)
+        if norm is not None:
+            out = norm(out)
+        if gate is not None:
+            out = out * gate
+        return self.proj_drop(self.proj(out))
+
+
+class BroadWindowAttention(_QKVSink, WindowAttention):
+    """timm Swin ``WindowAttention`` that also hands on its windowed q, k, v (B·nW, H, N, d).
+
+    Same operations as timm's (fused or explicit path by ``fused_attn``), so the same output.
+    """
+
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        Bw, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(Bw, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        self._broad_record(q, k, v)
+        if self.fused_attn:
+            bias = self._get_rel_pos_bias()
+            if mask is not None:
+                nw = mask.shape[0]
+                mask = mask.view(1, nw, 1, N, N).expand(Bw // nw, -1, self.num_heads, -1, -1)
+                bias = bias + mask.reshape(-1, self.num_heads, N, N)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.)
+        else:
+            logits = (q * self.scale) @ k.transpose(-2, -1)
+            logits = logits + self._get_rel_pos_bias()
+            if mask is not None:
+                nw = mask.shape[0]
+                logits = logits.view(-1, nw, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
+                logits = logits.view(-1, self.num_heads, N, N)
+            out = self.attn_drop(self.softmax(logits)) @ v
+        out = out.transpose(1, 2).reshape(Bw, N, -1)
+        return self.proj_drop(self.proj(out))
+
+
+def _run_block(block: nn.Module, x: Tensor, **kwargs: Any) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Run ``block`` (whose ``attn`` is one of the classes above): (x, q, k, v) of its attention."""
+    attn = block.attn
+    sink: List[QKV] = []
+    attn._broad_sink = sink
+    try:
+        x = block(x, **kwargs)
+    finally:
+        attn._broad_sink = None
+    if len(sink) != 1:
+        raise RuntimeError(
+            f'{type(block).__name__} called its attention {len(sink)} times; broad attention expects once')
+    q, k, v = sink[0]
+    return x, q, k, v
+
+
+def _use_checkpoint(enabled: bool) -> bool:
+    return enabled and torch.is_grad_enabled() and not torch.jit.is_scripting()
+
+
+# Vision Transformer --------------------------------------------------------------------------
+
+class _BroadViTMixin:
+    """Overrides ``forward_features`` / ``forward`` of a timm VisionTransformer (subclass)."""
+    broad_scale: float
+    _broad_base: type
+
+    def _broad_trunk(
+            self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False,
+    ) -> Tuple[Tensor, List[Tensor], List[Tensor], List[Tensor]]:
+        """Images -> (last block's tokens, q, k, v lists), as timm's forward_features before its norm."""
+        x = self.patch_embed(x)
+        x = self._pos_embed(x)
+        x = self.patch_drop(x)
+        x = self.norm_pre(x)
+        kwargs: Dict[str, Any] = {}
+        if attn_mask is not None or is_causal:
+            kwargs = dict(attn_mask=attn_mask, is_causal=is_causal)
+        qs: List[Tensor] = []
+        ks: List[Tensor] = []
+        vs: List[Tensor] = []
+        ckpt = _use_checkpoint(self.grad_checkpointing)
+        for blk in self.blocks:
+            if ckpt:
+                x, q, k, v = checkpoint(_run_block, blk, x, use_reentrant=False, **kwargs)
+            else:
+                x, q, k, v = _run_block(blk, x, **kwargs)
+            qs.append(q)
+            ks.append(k)
+            vs.append(v)
+        return x, qs, ks, vs
+
+    def forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        """Images -> normed tokens (B, N, D), with the scaled broad output added to every token."""
+        x, qs, ks, vs = self._broad_trunk(x, attn_mask, is_causal)
+        x = x + self.broad_scale * broad_attention_masked(qs, ks, vs, self.embed_dim, attn_mask, is_causal)
+        return self.norm(x)
+
+    def _broad_head_rows(self) -> Optional[int]:
+        """Leading tokens that alone reach the logits (class-token heads), else None."""
+        if getattr(self, 'attn_pool', None) is not None:
+            return None
+        base = self._broad_base
+        if VisionTransformerDistilled is not None and base is VisionTransformerDistilled:
+            return 2
+        if base is VisionTransformer and self.global_pool == 'token' and getattr(self, 'cls_token', None) is not None:
+            return 1
+        return None
+
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Any:
+        """Images -> logits; equal to ``forward_head(forward_features(x))``.
+
+        With a class-token head only the head tokens' rows of the broad attention are computed.
+        """
+        rows = self._broad_head_rows()
+        if rows is None or attn_mask is not None or is_causal:
+            return self.forward_head(self.forward_features(x, attn_mask=attn_mask, is_causal=is_causal))
+        x, qs, ks, vs = self._broad_trunk(x)
+        x = x[:, :rows] + self.broad_scale * broad_attention([q[:, :, :rows] for q in qs], ks, vs, self.embed_dim)
+        return self.forward_head(self.norm(x))
+
+
+class BroadVisionTransformer(_BroadViTMixin, VisionTransformer):
+    """timm VisionTransformer with BViT broad attention (made by :func:`add_broad_attention`)."""
+    _broad_base = VisionTransformer
+
+
+_VIT_CLASSES: Dict[type, type] = {VisionTransformer: BroadVisionTransformer}
+
+if VisionTransformerDistilled is not None:
+    class BroadVisionTransformerDistilled(_BroadViTMixin, VisionTransformerDistilled):
+        """DeiT distilled model with BViT broad attention (made by :func:`add_broad_attention`)."""
+        _broad_base = VisionTransformerDistilled
+
+    _VIT_CLASSES[VisionTransformerDistilled] = BroadVisionTransformerDistilled
+
+
+def _broad_vit_class(base: type) -> type:
+    cls = _VIT_CLASSES.get(base)
+    if cls is None:
+        name = 'Broad' + base.__name__
+        cls = type(name, (_BroadViTMixin, base), {'__module__': __name__, '__qualname__': name, '_broad_base': base})
+        _VIT_CLASSES[base] = cls
+        globals().setdefault(name, cls)  # so that pickling the whole model finds it in this process
+    return cls
+
+
+# Swin Transformer ----------------------------------------------------------------------------
+
+def _to_stage_windows(t: Tensor, block: nn.Module, H: int, W: int) -> Tensor:
+    """A block's windowed q/k/v (B·nW, h, N, d) -> the same tokens in the unshifted partition."""
+    if not any(block.shift_size):
+        return t
+    wh, ww = block.window_size
+    Hp, Wp = math.ceil(H / wh) * wh, math.ceil(W / ww) * ww
+    Bw, h, N, d = t.shape
+    grid = window_reverse(t.transpose(1, 2).reshape(Bw, wh, ww, h * d), block.window_size, Hp, Wp)
+    grid = torch.roll(grid[:, :H, :W], shifts=tuple(block.shift_size), dims=(1, 2))
+    grid = F.pad(grid, (0, 0, 0, Wp - W, 0, Hp - H))
+    return window_partition(grid, block.window_size).reshape(Bw, N, h, d).transpose(1, 2)
+
+
+def _padding_key_mask(
+        H: int, W: int, window: Tuple[int, int], device: torch.device, dtype: torch.dtype,
+) -> Optional[Tensor]:
+    """(nW, 1, 1, N) additive mask, -inf on the padding keys of the unshifted partition; None if no padding."""
+    wh, ww = window
+    Hp, Wp = math.ceil(H / wh) * wh, math.ceil(W / ww) * ww
+    if (Hp, Wp) == (H, W):
+        return None
+    valid = torch.zeros(1, Hp, Wp, 1, device=device, dtype=torch.bool)
+    valid[:, :H, :W] = True
+    valid = window_partition(valid, window).reshape(-1, wh * ww)
+    mask = torch.zeros(valid.shape, device=device, dtype=dtype).masked_fill_(~valid, float('-inf'))
+    return mask[:, None, None, :]
+
+
+class BroadSwinTransformerStage(SwinTransformerStage):
+    """Swin stage whose output gets the scaled broad attention over its blocks (see module doc)."""
+    _broad_base = SwinTransformerStage
+    broad_scale: float = 0.4
+    broad_rel_pos_bias: bool = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.downsample(x)
+        B, H, W, C = x.shape
+        qs: List[Tensor] = []
+        ks: List[Tensor] = []
+        vs: List[Tensor] = []
+        ckpt = _use_checkpoint(self.grad_checkpointing)
+        for blk in self.blocks:
+            x, q, k, v = checkpoint(_run_block, blk, x, use_reentrant=False) if ckpt else _run_block(blk, x)
+            qs.append(_to_stage_windows(q, blk, H, W))
+            ks.append(_to_stage_windows(k, blk, H, W))
+            vs.append(_to_stage_windows(v, blk, H, W))
+        return x + self.broad_scale * self._broad(qs, ks, vs, B, H, W, C)
+
+    def _broad(self, qs: List[Tensor], ks: List[Tensor], vs: List[Tensor], B: int, H: int, W: int, C: int) -> Tensor:
+        window = tuple(self.blocks[0].window_size)
+        if any(tuple(b.window_size) != window for b in self.blocks):
+            sizes = [b.window_size for b in self.blocks]
+            raise RuntimeError(f'broad attention needs one window size per stage, got {sizes}')
+        mask: Optional[Tensor] = None
+        if self.broad_rel_pos_bias:
+            mask = torch.stack([b.attn._get_rel_pos_bias() for b in self.blocks]).sum(0)  # (1, h, N, N)
+        pad = _padding_key_mask(H, W, window, qs[0].device, qs[0].dtype)
+        if pad is not None:
+            mask = pad if mask is None else mask + pad  # (nW, h or 1, N, N)
+            nw, h, N = mask.shape[0], mask.shape[1], qs[0].shape[-2]
+            mask = mask.expand(nw, -1, N, -1).unsqueeze(0).expand(B, -1, -1, -1, -1).reshape(B * nw, h, N, N)
+        out = broad_attention_masked(qs, ks, vs, C, attn_mask=mask, scale=self.blocks[0].attn.scale)
+        Hp, Wp = math.ceil(H / window[0]) * window[0], math.ceil(W / window[1]) * window[1]
+        out = window_reverse(out.reshape(-1, window[0], window[1], C), window, Hp, Wp)
+        return out[:, :H, :W]
+
+
+class BroadSwinTransformer(SwinTransformer):
+    """timm SwinTransformer with broad attention in every stage (made by :func:`add_broad_attention`).
+
+    ``broad_scale`` reads / sets the scale of all stages.
+    """
+    _broad_base = SwinTransformer
+
+    @property
+    def broad_scale(self) -> float:
+        return self.layers[0].broad_scale
+
+    @broad_scale.setter
+    def broad_scale(self, value: float) -> None:
+        for stage in self.layers:
+            stage.broad_scale = float(value)
+
+
+# Conversion ----------------------------------------------------------------------------------
+
+_ATTN_ATTRS = (
+    'qkv', 'q_norm', 'k_norm', 'num_heads', 'head_dim', 'scale', 'fused_attn', 'attn_drop', 'proj', 'proj_drop')
+_WINDOW_ATTN_ATTRS = ('qkv', 'num_heads', 'scale', 'fused_attn', 'attn_drop', 'proj', 'proj_drop', 'softmax',
+                      '_get_rel_pos_bias')
+
+
+def _unsupported(model: nn.Module, why: str) -> TypeError:
+    return TypeError(f'add_broad_attention: {type(model).__name__} is not supported ({why}); supported are {SUPPORTED}')
+
+
+def _check_attrs(model: nn.Module, module: nn.Module, attrs: Sequence[str], where: str) -> None:
+    missing = [a for a in attrs if not hasattr(module, a)]
+    if missing:
+        raise _unsupported(model, f'{where} lacks {missing}; this timm version is not supported')
+
+
+def _swap(module: nn.Module, cls: type) -> None:
+    if type(module) is not cls:
+        module.__class__ = cls
+
+
+def _check_scale(scale: float) -> float:
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f'broad attention scale must be finite, got {scale}')
+    return scale
+
+
+def _convert_vit(model: nn.Module, scale: float) -> nn.Module:
+    base = getattr(type(model), '_broad_base', type(model))
+    if base.forward_features is not VisionTransformer.forward_features:
+        raise _unsupported(model, f'{base.__name__} overrides forward_features')
+    blocks = list(model.blocks)
+    if not blocks:
+        raise _unsupported(model, 'it has no blocks')
+    for i, blk in enumerate(blocks):
+        attn = getattr(blk, 'attn', None)
+        if type(attn) not in (Attention, BroadAttention):
+            raise _unsupported(
+                model, f'block {i} ({type(blk).__name__}) has attention {type(attn).__name__}, '
+                'not timm.layers.Attention')
+        _check_attrs(model, attn, _ATTN_ATTRS, f'block {i} attention')
+    for blk in blocks:
+        _swap(blk.attn, BroadAttention)
+    _swap(model, _broad_vit_class(base))
+    model.broad_scale = scale
+    return model
+
+
+def _convert_swin(model: nn.Module, scale: float, rel_pos_bias: bool) -> nn.Module:
+    for i, stage in enumerate(model.layers):
+        if type(stage) not in (SwinTransformerStage, BroadSwinTransformerStage):
+            raise _unsupported(model, f'stage {i} is {type(stage).__name__}')
+        for j, blk in enumerate(stage.blocks):
+            attn = getattr(blk, 'attn', None)
+            if not isinstance(blk, SwinTransformerBlock) or type(attn) not in (WindowAttention, BroadWindowAttention):
+                raise _unsupported(model, f'stage {i} block {j} is {type(blk).__name__} with {type(attn).__name__}')
+            _check_attrs(model, blk.attn, _WINDOW_ATTN_ATTRS, f'stage {i} block {j} attention')
+            _check_attrs(model, blk, ('shift_size', 'window_size'), f'stage {i} block {j}')
+    for stage in model.layers:
+        for blk in stage.blocks:
+            _swap(blk.attn, BroadWindowAttention)
+        _swap(stage, BroadSwinTransformerStage)
+        stage.broad_rel_pos_bias = bool(rel_pos_bias)
+    _swap(model, BroadSwinTransformer)
+    model.broad_scale = scale
+    return model
+
+
+def add_broad_attention(model: nn.Module, scale: float = 0.4, *, swin_rel_pos_bias: bool = True) -> nn.Module:
+    """Add BViT's parameter-free broad attention to a timm model, in place; returns the model.
+
+    Args:
+        model: a timm ``VisionTransformer`` (ViT, DeiT, DeiT distilled; blocks using
+            ``timm.layers.Attention``), a timm ``SwinTransformer``, or a ``bvit.models.BViT``.
+        scale: weight of the broad output added to the features (0.4 in BViT); 0 reproduces the
+            original model's output exactly.
+        swin_rel_pos_bias: Swin only: include the blocks' summed relative position bias in the
+            broad logits (see the module docstring).
+
+    Parameters, buffers and state-dict keys are unchanged, so weights load as before and after.
+    Calling it again on a converted model only updates the settings. Raises TypeError for other
+    models, naming what is supported.
+    """
+    scale = _check_scale(scale)
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f'add_broad_attention expects a torch.nn.Module, got {type(model).__name__}; supported are {SUPPORTED}')
+    if isinstance(model, VisionTransformer):
+        return _convert_vit(model, scale)
+    if isinstance(model, SwinTransformer):
+        if type(model) not in (SwinTransformer, BroadSwinTransformer):
+            raise _unsupported(model, 'subclasses of SwinTransformer are not supported')
+        return _convert_swin(model, scale, swin_rel_pos_bias)
+    from .models import BViT  # here, so that importing this module does not register the BViT models
+    if isinstance(model, BViT):
+        model.broad = True
+        model.broad_scale = scale
+        return model
+    raise _unsupported(model, 'no supported attention blocks')
+
+
+def set_broad_scale(model: nn.Module, scale: float) -> nn.Module:
+    """Set the broad-attention scale of a model made by :func:`add_broad_attention`; returns it."""
+    if not hasattr(model, 'broad_scale'):
+        raise TypeError(f'{type(model).__name__} has no broad attention; call add_broad_attention first')
+    model.broad_scale = _check_scale(scale)
+    return model
+
+
+def has_broad_attention(model: nn.Module) -> bool:
+    """Whether ``model`` computes broad attention (converted here, or a BViT with ``broad=True``)."""
+    if isinstance(model, (_BroadViTMixin, BroadSwinTransformer)):
+        return True
+    return bool(getattr(model, 'broad', False)) and hasattr(model, 'broad_scale')
+
+
+def remove_broad_attention(model: nn.Module) -> nn.Module:
+    """Undo :func:`add_broad_attention` in place (restore the timm classes); returns the model.
+
+    For a BViT, switches its broad attention off (``broad=False``).
+    """
+    if isinstance(model, (_BroadViTMixin, BroadSwinTransformer)):
+        for m in model.modules():
+            base = getattr(type(m), '_broad_base', None)
+            if base is None and isinstance(m, _QKVSink):
+                base = WindowAttention if isinstance(m, WindowAttention) else Attention
+            if base is not None:
+                m.__dict__.pop('broad_scale', None)
+                m.__dict__.pop('broad_rel_pos_bias', None)
+                m.__dict__.pop('_broad_sink', None)
+                m.__class__ = base
+        return model
+    if hasattr(model, 'broad') and hasattr(model, 'broad_scale'):
+        model.broad = False
+    return model
+
+
+__all__ = [
+    'add_broad_attention', 'remove_broad_attention', 'set_broad_scale', 'has_broad_attention',
+    'broad_attention_masked', 'BroadAttention', 'BroadWindowAttention', 'BroadVisionTransformer',
+    'BroadSwinTransformerStage', 'BroadSwinTransformer', 'SUPPORTED',
+]
