@@ -1,0 +1,350 @@
+"""Data sets and transforms of the training script.
+
+``--data-set``: IMNET (ImageFolder ``train/`` + ``val/``, 1000 classes), CIFAR10 / CIFAR100 (the
+python-version folders ``cifar-10-batches-py`` / ``cifar-100-python``; ``CIFAR`` is CIFAR100, as
+in DeiT), INAT / INAT19 (iNaturalist 2018 / 2019 json layout), FOLDER (any ImageFolder pair, class
+count from the folders) and DIGITS (scikit-learn's bundled 8x8 digits, no download).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Subset
+from torchvision import datasets as tv_datasets
+from torchvision import transforms
+
+from utils import UsageError
+
+DATASETS = ('IMNET', 'CIFAR10', 'CIFAR100', 'CIFAR', 'INAT', 'INAT19', 'FOLDER', 'DIGITS')
+INAT_CATEGORIES = ('kingdom', 'phylum', 'class', 'order', 'supercategory', 'family', 'genus', 'name')
+
+FOLDER_LAYOUT = ('expected <data-path>/train/<class>/<image> and <data-path>/val/<class>/<image>, '
+                 'with the same class folders in both')
+
+# DIGITS: 1797 images of 8x8 pixels (values 0..16), split once with a fixed seed.
+DIGITS_VAL_SIZE = 357  # odd on purpose: --dist-eval must count every image once
+DIGITS_SPLIT_SEED = 0
+
+
+# Transforms ---------------------------------------------------------------------------------------
+
+def _posterize_compat(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """Posterize keeping ``bits_to_keep`` bits; 0 bits gives a black image, as Pillow < 13 did."""
+    from PIL import ImageOps
+    bits = int(bits_to_keep)
+    if bits >= 8:
+        return img
+    if bits <= 0:
+        return img.point([0] * 256 * len(img.getbands()))
+    return ImageOps.posterize(img, bits)
+
+
+def _fix_timm_posterize() -> None:
+    """Pillow 13 refuses ``ImageOps.posterize(img, 0)``, which timm's RandAugment 'inc1' policy
+    (the paper's rand-m9-mstd0.5-inc1) asks for at the top magnitude, so training would crash
+    at random. Route timm's posterize ops through :func:`_posterize_compat` where needed."""
+    from PIL import ImageOps
+    from timm.data import auto_augment
+    try:
+        ImageOps.posterize(Image.new('L', (1, 1)), 0)
+        return  # this Pillow still accepts 0 bits
+    except ValueError:
+        pass
+    for name in ('Posterize', 'PosterizeIncreasing', 'PosterizeOriginal'):
+        if name in auto_augment.NAME_TO_OP:
+            auto_augment.NAME_TO_OP[name] = _posterize_compat
+
+
+def _three_augment(args: Any) -> transforms.Compose:
+    """DeiT III's 3-Augment: a crop (random-resized, or simple random crop with ``--src``), a
+    horizontal flip, then one of grayscale / solarisation / Gaussian blur, color jitter."""
+    size = args.input_size
+    if args.src:
+        crop: List[Any] = [transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
+                           transforms.RandomCrop(size, padding=4, padding_mode='reflect')]
+    else:
+        crop = [transforms.RandomResizedCrop(size, scale=tuple(args.scale), ratio=tuple(args.ratio),
+                                             interpolation=transforms.InterpolationMode.BICUBIC)]
+    ops = crop + [
+        transforms.RandomHorizontalFlip(args.hflip),
+        transforms.RandomChoice([transforms.Grayscale(num_output_channels=3),
+                                 transforms.RandomSolarize(threshold=128, p=1.0),
+                                 transforms.GaussianBlur(kernel_size=5, sigma=(0.1, 2.0))]),
+    ]
+    if args.color_jitter:
+        ops.append(transforms.ColorJitter(args.color_jitter, args.color_jitter, args.color_jitter))
+    ops += [transforms.ToTensor(), transforms.Normalize(args.mean, args.std)]
+    return transforms.Compose(ops)
+
+
+def build_transform(is_train: bool, args: Any) -> Any:
+    """Training: timm's ``create_transform`` (random-resized crop, flip, RandAugment, random
+    erasing as set by the flags) or 3-Augment with ``--ThreeAugment``. Evaluation: resize to
+    ``input_size / eval_crop_ratio`` (bicubic), center crop ``input_size``, normalise."""
+    if is_train:
+        if args.ThreeAugment:
+            return _three_augment(args)
+        from timm.data import create_transform
+        _fix_timm_posterize()
+        aa = args.aa if args.aa and str(args.aa).lower() not in ('', 'none') else None
+        return create_transform(
+            input_size=args.input_size, is_training=True, scale=tuple(args.scale), ratio=tuple(args.ratio),
+            hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=aa,
+            interpolation=args.train_interpolation, mean=tuple(args.mean), std=tuple(args.std),
+            re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
+    size = int(round(args.input_size / args.eval_crop_ratio))
+    return transforms.Compose([
+        transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(args.input_size),
+        transforms.ToTensor(),
+        transforms.Normalize(args.mean, args.std),
+    ])
+
+
+# DIGITS -------------------------------------------------------------------------------------------
+
+class DigitsDataset(Dataset):
+    """scikit-learn's 8x8 handwritten digits as 3-channel PIL images (ships with scikit-learn,
+    no download). ``train``: 1440 images, otherwise the 357 held-out ones; the split is
+    stratified and fixed (seed 0), independent of ``--seed``. Images are upsampled to the input
+    size by the transforms."""
+
+    def __init__(self, train: bool, transform: Optional[Any] = None) -> None:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+        digits = load_digits()
+        images = np.clip(np.round(digits.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+        targets = digits.target.astype(np.int64)
+        train_idx, val_idx = train_test_split(
+            np.arange(len(targets)), test_size=DIGITS_VAL_SIZE, stratify=targets, random_state=DIGITS_SPLIT_SEED)
+        idx = np.sort(train_idx if train else val_idx)
+        self.images = images[idx]
+        self.targets = [int(t) for t in targets[idx]]
+        self.classes = [str(c) for c in range(10)]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> Tuple[Any, int]:
+        img = Image.fromarray(self.images[index], mode='L').convert('RGB')
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.targets[index]
+
+
+# iNaturalist --------------------------------------------------------------------------------------
+
+class INatDataset(Dataset):
+    """iNaturalist 2018 / 2019 in its released json layout::
+
+        <root>/train2018.json, <root>/val2018.json   (or ...2019.json)
+        <root>/categories.json                       (optional: the full taxonomy of every category id)
+        <root>/<file_name of each image>             (e.g. train_val2018/Plantae/7477/xxx.jpg)
+
+    Each json holds ``images`` (``id``, ``file_name``) and ``annotations`` (``image_id``,
+    ``category_id``). ``category`` picks the taxonomy level used as the label (default
+    ``name``, the species); the class list is the sorted set of labels in the training json.
+    Category records come from ``categories.json`` when present, else from the json's own
+    ``categories`` list.
+    """
+
+    def __init__(self, root: str, train: bool, year: int, category: str = 'name',
+                 transform: Optional[Any] = None) -> None:
+        self.root = root
+        self.transform = transform
+        split = 'train' if train else 'val'
+        records = self._read(os.path.join(root, f'{split}{year}.json'))
+        train_records = records if train else self._read(os.path.join(root, f'train{year}.json'))
+        cat_path = os.path.join(root, 'categories.json')
+        if os.path.isfile(cat_path):
+            with open(cat_path) as f:
+                cats = json.load(f)
+        else:
+            cats = train_records.get('categories', [])
+        by_id: Dict[int, Dict[str, Any]] = {}
+        for i, rec in enumerate(cats):
+            by_id[int(rec.get('id', i))] = rec
+
+        def label_of(cat_id: int) -> str:
+            rec = by_id.get(int(cat_id))
+            if rec is None or category not in rec:
+                raise UsageError(f'{root}: category id {cat_id} has no {category!r} entry in the category list')
+            return str(rec[category])
+
+        self.classes = sorted({label_of(a['category_id']) for a in train_records['annotations']})
+        index = {c: i for i, c in enumerate(self.classes)}
+        cat_of_image = {a['image_id']: a['category_id'] for a in records['annotations']}
+        self.samples: List[Tuple[str, int]] = []
+        for img in records['images']:
+            if img['id'] not in cat_of_image:
+                raise UsageError(f'{root}: image {img["id"]} ({img["file_name"]}) has no annotation')
+            label = label_of(cat_of_image[img['id']])
+            if label not in index:
+                raise UsageError(f'{root}: the {split} set has class {label!r}, which the training set does not')
+            self.samples.append((os.path.join(root, img['file_name']), index[label]))
+        self.targets = [t for _, t in self.samples]
+        self.split_classes = sorted({label_of(a['category_id']) for a in records['annotations']})
+
+    @staticmethod
+    def _read(path: str) -> Dict[str, Any]:
+        if not os.path.isfile(path):
+            raise UsageError(f'{path} not found: INAT expects <data-path>/train<year>.json and val<year>.json '
+                             '(2018 for INAT, 2019 for INAT19) next to the image folders')
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UsageError(f'{path}: not a readable json file ({e})') from None
+        if not isinstance(data, dict) or 'images' not in data or 'annotations' not in data:
+            raise UsageError(f"{path}: expected a json object with 'images' and 'annotations'")
+        return data
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Tuple[Any, int]:
+        path, target = self.samples[index]
+        img = Image.open(path).convert('RGB')
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, target
+
+
+# Building -----------------------------------------------------------------------------------------
+
+def canonical_data_set(name: str) -> str:
+    key = str(name).upper()
+    if key not in DATASETS:
+        raise UsageError(f'unknown --data-set {name!r}; choose one of {", ".join(DATASETS)}')
+    return 'CIFAR100' if key == 'CIFAR' else key
+
+
+def _check_data_path(args: Any) -> str:
+    path = args.data_path
+    if not path:
+        raise UsageError(f'--data-path is required for --data-set {args.data_set} '
+                         '(only DIGITS, bundled with scikit-learn, needs none)')
+    if not os.path.isdir(path):
+        if args.data_set in ('CIFAR10', 'CIFAR100') and args.download:
+            return path
+        raise UsageError(f'--data-path {path} does not exist or is not a folder')
+    if not os.listdir(path) and not (args.data_set in ('CIFAR10', 'CIFAR100') and args.download):
+        raise UsageError(f'--data-path {path} is empty; {_layout(args.data_set)}')
+    return path
+
+
+def _layout(data_set: str) -> str:
+    if data_set in ('IMNET', 'FOLDER'):
+        return FOLDER_LAYOUT
+    if data_set == 'CIFAR10':
+        return 'expected <data-path>/cifar-10-batches-py (the CIFAR-10 python version), or pass --download'
+    if data_set == 'CIFAR100':
+        return 'expected <data-path>/cifar-100-python (the CIFAR-100 python version), or pass --download'
+    if data_set in ('INAT', 'INAT19'):
+        year = 2019 if data_set == 'INAT19' else 2018
+        return f'expected <data-path>/train{year}.json, val{year}.json and the image folders they name'
+    return ''
+
+
+def _image_folder(root: str, split: str, transform: Any) -> tv_datasets.ImageFolder:
+    folder = os.path.join(root, split)
+    if not os.path.isdir(folder):
+        raise UsageError(f'{folder} not found; {FOLDER_LAYOUT}')
+    try:
+        return tv_datasets.ImageFolder(folder, transform=transform)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise UsageError(f'{folder}: {str(e).strip().splitlines()[0]}; {FOLDER_LAYOUT}') from None
+
+
+def _cifar(args: Any, train: bool, transform: Any) -> Dataset:
+    ten = args.data_set == 'CIFAR10'
+    folder = 'cifar-10-batches-py' if ten else 'cifar-100-python'
+    root = args.data_path
+    if os.path.basename(os.path.normpath(root)) == folder:
+        root = os.path.dirname(os.path.normpath(root))
+    if not args.download and not os.path.isdir(os.path.join(root, folder)):
+        raise UsageError(f'{os.path.join(root, folder)} not found; {_layout(args.data_set)}')
+    cls = tv_datasets.CIFAR10 if ten else tv_datasets.CIFAR100
+    try:
+        return cls(root, train=train, transform=transform, download=bool(args.download))
+    except RuntimeError as e:
+        raise UsageError(f'{os.path.join(root, folder)}: {str(e).strip().splitlines()[0]}') from None
+
+
+def _subset(dataset: Dataset, n: Optional[int], seed: int) -> Dataset:
+    """A fixed random subset of ``n`` samples (in index order), for quick runs."""
+    if not n or n >= len(dataset):
+        return dataset
+    g = torch.Generator()
+    g.manual_seed(seed)
+    idx = sorted(torch.randperm(len(dataset), generator=g)[:n].tolist())
+    sub = Subset(dataset, idx)
+    sub.classes = dataset.classes  # type: ignore[attr-defined]
+    return sub
+
+
+def build_dataset(is_train: bool, args: Any, transform: Optional[Any] = None) -> Tuple[Dataset, int]:
+    """One split of ``args.data_set`` with the transform for that split: (dataset, classes).
+
+    The dataset has a ``classes`` attribute (the class names in label order).
+    """
+    args.data_set = canonical_data_set(args.data_set)
+    if transform is None:
+        transform = build_transform(is_train, args)
+    name = args.data_set
+    if name == 'DIGITS':
+        ds: Dataset = DigitsDataset(train=is_train, transform=transform)
+    else:
+        root = _check_data_path(args)
+        if name in ('IMNET', 'FOLDER'):
+            ds = _image_folder(root, 'train' if is_train else 'val', transform)
+        elif name in ('CIFAR10', 'CIFAR100'):
+            ds = _cifar(args, is_train, transform)
+        else:
+            ds = INatDataset(root, train=is_train, year=2019 if name == 'INAT19' else 2018,
+                             category=args.inat_category, transform=transform)
+    n = args.train_subset if is_train else args.val_subset
+    ds = _subset(ds, n, seed=1 if is_train else 2)
+    return ds, len(ds.classes)  # type: ignore[attr-defined]
+
+
+def _split_classes(ds: Dataset) -> Sequence[str]:
+    base = ds.dataset if isinstance(ds, Subset) else ds
+    return list(getattr(base, 'split_classes', getattr(base, 'classes')))
+
+
+def build_datasets(args: Any, need_train: bool = True) -> Tuple[Optional[Dataset], Dataset, int]:
+    """(train set or None, validation set, number of classes), after checking that the train and
+    val class lists are identical and, for IMNET, that there are 1000 classes."""
+    val, nb_classes = build_dataset(False, args)
+    train = None
+    if need_train:
+        train, nb_train = build_dataset(True, args)
+        train_classes, val_classes = _split_classes(train), _split_classes(val)
+        if list(train_classes) != list(val_classes):
+            only_train = sorted(set(train_classes) - set(val_classes))[:3]
+            only_val = sorted(set(val_classes) - set(train_classes))[:3]
+            detail = []
+            if only_train:
+                detail.append(f'only in train: {", ".join(map(str, only_train))}')
+            if only_val:
+                detail.append(f'only in val: {", ".join(map(str, only_val))}')
+            raise UsageError(f'train and val class lists differ ({len(train_classes)} vs {len(val_classes)} classes'
+                             f'{"; " + "; ".join(detail) if detail else ""}); {_layout(args.data_set) or FOLDER_LAYOUT}')
+        nb_classes = nb_train
+    if args.data_set == 'IMNET' and nb_classes != 1000:
+        raise UsageError(f'IMNET needs 1000 classes but {args.data_path} has {nb_classes}; {FOLDER_LAYOUT} '
+                         '(use --data-set FOLDER for another class count)')
+    if len(val) == 0:
+        raise UsageError(f'the validation set of {args.data_set} is empty')
+    return train, val, nb_classes
+
+
+__all__ = ['DATASETS', 'INAT_CATEGORIES', 'DigitsDataset', 'INatDataset', 'build_transform', 'build_dataset',
+           'build_datasets', 'canonical_data_set']

@@ -1,0 +1,709 @@
+"""Train and evaluate BViT (and any timm model, optionally with broad attention) on ImageNet,
+CIFAR, iNaturalist, an image folder, or the bundled DIGITS set.
+
+Single process (CPU or one GPU)::
+
+    python train_hp.py --config configs/demo_digits.yaml --output_dir output/demo
+
+Several processes (the flags of DeiT's main.py keep their names and meanings)::
+
+    torchrun --nproc_per_node=4 train_hp.py --arch BViT-5 --batch-size 256 --data-path /path/to/imagenet --output_dir /path/to/save
+    python -m torch.distributed.launch --nproc_per_node=4 --use_env train_hp.py ...
+
+Evaluation of this project's checkpoints or of released BViT files::
+
+    python train_hp.py --eval --resume /path/to/weight --data-path /path/to/imagenet
+
+Expected problems (bad flags, data, configs or checkpoints) end with one ``error: ...`` line on
+stderr and exit status 2; a diverging run (NaN loss) ends with exit status 1 and keeps the last
+checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from datasets import DATASETS, INAT_CATEGORIES, build_datasets, canonical_data_set
+from engine import autocast_context, evaluate, train_one_epoch
+from losses import DistillationLoss, build_base_criterion
+from samplers import RepeatAugSampler, ShardSampler
+from utils import (
+    CHECKPOINT_FORMAT, NonFiniteLossError, UsageError, append_log_line, args_to_dict, atomic_save,
+    cleanup_distributed, environment_info, epoch_seed, format_seconds, init_distributed, is_main_process,
+    load_finetune_weights, load_model_weights, log, model_state_from, read_checkpoint, resolve_device,
+    seed_everything, setup_determinism,
+)
+
+BVIT_NAMES = 'BViT-5, BViT-22 (also BViT_5, BViT-21, BViT_21, bvit_5m, bvit_22m)'
+SCHEDULES = ('cosine', 'tanh', 'step', 'multistep', 'poly', 'constant', 'wsd', 'rsqrt', 'none')
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# Arguments ----------------------------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f'error: {message} (see {self.prog} --help)\n')
+
+
+def _str2bool_none(value: str) -> Optional[float]:
+    return None if str(value).lower() in ('none', '') else float(value)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """All flags. DeiT's main.py flags keep their names, spellings and meanings; the defaults are
+    the BViT paper's ImageNet recipe (see configs/bvit_5m_imagenet.yaml)."""
+    p = _Parser('train_hp.py', description='BViT training and evaluation script (DeiT-compatible flags).',
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--config', default=None, metavar='YAML',
+                   help='YAML file of defaults (keys: flag names, with - or _); flags on the command line win')
+    p.add_argument('--batch-size', default=64, type=int, help='images per process and step (total = this x processes)')
+    p.add_argument('--epochs', default=300, type=int, help='epochs to train')
+    p.add_argument('--bce-loss', action='store_true',
+                   help='binary cross entropy instead of softmax CE (DeiT III; positive soft targets become 1)')
+    p.add_argument('--unscale-lr', action='store_true', help='use --lr as given instead of lr x total batch / 512')
+
+    g = p.add_argument_group('model')
+    g.add_argument('--arch', '--model', dest='arch', default='BViT-5', metavar='NAME',
+                   help=f'model: a BViT name ({BVIT_NAMES}) or any timm model name')
+    g.add_argument('--input-size', default=224, type=int, help='image size (square)')
+    g.add_argument('--patch-size', default=None, type=int,
+                   help='patch size (BViT default 16; passed to timm models that take patch_size)')
+    g.add_argument('--stem', default=None, choices=['conv', 'none'],
+                   help="BViT stem: 'conv' (7x7 stride-2 conv, as released; the default) or 'none'")
+    g.add_argument('--no-broad', action='store_true',
+                   help="BViT without broad attention (broad=False twin, same parameters), for baselines")
+    g.add_argument('--broad', action='store_true',
+                   help='add broad attention to a non-BViT timm ViT/Swin model (bvit.broad.add_broad_attention)')
+    g.add_argument('--broad-scale', default=0.4, type=float, help='weight of the broad attention output')
+    g.add_argument('--drop', default=0.0, type=float, help='dropout rate')
+    g.add_argument('--drop-path', default=0.1, type=float, help='stochastic depth rate')
+    g.add_argument('--model-ema', action='store_true', help='keep an exponential moving average of the weights')
+    g.add_argument('--no-model-ema', action='store_false', dest='model_ema', help='no weight EMA')
+    g.add_argument('--model-ema-decay', default=0.99996, type=float, help='EMA decay per step')
+    g.add_argument('--model-ema-force-cpu', action='store_true',
+                   help='keep the EMA on the CPU (not evaluated during training when the model is on a GPU)')
+    p.set_defaults(model_ema=True)
+
+    g = p.add_argument_group('optimizer')
+    g.add_argument('--opt', default='adamw', metavar='OPTIMIZER', help='timm optimizer name')
+    g.add_argument('--opt-eps', default=1e-6, type=float, metavar='EPSILON', help='optimizer epsilon')
+    g.add_argument('--opt-betas', default=None, type=float, nargs='+', metavar='BETA', help='optimizer betas')
+    g.add_argument('--clip-grad', default=1.0, type=_str2bool_none, metavar='NORM',
+                   help="clip the gradient norm to this ('none' for no clipping)")
+    g.add_argument('--momentum', default=0.9, type=float, metavar='M', help='SGD momentum')
+    g.add_argument('--weight-decay', default=0.05, type=float, help='weight decay (not on biases, norms, tokens)')
+
+    g = p.add_argument_group('learning-rate schedule (stepped at the start of every epoch)')
+    g.add_argument('--sched', default='cosine', metavar='SCHEDULER', help=f'one of {", ".join(SCHEDULES)}')
+    g.add_argument('--lr', default=1e-3, type=float, metavar='LR',
+                   help='peak learning rate for a total batch of 512 (scaled linearly unless --unscale-lr)')
+    g.add_argument('--lr-noise', type=float, nargs='+', default=None, metavar='pct, pct',
+                   help='learning-rate noise on/off epochs, as fractions of --epochs')
+    g.add_argument('--lr-noise-pct', type=float, default=0.67, metavar='PERCENT', help='learning-rate noise limit')
+    g.add_argument('--lr-noise-std', type=float, default=1.0, metavar='STDDEV', help='learning-rate noise std-dev')
+    g.add_argument('--warmup-lr', type=float, default=1e-6, metavar='LR', help='learning rate of the first warm-up epoch')
+    g.add_argument('--min-lr', type=float, default=1e-5, metavar='LR', help='lower bound of cyclic schedules')
+    g.add_argument('--decay-epochs', type=float, default=30, metavar='N', help="epochs between decays ('step')")
+    g.add_argument('--warmup-epochs', type=int, default=5, metavar='N', help='epochs of linear warm-up')
+    g.add_argument('--cooldown-epochs', type=int, default=10, metavar='N',
+                   help='timm cooldown epochs at --min-lr; as in DeiT the run still ends after --epochs')
+    g.add_argument('--patience-epochs', type=int, default=10, metavar='N',
+                   help="patience of timm's plateau schedule (accepted for DeiT compatibility; plateau is not offered)")
+    g.add_argument('--decay-rate', '--dr', type=float, default=0.1, metavar='RATE', help="decay rate ('step', 'multistep')")
+
+    g = p.add_argument_group('augmentation')
+    g.add_argument('--color-jitter', type=float, default=0.3, metavar='PCT',
+                   help='color jitter factor (timm skips it when --aa is set)')
+    g.add_argument('--aa', type=str, default='rand-m9-mstd0.5-inc1', metavar='NAME',
+                   help="timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1 ('none' for none)")
+    g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
+    g.add_argument('--train-interpolation', type=str, default='bicubic',
+                   help='training resize interpolation (random, bilinear, bicubic)')
+    g.add_argument('--repeated-aug', action='store_true', help='repeated augmentation (3 copies of each image)')
+    g.add_argument('--no-repeated-aug', action='store_false', dest='repeated_aug', help='no repeated augmentation')
+    p.set_defaults(repeated_aug=True)
+    g.add_argument('--train-mode', action='store_true', help='model.train() during training (the default)')
+    g.add_argument('--no-train-mode', action='store_false', dest='train_mode',
+                   help='keep the model in eval mode while training (DeiT III fine-tuning)')
+    p.set_defaults(train_mode=True)
+    g.add_argument('--ThreeAugment', action='store_true', help="DeiT III's 3-Augment instead of RandAugment")
+    g.add_argument('--src', action='store_true', help='simple random crop (with --ThreeAugment)')
+    g.add_argument('--scale', type=float, nargs=2, default=(0.08, 1.0), metavar=('MIN', 'MAX'),
+                   help='area range of the random-resized crop')
+    g.add_argument('--ratio', type=float, nargs=2, default=(3 / 4, 4 / 3), metavar=('MIN', 'MAX'),
+                   help='aspect-ratio range of the random-resized crop')
+    g.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability')
+    g.add_argument('--vflip', type=float, default=0.0, help='vertical flip probability')
+    g.add_argument('--mean', type=float, nargs=3, default=IMAGENET_MEAN, metavar='M', help='normalisation mean')
+    g.add_argument('--std', type=float, nargs=3, default=IMAGENET_STD, metavar='S', help='normalisation std')
+
+    g = p.add_argument_group('random erasing')
+    g.add_argument('--reprob', type=float, default=0.25, metavar='PCT', help='random erase probability')
+    g.add_argument('--remode', type=str, default='pixel', help="random erase mode ('pixel', 'rand', 'const')")
+    g.add_argument('--recount', type=int, default=1, help='random erase count')
+    g.add_argument('--resplit', action='store_true',
+                   help='accepted for DeiT compatibility; no effect (there are no augmentation splits, as in DeiT)')
+
+    g = p.add_argument_group('mixup / cutmix')
+    g.add_argument('--mixup', type=float, default=0.8, help='mixup alpha, active if > 0')
+    g.add_argument('--cutmix', type=float, default=1.0, help='cutmix alpha, active if > 0')
+    g.add_argument('--cutmix-minmax', type=float, nargs='+', default=None,
+                   help='cutmix min/max area ratio (overrides alpha)')
+    g.add_argument('--mixup-prob', type=float, default=1.0, help='probability of mixup or cutmix per batch')
+    g.add_argument('--mixup-switch-prob', type=float, default=0.5, help='probability of cutmix instead of mixup')
+    g.add_argument('--mixup-mode', type=str, default='batch', choices=['batch', 'pair', 'elem'],
+                   help='how mixup parameters are drawn: per batch, pair or element')
+
+    g = p.add_argument_group('distillation')
+    g.add_argument('--teacher-model', default='regnety_160', type=str, metavar='MODEL', help='timm teacher model')
+    g.add_argument('--teacher-path', type=str, default='', help='teacher weights (a local file; nothing is downloaded)')
+    g.add_argument('--distillation-type', default='none', choices=['none', 'soft', 'hard'], help='distillation type')
+    g.add_argument('--distillation-alpha', default=0.5, type=float, help='weight of the distillation loss')
+    g.add_argument('--distillation-tau', default=1.0, type=float, help='temperature of soft distillation')
+
+    g = p.add_argument_group('fine-tuning')
+    g.add_argument('--finetune', default='', help='start from these weights: new head if the class count differs, '
+                   'position embedding resampled to --input-size (this project\'s or released BViT files)')
+    g.add_argument('--attn-only', action='store_true',
+                   help='train only the attention layers (plus head, position embedding, patch embedding)')
+
+    g = p.add_argument_group('data')
+    g.add_argument('--data-path', default=None, type=str, help='data set root (not needed for DIGITS)')
+    g.add_argument('--data-set', default='IMNET', type=str, metavar='NAME', help=f'one of {", ".join(DATASETS)} '
+                   '(CIFAR = CIFAR100, as in DeiT; INAT = iNaturalist 2018, INAT19 = 2019)')
+    g.add_argument('--inat-category', default='name', choices=list(INAT_CATEGORIES), help='iNaturalist label level')
+    g.add_argument('--download', action='store_true', help='download CIFAR10/CIFAR100 into --data-path if missing')
+    g.add_argument('--train-subset', default=None, type=int, metavar='N',
+                   help='train on a fixed random subset of N training images (quick runs and tests)')
+    g.add_argument('--val-subset', default=None, type=int, metavar='N',
+                   help='evaluate on a fixed random subset of N validation images')
+    g.add_argument('--num_workers', default=10, type=int, help='data loader worker processes per process')
+    g.add_argument('--pin-mem', action='store_true', help='pin CPU memory in the data loader (GPU runs)')
+    g.add_argument('--no-pin-mem', action='store_false', dest='pin_mem', help='do not pin memory')
+    p.set_defaults(pin_mem=True)
+
+    g = p.add_argument_group('run')
+    g.add_argument('--output_dir', default='', help='folder for checkpoint.pth, best.pth and log.txt (empty: save nothing)')
+    g.add_argument('--device', default='auto', help="'auto' (CUDA if available, else CPU), 'cuda' or 'cpu'")
+    g.add_argument('--amp', action='store_true', help='mixed precision on CUDA (the default there; never on CPU)')
+    g.add_argument('--no-amp', action='store_false', dest='amp', help='float32 on CUDA too')
+    p.set_defaults(amp=True)
+    g.add_argument('--amp-dtype', default='fp16', choices=['fp16', 'bf16'],
+                   help='autocast dtype on CUDA; fp16 uses a gradient scaler')
+    g.add_argument('--seed', default=0, type=int, help='random seed (rank r uses seed + r)')
+    g.add_argument('--deterministic', action='store_true',
+                   help='deterministic kernels, cuDNN benchmark off (slower on GPUs)')
+    g.add_argument('--resume', default='', help='continue from this checkpoint.pth (with --eval: evaluate '
+                   'these weights; released BViT files accepted)')
+    g.add_argument('--start_epoch', default=0, type=int, metavar='N', help='first epoch (set by --resume)')
+    g.add_argument('--eval', action='store_true', help='only evaluate (top-1, top-5, loss) and exit')
+    g.add_argument('--eval-ema', action='store_true', help="with --eval: evaluate the checkpoint's EMA weights")
+    g.add_argument('--eval-crop-ratio', default=0.875, type=float, help='center-crop ratio of evaluation')
+    g.add_argument('--dist-eval', action='store_true',
+                   help='split evaluation over the processes (exact: every image counted once)')
+    g.add_argument('--print-freq', default=10, type=int, help='progress line every N iterations')
+    g.add_argument('--log-all-ranks', action='store_true',
+                   help='print the per-epoch summary on every process, not only rank 0')
+
+    g = p.add_argument_group('distributed (set by torchrun / torch.distributed.launch)')
+    g.add_argument('--world_size', default=1, type=int, help='number of processes (taken from WORLD_SIZE)')
+    g.add_argument('--dist_url', default='env://', help='url used to set up distributed training')
+    g.add_argument('--local-rank', '--local_rank', dest='local_rank', default=None, type=int,
+                   help='local rank (passed by torch.distributed.launch without --use_env)')
+    return p
+
+
+def _config_lookup(parser: argparse.ArgumentParser) -> Tuple[Dict[str, argparse.Action], Dict[str, argparse.Action]]:
+    by_dest: Dict[str, argparse.Action] = {}
+    by_flag: Dict[str, argparse.Action] = {}
+    for action in parser._actions:
+        if action.dest in ('help', 'config') or not action.option_strings:
+            continue
+        if not isinstance(action, argparse._StoreFalseAction) or action.dest not in by_dest:
+            by_dest.setdefault(action.dest, action)
+        for opt in action.option_strings:
+            by_flag[opt.lstrip('-').replace('-', '_')] = action
+    return by_dest, by_flag
+
+
+def _convert(action: argparse.Action, key: str, value: Any, where: str) -> Any:
+    def one(v: Any) -> Any:
+        if action.type is None or v is None:
+            return v
+        if isinstance(v, bool) and action.type in (int, float):
+            raise UsageError(f'{where}: {key} must be a number, got {v!r}')
+        try:
+            return action.type(v) if not (action.type is float and isinstance(v, (int, float))) else float(v)
+        except (TypeError, ValueError):
+            raise UsageError(f'{where}: {key} has an invalid value {v!r}') from None
+
+    if action.nargs in ('+', '*') or isinstance(action.nargs, int):
+        if value is None:
+            return None
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        if isinstance(action.nargs, int) and len(values) != action.nargs:
+            raise UsageError(f'{where}: {key} needs {action.nargs} values, got {len(values)}')
+        out = [one(v) for v in values]
+    else:
+        if isinstance(value, (list, dict)):
+            raise UsageError(f'{where}: {key} takes one value, got {value!r}')
+        out = one(value)
+    if action.choices is not None and out is not None and out not in action.choices:
+        raise UsageError(f'{where}: {key} must be one of {", ".join(map(str, action.choices))}, got {out!r}')
+    return out
+
+
+def load_config(parser: argparse.ArgumentParser, path: str) -> Dict[str, Any]:
+    """Defaults from a YAML file: ``{dest: value}``. Keys are flag names without the dashes, with
+    ``-`` or ``_`` (``batch-size``, ``batch_size``, ``no-model-ema``); values are checked and
+    converted like the command line's. Unknown keys are an error."""
+    import yaml
+    if not os.path.isfile(path):
+        raise UsageError(f'--config {path}: file not found')
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as e:
+        raise UsageError(f'--config {path}: not valid YAML ({str(e).splitlines()[0]})') from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f'--config {path}: expected a mapping of option names to values')
+    by_dest, by_flag = _config_lookup(parser)
+    out: Dict[str, Any] = {}
+    for raw_key, value in data.items():
+        key = str(raw_key).replace('-', '_')
+        if key in by_dest:
+            action = by_dest[key]
+            if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+                if not isinstance(value, bool):
+                    raise UsageError(f'{path}: {raw_key} must be true or false, got {value!r}')
+                out[action.dest] = value
+            else:
+                out[action.dest] = _convert(action, str(raw_key), value, path)
+        elif key in by_flag:
+            action = by_flag[key]
+            if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+                if not isinstance(value, bool):
+                    raise UsageError(f'{path}: {raw_key} must be true or false, got {value!r}')
+                out[action.dest] = action.const if value else not action.const
+            else:
+                out[action.dest] = _convert(action, str(raw_key), value, path)
+        else:
+            names = sorted(set(by_dest) | set(by_flag))
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ''
+            raise UsageError(f"{path}: unknown key '{raw_key}'{hint}; keys are train_hp.py flag names")
+    return out
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Command line (``sys.argv[1:]`` by default) over ``--config`` YAML over built-in defaults."""
+    parser = get_args_parser()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument('--config', default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**load_config(parser, known.config))
+    return parser.parse_args(argv)
+
+
+# Model --------------------------------------------------------------------------------------------
+
+def resolve_model_name(name: str) -> Tuple[str, str]:
+    """('bvit', registered name) for BViT names, ('timm', name) for other timm models."""
+    import timm
+    from bvit.models import resolve_arch
+    try:
+        return 'bvit', resolve_arch(name)
+    except ValueError:
+        pass
+    if timm.is_model(name):
+        return 'timm', name
+    raise UsageError(f'unknown --arch {name!r}: neither a BViT name ({BVIT_NAMES}) nor a timm model name')
+
+
+def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
+    import timm
+    import bvit.models  # noqa: F401  (registers bvit_5m / bvit_22m with timm)
+    kind, name = resolve_model_name(args.arch)
+    if kind == 'bvit':
+        if args.broad:
+            log('note: --broad has no effect on a BViT model, which has broad attention already')
+        try:
+            return timm.create_model(
+                name, num_classes=num_classes, img_size=args.input_size, patch_size=args.patch_size or 16,
+                in_chans=3, drop_rate=args.drop, drop_path_rate=args.drop_path, stem=args.stem or 'conv',
+                broad=not args.no_broad, broad_scale=args.broad_scale)
+        except ValueError as e:
+            raise UsageError(f'--arch {args.arch}: {e}') from None
+    if args.stem is not None:
+        raise UsageError('--stem applies to BViT models only')
+    if args.no_broad:
+        raise UsageError('--no-broad applies to BViT models only (other timm models have no broad attention '
+                         'unless --broad is given)')
+    kwargs: Dict[str, Any] = dict(num_classes=num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path)
+    size_kwargs: Dict[str, Any] = dict(img_size=args.input_size)
+    if args.patch_size:
+        size_kwargs['patch_size'] = args.patch_size
+    try:
+        model = timm.create_model(name, **kwargs, **size_kwargs)
+    except TypeError as e:
+        if 'img_size' not in str(e) and 'patch_size' not in str(e):
+            raise
+        if args.patch_size:
+            raise UsageError(f'--patch-size: timm model {name} does not take a patch size') from None
+        model = timm.create_model(name, **kwargs)  # convolutional models take any input size
+    if args.broad:
+        try:
+            from bvit.broad import add_broad_attention
+        except ImportError as e:
+            raise UsageError(f'--broad needs bvit.broad.add_broad_attention, which cannot be imported ({e})') from None
+        try:
+            model = add_broad_attention(model, scale=args.broad_scale)
+        except TypeError as e:
+            raise UsageError(f'--broad: {e}') from None
+    return model
+
+
+def build_teacher(args: argparse.Namespace, num_classes: int, device: torch.device) -> Optional[nn.Module]:
+    if args.distillation_type == 'none':
+        return None
+    import timm
+    if not args.teacher_path:
+        raise UsageError('--distillation-type needs --teacher-path (a checkpoint of --teacher-model; '
+                         'nothing is downloaded)')
+    if not timm.is_model(args.teacher_model):
+        raise UsageError(f'unknown --teacher-model {args.teacher_model!r} (not a timm model name)')
+    teacher = timm.create_model(args.teacher_model, pretrained=False, num_classes=num_classes)
+    load_model_weights(teacher, read_checkpoint(args.teacher_path), args.teacher_path)
+    teacher.to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def set_attn_only(model: nn.Module) -> None:
+    """``--attn-only``: train the attention layers, the head, the position and patch embeddings."""
+    for name, p in model.named_parameters():
+        p.requires_grad_('.attn.' in name or name.startswith(('head.', 'pos_embed', 'patch_embed.')))
+
+
+# Checkpoints --------------------------------------------------------------------------------------
+
+MODEL_DEFINING_ARGS = ('no_broad', 'broad', 'stem', 'patch_size')
+
+
+def check_saved_args(obj: Any, args: argparse.Namespace, path: str) -> None:
+    """A checkpoint of this script made with another architecture (or with/without broad
+    attention, which changes no parameter shape) is refused with the flag to fix."""
+    saved = obj.get('args') if isinstance(obj, dict) else None
+    if not isinstance(saved, dict) or 'arch' not in saved:
+        return
+    try:
+        saved_name = resolve_model_name(str(saved['arch']))[1]
+    except UsageError:
+        saved_name = str(saved['arch'])
+    if saved_name != resolve_model_name(args.arch)[1]:
+        raise UsageError(f'{path} is a checkpoint of --arch {saved["arch"]}, not of --arch {args.arch}')
+    for key in MODEL_DEFINING_ARGS:
+        if key in saved and saved[key] != getattr(args, key):
+            flag = '--' + key.replace('_', '-')
+            raise UsageError(f'{path} was trained with {flag} {saved[key]}, this run has {flag} {getattr(args, key)}; '
+                             'pass the same value')
+
+
+def restore_training_state(obj: Any, path: str, model: nn.Module, optimizer: torch.optim.Optimizer,
+                           scheduler: Any, scaler: torch.amp.GradScaler, model_ema: Optional[nn.Module]) -> Tuple[int, float]:
+    """Load everything a run needs to continue; returns (next epoch, best top-1 so far).
+
+    Every feature that is on in this run must be in the checkpoint (optimizer, lr scheduler,
+    grad scaler with fp16 AMP, EMA with --model-ema); a missing one is an error.
+    """
+    if not isinstance(obj, dict) or not isinstance(obj.get('optimizer'), dict) or 'epoch' not in obj:
+        raise UsageError(f'{path} holds model weights but no training state (optimizer, epoch); '
+                         'use --finetune to start a new run from these weights, or --eval to evaluate them')
+    load_model_weights(model, obj, path)
+
+    def need(key: str, feature: str) -> Any:
+        value = obj.get(key)
+        if not isinstance(value, dict) or not value:
+            raise UsageError(f'{path} has no {key} state, but this run uses {feature}; resume with the settings '
+                             'of the original run, or use --finetune to start afresh from its weights')
+        return value
+
+    try:
+        optimizer.load_state_dict(need('optimizer', 'an optimizer'))
+    except (ValueError, KeyError) as e:
+        raise UsageError(f'{path}: its optimizer state does not fit this run ({e}); '
+                         'resume with the same --opt and model') from None
+    if scheduler is not None:
+        state = need('lr_scheduler', f'--sched {type(scheduler).__name__}')
+        if set(state) != set(scheduler.state_dict()):
+            raise UsageError(f'{path}: its lr scheduler differs from this run\'s --sched; resume with the same --sched')
+        scheduler.load_state_dict(state)
+    if scaler.is_enabled():
+        scaler.load_state_dict(need('scaler', 'a gradient scaler (fp16 AMP)'))
+    if model_ema is not None:
+        ema_sd = model_state_from(need('model_ema', '--model-ema'), model_ema.module, path)
+        model_ema.module.load_state_dict(ema_sd)
+    return int(obj['epoch']) + 1, float(obj.get('max_accuracy', 0.0))
+
+
+# Main ---------------------------------------------------------------------------------------------
+
+def _check_flags(args: argparse.Namespace) -> None:
+    if args.broad and args.no_broad:
+        raise UsageError('--broad and --no-broad exclude each other')
+    if args.sched not in SCHEDULES:
+        raise UsageError(f'unknown --sched {args.sched!r}; choose one of {", ".join(SCHEDULES)}')
+    for flag, value in (('--batch-size', args.batch_size), ('--input-size', args.input_size),
+                        ('--print-freq', args.print_freq)):
+        if value < 1:
+            raise UsageError(f'{flag} must be at least 1, got {value}')
+    if args.epochs < 0 or args.num_workers < 0:
+        raise UsageError('--epochs and --num_workers must not be negative')
+    if not 0 < args.eval_crop_ratio <= 1:
+        raise UsageError(f'--eval-crop-ratio must be in (0, 1], got {args.eval_crop_ratio}')
+    for flag, value in (('--train-subset', args.train_subset), ('--val-subset', args.val_subset)):
+        if value is not None and value < 1:
+            raise UsageError(f'{flag} must be at least 1, got {value}')
+    if args.eval_ema and not args.eval:
+        raise UsageError('--eval-ema goes with --eval')
+
+
+def _loader(dataset: Any, sampler: Any, batch_size: int, args: argparse.Namespace, device: torch.device,
+            drop_last: bool) -> DataLoader:
+    return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=args.num_workers,
+                      pin_memory=bool(args.pin_mem and device.type == 'cuda'), drop_last=drop_last)
+
+
+def _summary(prefix: str, stats: Dict[str, float]) -> str:
+    return (f'{prefix}top-1 {stats["acc1"]:.2f}%  top-5 {stats["acc5"]:.2f}%  loss {stats["loss"]:.4f}  '
+            f'({stats["images"]} images)')
+
+
+def main(args: argparse.Namespace) -> Dict[str, Any]:
+    """Run the training (or, with ``--eval``, the evaluation); returns the last metrics."""
+    _check_flags(args)
+    args.data_set = canonical_data_set(args.data_set)
+    resolve_model_name(args.arch)  # unknown names fail before anything is loaded
+    device = resolve_device(args.device)
+    device = init_distributed(args, device)
+    args.device_resolved = str(device)
+    try:
+        return _run(args, device)
+    finally:
+        cleanup_distributed()
+
+
+def _run(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
+    rank, world = args.rank, args.world_size
+    setup_determinism(args.deterministic)
+    seed_everything(args.seed + rank)
+    log(environment_info(args))
+
+    # data ---------------------------------------------------------------------------------------
+    dataset_train, dataset_val, nb_classes = build_datasets(args, need_train=not args.eval)
+    args.nb_classes = nb_classes
+    if args.dist_eval and world > 1:
+        sampler_val: Any = ShardSampler(dataset_val, world, rank)
+    else:
+        sampler_val = torch.utils.data.SequentialSampler(dataset_val)
+    loader_val = _loader(dataset_val, sampler_val, int(1.5 * args.batch_size), args, device, drop_last=False)
+    reduce_eval = bool(args.dist_eval and world > 1)
+
+    # model --------------------------------------------------------------------------------------
+    model = build_model(args, nb_classes)
+    if args.finetune:
+        fresh = load_finetune_weights(model, args.finetune)
+        log(f'fine-tuning from {args.finetune}' + (f' (new {", ".join(fresh)})' if fresh else ''))
+    if args.attn_only:
+        set_attn_only(model)
+    resume_obj = None
+    if args.resume:
+        resume_obj = read_checkpoint(args.resume)
+        check_saved_args(resume_obj, args, args.resume)
+    amp_dtype = None
+    if device.type == 'cuda' and args.amp:
+        amp_dtype = torch.bfloat16 if args.amp_dtype == 'bf16' else torch.float16
+    autocast = autocast_context(device, amp_dtype)
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f'model {args.arch}: {n_parameters:,} trainable parameters, {nb_classes} classes, input {args.input_size}; '
+        f'data {args.data_set}: {len(dataset_train) if dataset_train is not None else "-"} train / '
+        f'{len(dataset_val)} val images; {world} process(es), precision '
+        f'{"float32" if amp_dtype is None else args.amp_dtype}')
+
+    if args.eval:
+        if resume_obj is not None:
+            load_model_weights(model, resume_obj, args.resume, use_ema=args.eval_ema)
+        model.to(device)
+        stats = evaluate(loader_val, model, device, autocast, reduce=reduce_eval, print_freq=args.print_freq * 5)
+        log(_summary('* ', stats), all_ranks=args.log_all_ranks)
+        log(f'Accuracy of the network on the {stats["images"]} test images: {stats["acc1"]:.2f}%')
+        return stats
+
+    assert dataset_train is not None
+    model.to(device)
+    model_without_ddp = model
+    model_ema = None
+    if args.model_ema:
+        from timm.utils import ModelEmaV3
+        model_ema = ModelEmaV3(model, decay=args.model_ema_decay,
+                               device=torch.device('cpu') if args.model_ema_force_cpu else None)
+    if args.distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    total_batch = args.batch_size * world
+    lr = args.lr if args.unscale_lr else args.lr * total_batch / 512.0
+    args.lr_scaled = lr
+    opt_kwargs: Dict[str, Any] = dict(eps=args.opt_eps)
+    if args.opt_betas:
+        opt_kwargs['betas'] = tuple(args.opt_betas)
+    try:
+        optimizer = create_optimizer_v2(model_without_ddp, opt=args.opt, lr=lr, weight_decay=args.weight_decay,
+                                        momentum=args.momentum, **opt_kwargs)
+    except (ValueError, AssertionError) as e:
+        raise UsageError(f'--opt {args.opt}: {e}') from None
+    scheduler = None
+    if args.sched != 'none':
+        try:
+            scheduler, _ = create_scheduler_v2(
+                optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+                cooldown_epochs=args.cooldown_epochs, patience_epochs=args.patience_epochs,
+                decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_lr=args.warmup_lr,
+                warmup_epochs=args.warmup_epochs, noise=args.lr_noise, noise_pct=args.lr_noise_pct,
+                noise_std=args.lr_noise_std, noise_seed=args.seed)
+        except ValueError as e:
+            raise UsageError(f'--sched {args.sched}: {e}') from None
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    mixup_fn = None
+    mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+    if mixup_active:
+        if args.batch_size % 2:
+            raise UsageError(f'mixup/cutmix need an even --batch-size, got {args.batch_size}')
+        from timm.data import Mixup
+        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                         label_smoothing=args.smoothing, num_classes=nb_classes)
+    teacher = build_teacher(args, nb_classes, device)
+    criterion = DistillationLoss(build_base_criterion(mixup_active, args.smoothing, args.bce_loss), teacher,
+                                 args.distillation_type, args.distillation_alpha, args.distillation_tau)
+
+    start_epoch, max_accuracy = args.start_epoch, 0.0
+    if resume_obj is not None:
+        start_epoch, max_accuracy = restore_training_state(
+            resume_obj, args.resume, model_without_ddp, optimizer, scheduler, scaler, model_ema)
+        log(f'resumed from {args.resume}: continuing at epoch {start_epoch}')
+
+    sampler_train = RepeatAugSampler(dataset_train, world, rank, shuffle=True, seed=args.seed,
+                                     num_repeats=3 if args.repeated_aug else 1)
+    if len(sampler_train) < args.batch_size:
+        raise UsageError(f'{len(sampler_train)} training images per process, fewer than one batch of '
+                         f'{args.batch_size}; lower --batch-size')
+    loader_train = _loader(dataset_train, sampler_train, args.batch_size, args, device, drop_last=True)
+
+    output_dir = args.output_dir
+    if output_dir:
+        existing = os.path.join(output_dir, 'checkpoint.pth')
+        if os.path.exists(existing) and not (args.resume and os.path.exists(args.resume)
+                                             and os.path.samefile(existing, args.resume)):
+            raise UsageError(f'{output_dir} already holds a checkpoint.pth; continue it with --resume {existing}, '
+                             'or choose another --output_dir')
+        if is_main_process():
+            os.makedirs(output_dir, exist_ok=True)
+
+    log(f'training epochs {start_epoch}..{args.epochs - 1}, lr {lr:.3g} (total batch {total_batch})')
+    start_time = time.time()
+    test_stats: Dict[str, Any] = {}
+    for epoch in range(start_epoch, args.epochs):
+        seed_everything(epoch_seed(args.seed, epoch, rank))
+        sampler_train.set_epoch(epoch)
+        if scheduler is not None:
+            scheduler.step(epoch)  # this epoch's value, before its first step (DeiT applies it an epoch late)
+        train_stats = train_one_epoch(
+            model, criterion, loader_train, optimizer, device, epoch, scaler=scaler, autocast=autocast,
+            clip_grad=args.clip_grad, model_ema=model_ema, mixup_fn=mixup_fn, set_training_mode=args.train_mode,
+            print_freq=args.print_freq, num_epochs=args.epochs)
+        test_stats = evaluate(loader_val, model_without_ddp, device, autocast, reduce=reduce_eval,
+                              print_freq=args.print_freq * 5)
+        log(_summary(f'Epoch [{epoch}] * ', test_stats), all_ranks=args.log_all_ranks)
+        ema_stats = None
+        if model_ema is not None and not (args.model_ema_force_cpu and device.type == 'cuda'):
+            ema_device = next(model_ema.module.parameters()).device
+            ema_stats = evaluate(loader_val, model_ema.module, ema_device, autocast if ema_device == device else
+                                 autocast_context(ema_device, None), reduce=reduce_eval,
+                                 print_freq=args.print_freq * 5, header='Test (EMA)')
+            log(_summary(f'Epoch [{epoch}] * EMA ', ema_stats), all_ranks=args.log_all_ranks)
+        is_best = test_stats['acc1'] > max_accuracy or not os.path.exists(os.path.join(output_dir, 'best.pth'))
+        max_accuracy = max(max_accuracy, test_stats['acc1'])
+        log(f'Max accuracy: {max_accuracy:.2f}%')
+        if output_dir and is_main_process():
+            ckpt = {
+                'format': CHECKPOINT_FORMAT,
+                'model': model_without_ddp.state_dict(),
+                'optimizer': optimizer.state_dict(),
+                'lr_scheduler': scheduler.state_dict() if scheduler is not None else None,
+                'scaler': scaler.state_dict() if scaler.is_enabled() else None,
+                'model_ema': model_ema.module.state_dict() if model_ema is not None else None,
+                'epoch': epoch,
+                'max_accuracy': max_accuracy,
+                'args': args_to_dict(args),
+            }
+            atomic_save(ckpt, os.path.join(output_dir, 'checkpoint.pth'))
+            if is_best:
+                atomic_save(ckpt, os.path.join(output_dir, 'best.pth'))
+        record: Dict[str, Any] = {**{f'train_{k}': v for k, v in train_stats.items()},
+                                  **{f'test_{k}': v for k, v in test_stats.items()}}
+        if ema_stats is not None:
+            record.update({f'test_ema_{k}': v for k, v in ema_stats.items()})
+        record.update(epoch=epoch, n_parameters=n_parameters, max_accuracy=max_accuracy)
+        append_log_line(output_dir, record)
+    elapsed = time.time() - start_time
+    if test_stats:
+        log(f'Training time {format_seconds(elapsed)}; ' + _summary('final ', test_stats) +
+            f'; best top-1 {max_accuracy:.2f}%')
+    else:
+        log(f'nothing to train: the run is at epoch {start_epoch} of {args.epochs}')
+    return test_stats
+
+
+def cli(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point: exit status 0, 2 for expected problems (one ``error:`` line on stderr), 1 for
+    a non-finite loss."""
+    try:
+        args = parse_args(argv)
+        main(args)
+    except UsageError as e:
+        _print_error(str(e))
+        return 2
+    except NonFiniteLossError as e:
+        _print_error(str(e))
+        return 1
+    return 0
+
+
+def _print_error(message: str) -> None:
+    rank = os.environ.get('RANK', '0')
+    tag = 'error' if rank in ('', '0') else f'error [rank {rank}]'
+    message = ' '.join(message.split())  # one line
+    print(f'{tag}: {message}', file=sys.stderr, flush=True)
+
+
+if __name__ == '__main__':
+    sys.exit(cli())

@@ -1,0 +1,453 @@
+"""Helpers of the training script: errors, distributed set-up, seeding, metric logging,
+checkpoint files (atomic, rank 0 only, loadable with ``weights_only=True``) and weight loading
+for ``--resume`` / ``--finetune``.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import random
+import time
+from collections import deque
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+
+class UsageError(Exception):
+    """A problem with the command line, the configuration, the data or a checkpoint file: the
+    script prints ``error: <message>`` on one line and exits with status 2, without a traceback."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the run stops (exit status 1) and the last good
+    checkpoint, written at the end of the previous epoch, stays as it is."""
+
+
+# Distributed ------------------------------------------------------------------------------------
+
+def env_int(name: str) -> Optional[int]:
+    """The integer value of environment variable ``name``, None when unset or empty."""
+    value = os.environ.get(name, '').strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise UsageError(f'environment variable {name}={value!r} is not an integer') from None
+
+
+def resolve_device(name: Optional[str]) -> torch.device:
+    """``auto`` (or None): CUDA when available, else CPU. ``cpu``/``cuda`` force one."""
+    name = (name or 'auto').lower()
+    if name == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    if name.startswith('cuda'):
+        if not torch.cuda.is_available():
+            raise UsageError(f'--device {name}: CUDA is not available on this machine (use --device cpu or auto)')
+        return torch.device('cuda')
+    if name == 'cpu':
+        return torch.device('cpu')
+    raise UsageError(f"--device must be 'auto', 'cpu' or 'cuda', got {name!r}")
+
+
+def init_distributed(args: Any, device: torch.device) -> torch.device:
+    """Start the process group when launched by torchrun or ``torch.distributed.launch``.
+
+    Reads ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` from the environment (``--local-rank`` of
+    the legacy launcher when ``LOCAL_RANK`` is unset). Without ``WORLD_SIZE`` (or with 1) the run
+    is single-process. Sets ``args.rank``, ``args.world_size``, ``args.local_rank`` and
+    ``args.distributed``; returns the device of this process (``cuda:LOCAL_RANK`` on GPUs).
+    The backend is NCCL on CUDA and gloo on CPU.
+    """
+    world_size = env_int('WORLD_SIZE')
+    rank = env_int('RANK')
+    local_rank = env_int('LOCAL_RANK')
+    if local_rank is None:
+        local_rank = getattr(args, 'local_rank', None)
+    if world_size is None or world_size <= 1:
+        args.rank, args.world_size, args.distributed = 0, 1, False
+        args.local_rank = 0 if local_rank is None else local_rank
+        if device.type == 'cuda':
+            torch.cuda.set_device(args.local_rank)
+            return torch.device('cuda', args.local_rank)
+        return device
+    if rank is None:
+        raise UsageError('WORLD_SIZE is set but RANK is not: launch with torchrun or '
+                         'python -m torch.distributed.launch --use_env')
+    if local_rank is None:
+        local_rank = rank
+    args.rank, args.world_size, args.local_rank, args.distributed = rank, world_size, local_rank, True
+    if device.type == 'cuda':
+        if local_rank >= torch.cuda.device_count():
+            raise UsageError(f'LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA device(s) are visible')
+        torch.cuda.set_device(local_rank)
+        device = torch.device('cuda', local_rank)
+        backend = 'nccl'
+    else:
+        backend = 'gloo'
+    args.dist_backend = backend
+    kwargs: Dict[str, Any] = dict(backend=backend, init_method=args.dist_url, world_size=world_size, rank=rank)
+    if backend == 'nccl':
+        kwargs['device_id'] = device
+    dist.init_process_group(**kwargs)
+    dist.barrier()
+    return device
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def cleanup_distributed() -> None:
+    if is_dist():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values: Sequence[float], device: torch.device) -> List[float]:
+    """Sum a few numbers over all ranks (float64; identity when not distributed)."""
+    if not is_dist():
+        return [float(v) for v in values]
+    t = torch.tensor(list(values), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+# Printing -----------------------------------------------------------------------------------------
+
+def log(*items: Any, all_ranks: bool = False) -> None:
+    """print() on rank 0 only (on every rank, tagged with the rank, when ``all_ranks``)."""
+    rank = get_rank()
+    if rank == 0 or all_ranks:
+        if rank and all_ranks:
+            items = (f'[rank {rank}]',) + items
+        print(*items, flush=True)
+
+
+def environment_info(args: Any) -> str:
+    """One line with what a run's numbers depend on: seed, world size, device and versions."""
+    import timm
+    import torchvision
+    parts = [
+        f'seed {args.seed}', f'world size {args.world_size}', f'device {args.device_resolved}',
+        f'deterministic {bool(args.deterministic)}', f'python {platform.python_version()}',
+        f'torch {torch.__version__}', f'torchvision {torchvision.__version__}', f'timm {timm.__version__}',
+        f'numpy {np.__version__}',
+    ]
+    if torch.cuda.is_available():
+        parts.append(f'cuda {torch.version.cuda} cudnn {torch.backends.cudnn.version()}')
+    parts.append(f'threads {torch.get_num_threads()}')
+    return 'environment: ' + ', '.join(parts)
+
+
+# Seeding ------------------------------------------------------------------------------------------
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's (all devices) global generators."""
+    seed = int(seed) % (2 ** 32)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """Seed of rank ``rank`` in epoch ``epoch``: every epoch's random numbers (augmentation,
+    mixup, dropout, loader workers) depend only on (seed, epoch, rank), so a resumed run draws
+    exactly what an uninterrupted one would have."""
+    return (int(seed) * 1_000_003 + epoch * 10_007 + rank) % (2 ** 31)
+
+
+def setup_determinism(deterministic: bool) -> None:
+    """``--deterministic``: cuDNN benchmark off, deterministic kernels (warning only where an op
+    has none). Otherwise cuDNN benchmark on, as in DeiT."""
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = bool(deterministic)
+    if deterministic:
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+# Metric logging -----------------------------------------------------------------------------------
+
+class SmoothedValue:
+    """A series of values: the median/average of the last ``window`` and the global average."""
+
+    def __init__(self, window: int = 20, fmt: str = '{median:.4f} ({global_avg:.4f})') -> None:
+        self.values: deque = deque(maxlen=window)
+        self.total = 0.0
+        self.count = 0
+        self.fmt = fmt
+
+    def update(self, value: float, n: int = 1) -> None:
+        self.values.append(value)
+        self.count += n
+        self.total += value * n
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.values)) if self.values else float('nan')
+
+    @property
+    def avg(self) -> float:
+        return float(np.mean(self.values)) if self.values else float('nan')
+
+    @property
+    def global_avg(self) -> float:
+        return self.total / self.count if self.count else float('nan')
+
+    @property
+    def value(self) -> float:
+        return self.values[-1] if self.values else float('nan')
+
+    def __str__(self) -> str:
+        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg, value=self.value)
+
+
+def format_seconds(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(round(seconds))))
+
+
+class ProgressPrinter:
+    """Prints ``header [ i/N] eta .. lr .. loss .. img/s ..`` every ``print_freq`` iterations
+    (and at the last one) on rank 0."""
+
+    def __init__(self, total: int, header: str, print_freq: int, images_per_iter: int) -> None:
+        self.total = total
+        self.header = header
+        self.print_freq = max(1, int(print_freq))
+        self.images_per_iter = images_per_iter
+        self.start = time.time()
+        self.last = self.start
+        self.iter_time = SmoothedValue(fmt='{avg:.4f}')
+        self.width = len(str(total))
+
+    def step(self, i: int, **values: Any) -> None:
+        now = time.time()
+        self.iter_time.update(now - self.last)
+        self.last = now
+        if (i + 1) % self.print_freq and i + 1 != self.total:
+            return
+        elapsed = now - self.start
+        eta = elapsed / (i + 1) * (self.total - i - 1)
+        rate = self.images_per_iter * (i + 1) / max(elapsed, 1e-9)
+        parts = [f'{self.header} [{i + 1:>{self.width}}/{self.total}]', f'eta {format_seconds(eta)}']
+        for key, value in values.items():
+            parts.append(f'{key} {value}')
+        parts.append(f'{rate:.1f} img/s')
+        log('  '.join(parts))
+
+
+# Arguments as plain data --------------------------------------------------------------------------
+
+def plain(value: Any) -> Any:
+    """``value`` as data that ``torch.load(weights_only=True)`` and JSON accept."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, torch.device):
+        return str(value)
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    return str(value)
+
+
+def args_to_dict(args: Any) -> Dict[str, Any]:
+    return {k: plain(v) for k, v in sorted(vars(args).items())}
+
+
+# Checkpoint files ---------------------------------------------------------------------------------
+
+CHECKPOINT_FORMAT = 'bvit-train-1'
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``:
+    a run killed mid-write leaves the previous file intact."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f'.{os.path.basename(path)}.tmp-{os.getpid()}')
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_on_master(obj: Any, path: str) -> None:
+    if is_main_process():
+        atomic_save(obj, path)
+
+
+def append_log_line(output_dir: str, stats: Mapping[str, Any]) -> None:
+    """One JSON line per epoch in ``<output_dir>/log.txt`` (rank 0)."""
+    if is_main_process() and output_dir:
+        with open(os.path.join(output_dir, 'log.txt'), 'a') as f:
+            f.write(json.dumps(plain(stats)) + '\n')
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside DDP / torch.compile wrappers."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, '_orig_mod') and isinstance(getattr(model, '_orig_mod'), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def read_checkpoint(path: str) -> Any:
+    """The object in a checkpoint file (``weights_only=True``), UsageError for a missing,
+    truncated or foreign file."""
+    from bvit.models import read_checkpoint as _read
+    try:
+        return _read(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(str(e)) from None
+
+
+def model_state_from(obj: Any, model: nn.Module, path: str, use_ema: bool = False) -> Dict[str, Tensor]:
+    """The state dict for ``model`` in a loaded checkpoint: this project's (``model`` or, with
+    ``use_ema``, ``model_ema``), a bare state dict, or a released BViT file; wrapper prefixes
+    removed, released key names converted. UsageError when it does not fit ``model``."""
+    from bvit.models import check_state_dict, convert_official_state_dict
+    try:
+        sd = convert_official_state_dict(obj, use_ema=use_ema)
+        check_state_dict(model, sd)
+    except ValueError as e:
+        raise UsageError(f'{path}: {e}') from None
+    return sd
+
+
+def load_model_weights(model: nn.Module, obj: Any, path: str, use_ema: bool = False) -> None:
+    sd = model_state_from(obj, model, path, use_ema)
+    model.load_state_dict(sd)
+
+
+# --finetune: new head and resampled position embedding --------------------------------------------
+
+def bvit_grid(input_size: Any, patch_size: int, stem: str) -> Tuple[int, int]:
+    """The patch grid a BViT uses for ``input_size`` (int or (h, w))."""
+    h, w = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)[-2:]
+    if stem == 'conv':
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+    return h // patch_size, w // patch_size
+
+
+def checkpoint_bvit_grid(obj: Any, state_dict: Mapping[str, Tensor]) -> Tuple[int, int]:
+    """Grid of the position embedding saved in a BViT checkpoint: from the saved arguments of
+    this project's checkpoints, else the 224-input grid of a released file (7x7 with the conv
+    stem, 14x14 without)."""
+    saved = obj.get('args') if isinstance(obj, Mapping) else None
+    if isinstance(saved, Mapping) and 'input_size' in saved:
+        stem = saved.get('stem') or 'conv'
+        patch = saved.get('patch_size') or 16
+        return bvit_grid(saved['input_size'], int(patch), stem)
+    return (7, 7) if 'stem.weight' in state_dict else (14, 14)
+
+
+def head_keys(model: nn.Module) -> List[str]:
+    """State-dict keys of the classifier of ``model`` (timm's ``get_classifier``)."""
+    classifier = model.get_classifier() if hasattr(model, 'get_classifier') else None
+    if not isinstance(classifier, nn.Module):
+        return []
+    names = {id(m): n for n, m in model.named_modules()}
+    prefix = names.get(id(classifier))
+    if prefix is None:
+        return []
+    return [f'{prefix}.{k}' for k in classifier.state_dict()]
+
+
+def interpolate_pos_embed(model: nn.Module, state_dict: Dict[str, Tensor], old_grid: Optional[Tuple[int, int]]) -> None:
+    """Resample ``state_dict['pos_embed']`` in place to ``model``'s grid. Prefix (class) tokens
+    are kept; non-square grids are handled; at the same grid the values are unchanged.
+
+    BViT: ``old_grid`` is the checkpoint's grid (see :func:`checkpoint_bvit_grid`); other timm
+    models: the checkpoint's grid is taken as square, as timm does.
+    """
+    if 'pos_embed' not in state_dict or not hasattr(model, 'pos_embed'):
+        return
+    from bvit.models import BViT, resample_pos_embed
+    pe = state_dict['pos_embed']
+    target = model.pos_embed
+    if isinstance(model, BViT):
+        assert old_grid is not None
+        if tuple(old_grid) == tuple(model.grid_size) and tuple(pe.shape) == tuple(target.shape):
+            return  # same grid, same table: exactly as saved (unused release rows included)
+        state_dict['pos_embed'] = resample_pos_embed(
+            pe.float(), old_grid, model.grid_size, num_rows=target.shape[1],
+            num_prefix_tokens=model.num_prefix_tokens).to(pe.dtype)
+        return
+    if tuple(pe.shape) == tuple(target.shape):
+        return
+    from timm.layers import resample_abs_pos_embed
+    grid = getattr(getattr(model, 'patch_embed', None), 'grid_size', None)
+    if grid is None:
+        raise UsageError(f'cannot resample pos_embed {tuple(pe.shape)} to {tuple(target.shape)} for this model')
+    prefix = 0 if getattr(model, 'no_embed_class', False) else getattr(model, 'num_prefix_tokens', 1)
+    state_dict['pos_embed'] = resample_abs_pos_embed(pe.float(), list(grid), num_prefix_tokens=prefix).to(pe.dtype)
+
+
+def load_finetune_weights(model: nn.Module, path: str) -> List[str]:
+    """``--finetune``: load a checkpoint (this project's, released BViT, or any state dict for the
+    same architecture) into ``model`` with a fresh head where the class count differs and the
+    position embedding resampled to the model's input size. Returns the keys left at their
+    fresh initialisation (the head's, when replaced)."""
+    from bvit.models import BViT, check_state_dict, convert_official_state_dict
+    obj = read_checkpoint(path)
+    try:
+        sd = convert_official_state_dict(obj)
+    except ValueError as e:
+        raise UsageError(f'{path}: {e}') from None
+    sd = {k: v for k, v in sd.items()}
+    old_grid = checkpoint_bvit_grid(obj, sd) if isinstance(model, BViT) else None
+    try:
+        interpolate_pos_embed(model, sd, old_grid)
+    except ValueError as e:
+        raise UsageError(f'{path}: {e}') from None
+    own = model.state_dict()
+    fresh: List[str] = []
+    for key in head_keys(model):
+        if key not in sd or tuple(sd[key].shape) != tuple(own[key].shape):
+            sd[key] = own[key]
+            fresh.append(key)
+    try:
+        check_state_dict(model, sd)
+    except ValueError as e:
+        raise UsageError(f'{path}: {e}') from None
+    model.load_state_dict(sd)
+    return fresh
+
+
+__all__ = [
+    'UsageError', 'NonFiniteLossError', 'resolve_device', 'init_distributed', 'is_dist', 'get_world_size',
+    'get_rank', 'is_main_process', 'cleanup_distributed', 'all_reduce_sum', 'log', 'environment_info',
+    'seed_everything', 'epoch_seed', 'setup_determinism', 'SmoothedValue', 'ProgressPrinter', 'plain',
+    'args_to_dict', 'atomic_save', 'save_on_master', 'append_log_line', 'unwrap_model', 'read_checkpoint',
+    'model_state_from', 'load_model_weights', 'bvit_grid', 'checkpoint_bvit_grid', 'head_keys',
+    'interpolate_pos_embed', 'load_finetune_weights',
+]
