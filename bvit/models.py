@@ -21,7 +21,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import resample_abs_pos_embed, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from .layers import Block, attention_probs, broad_attention, broad_attention_probs
+from .layers import QKV, Block, attention_probs, broad_attention, broad_attention_class_row, broad_attention_probs
 
 _int_or_pair = Union[int, Tuple[int, int]]
 
@@ -193,26 +193,27 @@ class BViT(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return self.pos_drop(x + self.pos_embed[:, :x.shape[1]])
 
-    def _run_blocks(self, x: Tensor, keep_qkv: bool) -> Tuple[Tensor, List[Tensor], List[Tensor], List[Tensor]]:
-        qs: List[Tensor] = []
-        ks: List[Tensor] = []
-        vs: List[Tensor] = []
+    def _run_blocks(self, x: Tensor, keep: bool) -> Tuple[Tensor, List[QKV], List[Tensor]]:
+        """Tokens through the blocks -> (tokens, each block's (q, k, v), each block's attention
+        input); the lists stay empty unless ``keep``."""
+        qkvs: List[QKV] = []
+        ys: List[Tensor] = []
         for blk in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-                x, (q, k, v) = checkpoint(blk, x, use_reentrant=False)
+                x, qkv, y = checkpoint(blk, x, use_reentrant=False)
             else:
-                x, (q, k, v) = blk(x)
-            if keep_qkv:
-                qs.append(q)
-                ks.append(k)
-                vs.append(v)
-        return x, qs, ks, vs
+                x, qkv, y = blk(x)
+            if keep:
+                qkvs.append(qkv)
+                ys.append(y)
+        return x, qkvs, ys
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Images (B, C, H, W) -> normed tokens (B, N+1, D), broad output added on every token."""
-        x, qs, ks, vs = self._run_blocks(self._embed(x), keep_qkv=self.broad)
+        x, qkvs, _ = self._run_blocks(self._embed(x), keep=self.broad)
         if self.broad:
-            x = x + self.broad_scale * broad_attention(qs, ks, vs, self.embed_dim)
+            q, k, v = zip(*qkvs)
+            x = x + self.broad_scale * broad_attention(q, k, v, self.embed_dim)
         return self.norm(x)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
@@ -225,14 +226,18 @@ class BViT(nn.Module):
         """Images (B, C, H, W) -> logits (B, num_classes), or (B, D) features if num_classes == 0.
 
         Equal to ``forward_head(forward_features(x))``. With the class-token head only the class
-        token's row of the broad attention reaches the output, so only that row is computed.
+        token's row of the broad attention reaches the output, so only that row is computed, from
+        the blocks' attention inputs (see :func:`bvit.layers.broad_attention_class_row`).
         """
         if self.global_pool != 'token':
             return self.forward_head(self.forward_features(x))
-        x, qs, ks, vs = self._run_blocks(self._embed(x), keep_qkv=self.broad)
+        x, _, ys = self._run_blocks(self._embed(x), keep=self.broad)
         x = x[:, :1]
         if self.broad:
-            x = x + self.broad_scale * broad_attention([q[:, :, :1] for q in qs], ks, vs, self.embed_dim)
+            attns = [blk.attn for blk in self.blocks]
+            biases = [a.qkv.bias for a in attns] if attns[0].qkv.bias is not None else None
+            x = x + self.broad_scale * broad_attention_class_row(
+                ys, [a.qkv.weight for a in attns], biases, self.num_heads, self.head_dim, self.embed_dim)
         return self.forward_head(self.norm(x))
 
     def attention_maps(self, x: Tensor) -> AttentionMaps:
@@ -241,7 +246,8 @@ class BViT(nn.Module):
         Materialises the (N+1) x (N+1) maps that the normal forward never builds. Wrap the call in
         ``torch.no_grad()`` unless gradients through the maps are wanted.
         """
-        _, qs, ks, _ = self._run_blocks(self._embed(x), keep_qkv=True)
+        _, qkvs, _ = self._run_blocks(self._embed(x), keep=True)
+        qs, ks, _ = zip(*qkvs)
         scale = self.head_dim ** -0.5
         layers = [attention_probs(q, k, scale) for q, k in zip(qs, ks)]
         return AttentionMaps(layers, broad_attention_probs(qs, ks, scale), self.grid_size)

@@ -13,7 +13,7 @@ import timm
 from timm.models.vision_transformer import ParallelScalingBlock, VisionTransformer
 
 from bvit.broad import (
-    BroadAttention, BroadSwinTransformer, BroadWindowAttention, add_broad_attention, broad_attention_masked,
+    BroadAttention, BroadSwinTransformer, BroadWindowAttention, add_broad_attention,
     has_broad_attention, remove_broad_attention, set_broad_scale)
 from bvit.layers import broad_attention
 
@@ -206,15 +206,6 @@ def test_bvit_model_switches_its_own_broad_attention_on():
     model = timm.create_model('bvit_5m', pretrained=False, depth=2, broad=False, num_classes=3)
     assert add_broad_attention(model, scale=0.3) is model
     assert model.broad and model.broad_scale == 0.3 and has_broad_attention(model)
-
-
-def test_broad_attention_masked_agrees_with_layers():
-    q, k, v = ([torch.randn(2, 3, 5, 4) for _ in range(3)] for _ in range(3))
-    torch.testing.assert_close(broad_attention_masked(q, k, v, 12), broad_attention(q, k, v, 12))
-    zero = torch.zeros(1, 1, 5, 5)
-    torch.testing.assert_close(broad_attention_masked(q, k, v, 12, attn_mask=zero), broad_attention(q, k, v, 12))
-    # a width that does not pool exactly inside a head (12·3·... -> 7) takes the adaptive path
-    torch.testing.assert_close(broad_attention_masked(q, k, v, 7, attn_mask=zero), broad_attention(q, k, v, 7))
 
 
 # Swin Transformer ---------------------------------------------------------------------------------
