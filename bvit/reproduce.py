@@ -1,0 +1,537 @@
+"""Reproduction study on real data (DIGITS): does broad attention help, and how much?
+
+Every run is ``train_hp.py`` itself, started as a subprocess with this interpreter, on the DIGITS
+recipe (``configs/demo_digits.yaml``); its per-epoch ``log.txt`` (one JSON line per epoch) is the
+only result read back. Suites (``--suite``, comma-separated):
+
+* ``bvit``: BViT-5M and the same network without broad attention (``--no-broad``: same
+  parameters, same initialisation for a seed), with the conv stem and without it, over
+  ``--seeds`` (default 5 seeds).
+* ``scale``: BViT with ``broad_scale`` in ``--scales`` (default 0, 0.2, 0.4, 0.6, 1.0), conv stem,
+  over ``--scale-seeds``; the 0.4 runs are the ``bvit`` suite's own.
+* ``wrapped``: a timm backbone (``--wrapped-arch``, default ``deit_tiny_patch16_224`` at the
+  recipe's input size) with broad attention added (``--broad``) beside its plain twin, over
+  ``--wrapped-seeds``.
+
+Each run lives in ``RUNS_DIR/<variant>/seed<S>/``; one that finished (``reproduce.json`` marker
+with exit status 0 and a log) is not run again, so the study resumes where it stopped. Runs are
+sequential. The table (``--out-md``) gives mean ± std (over seeds) of the final-epoch top-1, the
+best epoch's, the parameters and seconds per epoch, and the per-seed paired differences; the plot
+(``--out-png``) shows the per-seed accuracies, the scale sweep and the mean test curves.
+
+    python -m bvit.reproduce                       # the whole study, figs/reproduction.{md,png}
+    python -m bvit.reproduce --suite bvit --seeds 0,1 --epochs 2 --runs-dir /tmp/r --quick
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_SCRIPT = os.path.join(REPO, 'train_hp.py')
+DEFAULT_CONFIG = os.path.join('configs', 'demo_digits.yaml')
+MARKER = 'reproduce.json'
+
+SUITES = ('bvit', 'scale', 'wrapped')
+
+
+@dataclass
+class RunSpec:
+    """One training run: ``train_hp.py --config CONFIG --seed SEED --output_dir DIR *args``."""
+    key: str                  # directory name of the variant, unique per variant
+    label: str                # human-readable variant name for tables and plots
+    group: str                # table the variant belongs to
+    seed: int
+    args: List[str] = field(default_factory=list)
+    meta: Dict[str, Any] = field(default_factory=dict)   # e.g. stem, broad, broad_scale
+
+
+# Study plan -------------------------------------------------------------------------------------
+
+def _fmt_scale(s: float) -> str:
+    return f'{s:g}'
+
+
+def plan_runs(suites: Sequence[str], seeds: Sequence[int], scale_seeds: Sequence[int],
+              wrapped_seeds: Sequence[int], scales: Sequence[float], wrapped_arch: str,
+              bvit_arch: str = 'bvit_5m', stems: Sequence[str] = ('conv', 'none')) -> List[RunSpec]:
+    """The runs of the chosen suites, each (variant, seed) once, in the order they should run:
+    seed-major within a suite, so an interrupted study already holds complete pairs."""
+    runs: List[RunSpec] = []
+    seen = set()
+
+    def add(spec: RunSpec) -> None:
+        if (spec.key, spec.seed) not in seen:
+            seen.add((spec.key, spec.seed))
+            runs.append(spec)
+
+    def bvit_variant(stem: str, broad: bool, scale: float, seed: int, group: str) -> RunSpec:
+        name = 'BViT-5M' if bvit_arch == 'bvit_5m' else bvit_arch
+        stem_txt = 'conv stem' if stem == 'conv' else 'no stem'
+        args = ['--arch', bvit_arch, '--stem', stem]
+        if broad:
+            key = f'{bvit_arch}_{stem}_broad{_fmt_scale(scale)}'
+            label = f'{name}, {stem_txt}, broad {_fmt_scale(scale)}'
+            args += ['--broad-scale', _fmt_scale(scale)]
+        else:
+            key = f'{bvit_arch}_{stem}_nobroad'
+            label = f'{name}, {stem_txt}, no broad (twin)'
+            args += ['--no-broad']
+        return RunSpec(key, label, group, seed, args,
+                       dict(arch=bvit_arch, stem=stem, broad=broad, broad_scale=scale if broad else None))
+
+    for suite in suites:
+        if suite == 'bvit':
+            for seed in seeds:
+                for stem in stems:
+                    add(bvit_variant(stem, True, 0.4, seed, 'bvit'))
+                    add(bvit_variant(stem, False, 0.4, seed, 'bvit'))
+        elif suite == 'scale':
+            for seed in scale_seeds:
+                for s in scales:
+                    add(bvit_variant('conv', True, float(s), seed, 'scale'))
+        elif suite == 'wrapped':
+            for seed in wrapped_seeds:
+                add(RunSpec(f'{wrapped_arch}_broad0.4', f'{wrapped_arch} + broad 0.4', 'wrapped', seed,
+                            ['--arch', wrapped_arch, '--broad', '--broad-scale', '0.4'],
+                            dict(arch=wrapped_arch, broad=True, broad_scale=0.4)))
+                add(RunSpec(f'{wrapped_arch}_plain', f'{wrapped_arch} (plain twin)', 'wrapped', seed,
+                            ['--arch', wrapped_arch], dict(arch=wrapped_arch, broad=False)))
+        else:
+            raise ValueError(f'unknown suite {suite!r}; choose from {", ".join(SUITES)}')
+    return runs
+
+
+# Running ----------------------------------------------------------------------------------------
+
+def run_dir(runs_dir: str, spec: RunSpec) -> str:
+    return os.path.join(runs_dir, spec.key, f'seed{spec.seed}')
+
+
+def read_log(path: str) -> List[Dict[str, Any]]:
+    """The JSON lines of a train_hp.py ``log.txt`` (blank or broken lines skipped)."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+    return rows
+
+
+def is_done(directory: str) -> bool:
+    """A finished run: its marker says exit status 0 and its log has at least one epoch."""
+    marker, log = os.path.join(directory, MARKER), os.path.join(directory, 'log.txt')
+    if not (os.path.isfile(marker) and os.path.isfile(log)):
+        return False
+    try:
+        with open(marker) as f:
+            ok = json.load(f).get('returncode') == 0
+    except (OSError, ValueError):
+        return False
+    return ok and any('test_acc1' in r for r in read_log(log))
+
+
+def train_command(spec: RunSpec, directory: str, config: str, extra: Sequence[str]) -> List[str]:
+    return [sys.executable, TRAIN_SCRIPT, '--config', config, '--seed', str(spec.seed),
+            '--output_dir', directory, *spec.args, *extra]
+
+
+def execute(spec: RunSpec, directory: str, config: str, extra: Sequence[str], threads: Optional[int] = None
+            ) -> Dict[str, Any]:
+    """Run one training to completion (train_hp.py's output goes to DIR/train.out) and write the
+    marker. Returns the marker's content."""
+    os.makedirs(directory, exist_ok=True)
+    log = os.path.join(directory, 'log.txt')
+    if os.path.exists(log):  # a run that stopped half-way: start it again from scratch
+        os.remove(log)
+    cmd = train_command(spec, directory, config, extra)
+    env = dict(os.environ)
+    if threads:
+        env['OMP_NUM_THREADS'] = env['MKL_NUM_THREADS'] = str(threads)
+    t0 = time.time()
+    with open(os.path.join(directory, 'train.out'), 'w') as out:
+        rc = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    info = dict(command=' '.join(shlex.quote(c) for c in cmd), returncode=rc, wall_s=round(time.time() - t0, 2),
+                key=spec.key, label=spec.label, group=spec.group, seed=spec.seed, meta=spec.meta)
+    with open(os.path.join(directory, MARKER), 'w') as f:
+        json.dump(info, f, indent=1)
+    return info
+
+
+def collect(spec: RunSpec, directory: str) -> Optional[Dict[str, Any]]:
+    """The result of one finished run, in the form :func:`make_table` takes, or None."""
+    if not is_done(directory):
+        return None
+    rows = [r for r in read_log(os.path.join(directory, 'log.txt')) if 'test_acc1' in r]
+    with open(os.path.join(directory, MARKER)) as f:
+        marker = json.load(f)
+    curve = [float(r['test_acc1']) for r in rows]
+    params = next((r[k] for r in rows for k in ('n_parameters', 'n_params', 'params') if k in r), None)
+    speeds = [float(r['train_images_per_sec']) for r in rows if isinstance(r.get('train_images_per_sec'), (int, float))]
+    return dict(group=spec.group, label=spec.label, key=spec.key, seed=spec.seed, meta=spec.meta,
+                acc1=curve[-1], best_acc1=max(curve), epochs=len(rows), params=params,
+                sec_per_epoch=marker['wall_s'] / max(len(rows), 1),
+                train_img_per_sec=statistics.mean(speeds) if speeds else None,
+                wall_s=marker['wall_s'], curve=curve)
+
+
+# Table (pure) -----------------------------------------------------------------------------------
+
+def mean_std(values: Sequence[float]) -> Tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    values = [float(v) for v in values]
+    if not values:
+        return math.nan, math.nan
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _pm(values: Sequence[float], digits: int = 2) -> str:
+    m, s = mean_std(values)
+    return f'{m:.{digits}f} ± {s:.{digits}f}'
+
+
+def _params(v: Any) -> str:
+    if v is None:
+        return '?'
+    v = float(v)
+    return f'{v / 1e6:.3f}M' if v >= 1e5 else f'{int(v):,}'
+
+
+def summarize(results: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:
+    """One row per variant (in order of first appearance): n seeds, acc1 / best_acc1 values,
+    parameters, seconds per epoch."""
+    rows: Dict[str, Dict[str, Any]] = {}
+    for r in results:
+        row = rows.setdefault(r['label'], dict(label=r['label'], group=r['group'], meta=r.get('meta', {}),
+                                               seeds=[], acc1=[], best_acc1=[], sec=[], speed=[], params=None))
+        row['seeds'].append(r['seed'])
+        row['acc1'].append(float(r['acc1']))
+        row['best_acc1'].append(float(r.get('best_acc1', r['acc1'])))
+        if r.get('sec_per_epoch') is not None:
+            row['sec'].append(float(r['sec_per_epoch']))
+        if r.get('train_img_per_sec') is not None:
+            row['speed'].append(float(r['train_img_per_sec']))
+        if r.get('params') is not None:
+            row['params'] = r['params']
+    return list(rows.values())
+
+
+def paired_differences(results: Sequence[Mapping[str, Any]], a: str, b: str) -> Dict[str, Any]:
+    """Per-seed acc1(a) - acc1(b) over the seeds both variants have, with mean, std and wins."""
+    by = {(r['label'], r['seed']): float(r['acc1']) for r in results}
+    seeds = sorted({s for (lab, s) in by if lab == a} & {s for (lab, s) in by if lab == b})
+    diffs = [by[(a, s)] - by[(b, s)] for s in seeds]
+    return dict(a=a, b=b, seeds=seeds, diffs=diffs, wins=sum(d > 0 for d in diffs),
+                ties=sum(d == 0 for d in diffs), losses=sum(d < 0 for d in diffs))
+
+
+def default_pairs(results: Sequence[Mapping[str, Any]]) -> List[Tuple[str, str]]:
+    """(broad, twin) label pairs: for each non-broad variant, the broad variant with the same
+    arch and stem and broad_scale 0.4 (the released setting)."""
+    labels: Dict[str, Mapping[str, Any]] = {}
+    for r in results:
+        labels.setdefault(r['label'], r.get('meta', {}))
+    pairs = []
+    for twin, m in labels.items():
+        if m.get('broad') is False:
+            for lab, n in labels.items():
+                if (n.get('broad') and n.get('arch') == m.get('arch') and n.get('stem') == m.get('stem')
+                        and n.get('broad_scale') == 0.4):
+                    pairs.append((lab, twin))
+                    break
+    return pairs
+
+
+GROUP_TITLES = {
+    'bvit': 'BViT vs the same network without broad attention',
+    'scale': 'Sweep of broad_scale (conv stem)',
+    'wrapped': 'Broad attention added to a timm backbone',
+}
+
+
+def make_table(results: Sequence[Mapping[str, Any]], pairs: Optional[Sequence[Tuple[str, str]]] = None,
+               title: str = 'Reproduction on DIGITS', preamble: str = '') -> str:
+    """Markdown report of the study from per-run results (pure: no files, no clock).
+
+    Each result is a mapping with ``group`` ('bvit', 'scale', 'wrapped' or any other name),
+    ``label`` (variant), ``seed``, ``acc1`` (final-epoch top-1, %), and optionally ``best_acc1``,
+    ``params``, ``sec_per_epoch``, ``train_img_per_sec``, ``meta`` (arch, stem, broad, broad_scale; used to pair each
+    twin with its broad variant when ``pairs`` is None). A variant appearing in two groups (the
+    0.4 runs of the sweep) is listed once per group.
+    """
+    lines = [f'# {title}', '']
+    if preamble:
+        lines += [preamble.rstrip(), '']
+    groups: List[str] = []
+    for r in results:
+        if r['group'] not in groups:
+            groups.append(r['group'])
+    for g in groups:
+        rows = summarize([r for r in results if r['group'] == g])
+        lines += [f'## {GROUP_TITLES.get(g, g)}', '',
+                  '| variant | seeds | top-1 final (%) | top-1 best epoch (%) | parameters | s / epoch | train img/s |',
+                  '|---|---|---|---|---|---|---|']
+        for row in rows:
+            sec = f'{statistics.mean(row["sec"]):.1f}' if row['sec'] else '?'
+            speed = f'{statistics.mean(row["speed"]):.0f}' if row['speed'] else '?'
+            lines.append(f'| {row["label"]} | {len(row["seeds"])} | {_pm(row["acc1"])} | {_pm(row["best_acc1"])} '
+                         f'| {_params(row["params"])} | {sec} | {speed} |')
+        lines.append('')
+    if pairs is None:
+        pairs = default_pairs(results)
+    if pairs:
+        lines += ['## Paired differences (same seed), final-epoch top-1', '',
+                  '| broad variant − twin | seeds | mean ± std (points) | per seed | broad better / equal / worse |',
+                  '|---|---|---|---|---|']
+        for a, b in pairs:
+            d = paired_differences(results, a, b)
+            if not d['seeds']:
+                continue
+            per = ', '.join(f'{x:+.2f}' for x in d['diffs'])
+            lines.append(f'| {a} − {b} | {len(d["seeds"])} | {_pm(d["diffs"])} | {per} '
+                         f'| {d["wins"]} / {d["ties"]} / {d["losses"]} |')
+        lines.append('')
+    return '\n'.join(lines).rstrip() + '\n'
+
+
+# Plot -------------------------------------------------------------------------------------------
+
+def make_plot(results: Sequence[Mapping[str, Any]], out_path: str, title: str = 'Reproduction on DIGITS') -> None:
+    """Per-seed final top-1 of every variant (bvit and wrapped groups), the broad_scale sweep,
+    and the mean test-accuracy curves of the bvit group."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    compare = summarize([r for r in results if r['group'] in ('bvit', 'wrapped')])
+    sweep = [r for r in results if r['group'] == 'scale']
+    curves = [r for r in results if r['group'] == 'bvit' and r.get('curve')]
+    panels = [p for p, ok in (('compare', compare), ('sweep', sweep), ('curves', curves)) if ok]
+    if not panels:
+        raise ValueError('no results to plot')
+    widths = {'compare': 1.5, 'sweep': 1.0, 'curves': 1.0}
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * sum(widths[p] for p in panels), 4.6),
+                             gridspec_kw=dict(width_ratios=[widths[p] for p in panels]), squeeze=False)
+    axes = axes[0]
+    for ax, panel in zip(axes, panels):
+        if panel == 'compare':
+            for i, row in enumerate(compare):
+                broad = row['meta'].get('broad', True)
+                color = 'tab:blue' if broad else 'tab:gray'
+                xs = [i + 0.12 * (j - (len(row['acc1']) - 1) / 2) / max(len(row['acc1']), 1)
+                      for j in range(len(row['acc1']))]
+                ax.scatter(xs, row['acc1'], s=14, color=color, alpha=0.6, zorder=2)
+                m, s = mean_std(row['acc1'])
+                ax.errorbar([i + 0.25], [m], yerr=[s], fmt='o', color=color, capsize=4, ms=7, zorder=3)
+            ax.set_xticks(range(len(compare)))
+            ax.set_xticklabels([r['label'].replace(', ', '\n', 2) for r in compare], fontsize=7)
+            ax.set_ylabel('final-epoch top-1 (%)')
+            ax.set_title('each seed (dots), mean ± std (right)', fontsize=9)
+            ax.grid(axis='y', alpha=0.3)
+        elif panel == 'sweep':
+            by: Dict[float, List[float]] = {}
+            for r in sweep:
+                by.setdefault(float(r['meta'].get('broad_scale', math.nan)), []).append(float(r['acc1']))
+            xs = sorted(by)
+            for x in xs:
+                ax.scatter([x] * len(by[x]), by[x], s=14, color='tab:blue', alpha=0.5)
+            ms = [mean_std(by[x]) for x in xs]
+            ax.errorbar(xs, [m for m, _ in ms], yerr=[s for _, s in ms], color='tab:blue', capsize=4, marker='o')
+            ax.set_xlabel('broad_scale (0 = broad attention off in effect)')
+            ax.set_ylabel('final-epoch top-1 (%)')
+            ax.set_title('broad_scale sweep, conv stem', fontsize=9)
+            ax.grid(alpha=0.3)
+        else:
+            labels: List[str] = []
+            for r in curves:
+                if r['label'] not in labels:
+                    labels.append(r['label'])
+            styles = {}
+            for lab in labels:
+                meta = next(r['meta'] for r in curves if r['label'] == lab)
+                styles[lab] = dict(color='tab:blue' if meta.get('broad') else 'tab:gray',
+                                   ls='-' if meta.get('stem') == 'conv' else '--')
+            for lab in labels:
+                cs = [r['curve'] for r in curves if r['label'] == lab]
+                n = min(len(c) for c in cs)
+                mean = [statistics.mean(c[e] for c in cs) for e in range(n)]
+                ax.plot(range(1, n + 1), mean, label=f'{lab} ({len(cs)})', **styles[lab])
+            ax.set_xlabel('epoch')
+            ax.set_ylabel('test top-1 (%), mean over seeds')
+            ax.set_title('learning curves', fontsize=9)
+            ax.legend(fontsize=6.5, loc='lower right')
+            ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)
+
+
+# Command line -----------------------------------------------------------------------------------
+
+def _ints(s: str) -> List[int]:
+    try:
+        return [int(x) for x in s.split(',') if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected comma-separated integers, got {s!r}') from None
+
+
+def _floats(s: str) -> List[float]:
+    try:
+        return [float(x) for x in s.split(',') if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected comma-separated numbers, got {s!r}') from None
+
+
+def _suites(s: str) -> List[str]:
+    out = [x.strip() for x in s.split(',') if x.strip()]
+    bad = [x for x in out if x not in SUITES]
+    if bad:
+        raise argparse.ArgumentTypeError(f'unknown suite(s) {", ".join(bad)}; choose from {", ".join(SUITES)}')
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog='python -m bvit.reproduce', description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--suite', type=_suites, default=list(SUITES), help='comma-separated: bvit,scale,wrapped (default all)')
+    p.add_argument('--seeds', type=_ints, default=[0, 1, 2, 3, 4], help='seeds of the bvit suite (default 0..4)')
+    p.add_argument('--scale-seeds', type=_ints, default=[0, 1, 2], help='seeds of the scale sweep (default 0,1,2)')
+    p.add_argument('--wrapped-seeds', type=_ints, default=[0, 1, 2], help='seeds of the wrapped suite (default 0,1,2)')
+    p.add_argument('--scales', type=_floats, default=[0, 0.2, 0.4, 0.6, 1.0], help='broad_scale values of the sweep')
+    p.add_argument('--stems', default='conv,none', type=lambda v: [x.strip() for x in v.split(',') if x.strip()],
+                   help='stems of the bvit suite (default conv,none)')
+    p.add_argument('--wrapped-arch', default='deit_tiny_patch16_224', help='timm backbone of the wrapped suite')
+    p.add_argument('--arch', default='bvit_5m', help='BViT model of the bvit and scale suites')
+    p.add_argument('--config', default=DEFAULT_CONFIG, help='train_hp.py config (default configs/demo_digits.yaml)')
+    p.add_argument('--epochs', type=int, default=None, help="override the config's epochs for every run")
+    p.add_argument('--train-arg', action='append', default=[], metavar='ARG',
+                   help='extra argument for train_hp.py, repeatable (e.g. --train-arg=--batch-size --train-arg=64)')
+    p.add_argument('--quick', action='store_true',
+                   help='tiny budget for smoke tests: 1 epoch, 2 seeds unless given, runs-dir runs/reproduce_quick')
+    p.add_argument('--runs-dir', default=None, help='where runs live (default runs/reproduce)')
+    p.add_argument('--out-md', default=None, help='markdown table (default figs/reproduction.md)')
+    p.add_argument('--out-png', default=None, help='plot (default figs/reproduction.png)')
+    p.add_argument('--threads', type=int, default=1,
+                   help='OMP_NUM_THREADS / MKL_NUM_THREADS of each run (default 1: on a busy 2-core CPU, '
+                        "torch's 2-thread element-wise ops and optimizer steps ran ~100x slower than 1 thread)")
+    p.add_argument('--report-only', action='store_true', help='write table and plot from finished runs, run nothing')
+    p.add_argument('--dry-run', action='store_true', help='print the commands of the runs still to do')
+    return p
+
+
+def _show_path(path: str) -> str:
+    """``path`` relative to the repository when inside it, else as it is."""
+    rel = os.path.relpath(os.path.abspath(path), REPO)
+    return path if rel.startswith('..') else rel
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.quick:
+        given = {a.split('=')[0] for a in argv}
+        if '--seeds' not in given:
+            args.seeds = [0, 1]
+        if '--scale-seeds' not in given:
+            args.scale_seeds = [0]
+        if '--wrapped-seeds' not in given:
+            args.wrapped_seeds = [0]
+        if args.epochs is None:
+            args.epochs = 1
+    runs_dir = args.runs_dir or os.path.join(REPO, 'runs', 'reproduce_quick' if args.quick else 'reproduce')
+    out_md = args.out_md or os.path.join(REPO, 'figs', 'reproduction.md')
+    out_png = args.out_png or os.path.join(REPO, 'figs', 'reproduction.png')
+    if not os.path.isfile(TRAIN_SCRIPT):
+        print(f'error: {TRAIN_SCRIPT} not found', file=sys.stderr)
+        return 2
+    config = args.config if os.path.isabs(args.config) else os.path.join(REPO, args.config)
+    if not os.path.isfile(config):
+        print(f'error: config {args.config} not found', file=sys.stderr)
+        return 2
+    bad = [x for x in args.stems if x not in ('conv', 'none')]
+    if bad:
+        parser.error(f'--stems: unknown stem(s) {", ".join(bad)}; choose from conv, none')
+    extra = list(args.train_arg) + (['--epochs', str(args.epochs)] if args.epochs is not None else [])
+    specs = plan_runs(args.suite, args.seeds, args.scale_seeds, args.wrapped_seeds, args.scales,
+                      args.wrapped_arch, args.arch, args.stems)
+
+    todo = [s for s in specs if not is_done(run_dir(runs_dir, s))]
+    print(f'{len(specs)} runs planned, {len(specs) - len(todo)} already done, {len(todo)} to run '
+          f'(runs in {runs_dir})', flush=True)
+    if args.dry_run:
+        for s in todo:
+            print(' '.join(shlex.quote(c) for c in train_command(s, run_dir(runs_dir, s), config, extra)))
+        return 0
+    t_start = time.time()
+    failed = []
+    if not args.report_only:
+        for i, s in enumerate(todo):
+            d = run_dir(runs_dir, s)
+            info = execute(s, d, config, extra, args.threads)
+            status = 'ok' if info['returncode'] == 0 else f'FAILED (exit {info["returncode"]}, see {d}/train.out)'
+            res = collect(s, d)
+            acc = f', top-1 {res["acc1"]:.2f}' if res else ''
+            print(f'[{i + 1}/{len(todo)}] {s.label}, seed {s.seed}: {status} in {info["wall_s"]:.0f} s{acc}', flush=True)
+            if info['returncode'] != 0:
+                failed.append(d)
+    study_wall = time.time() - t_start
+
+    results = []
+    for s in specs:
+        r = collect(s, run_dir(runs_dir, s))
+        if r is not None:
+            results.append(r)
+    # The sweep's 0.4 point is the bvit suite's conv-stem run: list it in the sweep too.
+    for s in specs:
+        if s.group == 'bvit' and 'scale' in args.suite and s.meta.get('broad') and s.meta.get('stem') == 'conv' \
+                and 0.4 in args.scales and s.seed in args.scale_seeds:
+            r = next((x for x in results if x['key'] == s.key and x['seed'] == s.seed and x['group'] == 'bvit'), None)
+            if r is not None and not any(x['group'] == 'scale' and x['key'] == s.key and x['seed'] == s.seed
+                                         for x in results):
+                results.append({**r, 'group': 'scale'})
+    if not results:
+        print('error: no finished runs to report', file=sys.stderr)
+        return 1
+    total_run_wall = sum(r['wall_s'] for r in {(r['key'], r['seed']): r for r in results}.values())
+    threads_txt = f'OMP_NUM_THREADS={args.threads}' if args.threads else 'torch\'s default threads'
+    cmd = 'python -m bvit.reproduce ' + ' '.join(shlex.quote(a) for a in argv)
+    preamble = (
+        f'Every run is `train_hp.py --config {_show_path(config)}` with the flags of its variant '
+        f'(`--seed S`{", " + " ".join(extra) if extra else ""}); top-1 is on the DIGITS validation split, '
+        f'mean ± sample std over seeds. "final" is the last epoch, "best epoch" the maximum over epochs '
+        f'(selected on the same split, so optimistic). "s / epoch" is the run\'s wall time (start-up, '
+        f'training and evaluation) / epochs, "train img/s" the training throughput train_hp.py logs; both on a '
+        f'shared 2-core CPU with {threads_txt}, so noisy.\n\n'
+        f'Command: `{cmd.strip()}`. Sum of the runs\' wall times: {total_run_wall / 60:.1f} min '
+        f'({len({(r["key"], r["seed"]) for r in results})} runs).')
+    with open(out_md, 'w') as f:
+        f.write(make_table(results, preamble=preamble))
+    make_plot(results, out_png)
+    print(f'wrote {out_md} and {out_png}; this invocation took {study_wall / 60:.1f} min', flush=True)
+    if failed:
+        print(f'{len(failed)} run(s) failed: ' + ', '.join(failed), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Reproduction study (bvit.reproduce): the plan, the table writer on fabricated results, the plot,
+and one tiny real study through train_hp.py."""
+import json
+
+import pytest
+from PIL import Image
+
+from bvit import reproduce
+
+
+def _result(group, label, seed, acc, meta, best=None, params=5_400_000, sec=2.0):
+    return dict(group=group, label=label, seed=seed, acc1=acc, best_acc1=best if best is not None else acc,
+                params=params, sec_per_epoch=sec, meta=meta, curve=[acc - 10, acc - 2, acc])
+
+
+BROAD = dict(arch='bvit_5m', stem='conv', broad=True, broad_scale=0.4)
+TWIN = dict(arch='bvit_5m', stem='conv', broad=False, broad_scale=None)
+
+
+def _fabricated():
+    res = []
+    for seed, (a, b) in enumerate([(97.0, 96.0), (98.0, 98.0), (96.0, 97.0)]):
+        res.append(_result('bvit', 'B conv', seed, a, BROAD))
+        res.append(_result('bvit', 'T conv', seed, b, TWIN, sec=1.5))
+    res.append(_result('bvit', 'T conv', 3, 90.0, TWIN))  # a seed without a partner: not paired
+    for s, acc in ((0.0, 95.0), (1.0, 93.0)):
+        res.append(_result('scale', f'scale {s}', 0, acc, dict(BROAD, broad_scale=s)))
+    return res
+
+
+def test_mean_std():
+    assert reproduce.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
+    assert reproduce.mean_std([5.0]) == (5.0, 0.0)
+
+
+def test_make_table_on_fabricated_results():
+    md = reproduce.make_table(_fabricated(), title='T', preamble='why')
+    lines = md.splitlines()
+    assert lines[0] == '# T' and 'why' in md
+    row = next(line for line in lines if line.startswith('| B conv |'))
+    assert row == '| B conv | 3 | 97.00 ± 1.00 | 97.00 ± 1.00 | 5.400M | 2.0 | ? |'
+    twin = next(line for line in lines if line.startswith('| T conv |'))
+    assert twin.split(' | ')[1:3] == ['4', '95.25 ± 3.59']
+    assert '| scale 1.0 | 1 | 93.00 ± 0.00 |' in md
+    # Paired over the three shared seeds: +1, 0, -1.
+    pair = next(line for line in lines if line.startswith('| B conv − T conv |'))
+    assert pair == '| B conv − T conv | 3 | 0.00 ± 1.00 | +1.00, +0.00, -1.00 | 1 / 1 / 1 |'
+    # Group order follows the results; each group has its header.
+    assert md.index(reproduce.GROUP_TITLES['bvit']) < md.index(reproduce.GROUP_TITLES['scale'])
+
+
+def test_paired_differences_explicit_pairs():
+    d = reproduce.paired_differences(_fabricated(), 'B conv', 'T conv')
+    assert d['seeds'] == [0, 1, 2] and d['diffs'] == [1.0, 0.0, -1.0]
+    md = reproduce.make_table(_fabricated(), pairs=[])
+    assert 'Paired' not in md
+
+
+def test_plan_runs_dedupes_and_pairs():
+    runs = reproduce.plan_runs(['bvit', 'scale', 'wrapped'], seeds=[0, 1], scale_seeds=[0],
+                               wrapped_seeds=[0], scales=[0, 0.4, 1.0], wrapped_arch='deit_tiny_patch16_224')
+    keys = [(r.key, r.seed) for r in runs]
+    assert len(keys) == len(set(keys))
+    # bvit: 2 seeds x 2 stems x (broad, twin); scale adds 0 and 1.0 (0.4 is the bvit run); wrapped 2.
+    assert len(runs) == 8 + 2 + 2
+    twin = next(r for r in runs if r.key == 'bvit_5m_none_nobroad' and r.seed == 1)
+    assert '--no-broad' in twin.args and twin.args[twin.args.index('--stem') + 1] == 'none'
+    broad = next(r for r in runs if r.key == 'bvit_5m_conv_broad1')
+    assert broad.args[broad.args.index('--broad-scale') + 1] == '1'
+    wrapped = [r for r in runs if r.group == 'wrapped']
+    assert any('--broad' in r.args for r in wrapped) and any('--broad' not in r.args for r in wrapped)
+    with pytest.raises(ValueError):
+        reproduce.plan_runs(['nope'], [0], [0], [0], [0.4], 'x')
+
+
+def test_collect_and_cache_from_a_run_directory(tmp_path):
+    spec = reproduce.RunSpec('k', 'K', 'bvit', 0, [], dict(broad=True))
+    d = tmp_path / 'k' / 'seed0'
+    d.mkdir(parents=True)
+    log = [dict(epoch=0, test_acc1=50.0, n_parameters=123, train_images_per_sec=10.0),
+           dict(epoch=1, test_acc1=70.0, n_parameters=123, train_images_per_sec=30.0)]
+    (d / 'log.txt').write_text('\n'.join(json.dumps(r) for r in log) + '\n')
+    assert not reproduce.is_done(str(d))  # no marker: an interrupted run is redone
+    (d / reproduce.MARKER).write_text(json.dumps(dict(returncode=0, wall_s=10.0)))
+    assert reproduce.is_done(str(d))
+    r = reproduce.collect(spec, str(d))
+    assert r['acc1'] == 70.0 and r['best_acc1'] == 70.0 and r['params'] == 123 and r['epochs'] == 2
+    assert r['sec_per_epoch'] == 5.0 and r['train_img_per_sec'] == 20.0 and r['curve'] == [50.0, 70.0]
+    (d / reproduce.MARKER).write_text(json.dumps(dict(returncode=1, wall_s=10.0)))
+    assert not reproduce.is_done(str(d)) and reproduce.collect(spec, str(d)) is None
+
+
+def test_make_plot_writes_png(tmp_path):
+    out = tmp_path / 'r.png'
+    reproduce.make_plot(_fabricated(), str(out))
+    with Image.open(out) as im:
+        assert im.format == 'PNG' and im.size[0] > im.size[1] > 100
+
+
+TINY_CONFIG = """\
+data-set: DIGITS
+input-size: 16
+patch-size: 4
+batch-size: 32
+epochs: 1
+warmup-epochs: 0
+train-subset: 64
+val-subset: 32
+aa: none
+mixup: 0
+cutmix: 0
+reprob: 0
+model-ema: false
+repeated-aug: false
+num_workers: 0
+print-freq: 1000
+"""
+
+
+def test_tiny_real_study_through_train_hp(tmp_path, capsys):
+    """BViT and its twin, one seed, one epoch on 64 DIGITS images: train_hp.py runs as a subprocess,
+    its log.txt is read back into the table, and a second invocation reuses the finished runs."""
+    config = tmp_path / 'tiny.yaml'
+    config.write_text(TINY_CONFIG)
+    argv = ['--suite', 'bvit', '--stems', 'conv', '--seeds', '0', '--config', str(config),
+            '--runs-dir', str(tmp_path / 'runs'), '--out-md', str(tmp_path / 'r.md'), '--out-png', str(tmp_path / 'r.png')]
+    assert reproduce.main(argv) == 0
+    for key in ('bvit_5m_conv_broad0.4', 'bvit_5m_conv_nobroad'):
+        d = tmp_path / 'runs' / key / 'seed0'
+        assert reproduce.is_done(str(d))
+        assert json.loads((d / 'log.txt').read_text().splitlines()[-1])['test_images'] == 32
+    md = (tmp_path / 'r.md').read_text()
+    assert '| BViT-5M, conv stem, broad 0.4 | 1 |' in md and '| BViT-5M, conv stem, no broad (twin) | 1 |' in md
+    assert '5.347M' in md  # parameters from train_hp.py's log; the twin has the same ones
+    with Image.open(tmp_path / 'r.png') as im:
+        assert im.format == 'PNG'
+    capsys.readouterr()
+    assert reproduce.main(argv) == 0
+    assert '2 already done, 0 to run' in capsys.readouterr().out
