@@ -64,18 +64,19 @@ def _fmt_scale(s: float) -> str:
 def plan_runs(suites: Sequence[str], seeds: Sequence[int], scale_seeds: Sequence[int],
               wrapped_seeds: Sequence[int], scales: Sequence[float], wrapped_arch: str,
               bvit_arch: str = 'bvit_5m', stems: Sequence[str] = ('conv', 'none')) -> List[RunSpec]:
-    """The runs of the chosen suites, each (variant, seed) once, in the order they should run:
-    seed-major within a suite, so an interrupted study already holds complete pairs."""
-    runs: List[RunSpec] = []
-    seen = set()
+    """The table entries of the chosen suites, in the order they should run: suite by suite,
+    seed-major, so an interrupted study already holds complete pairs.
 
-    def add(spec: RunSpec) -> None:
-        if (spec.key, spec.seed) not in seen:
-            seen.add((spec.key, spec.seed))
-            runs.append(spec)
+    An entry names the run (``key``, ``seed``) whose result it shows; several entries may share a
+    run (see :func:`unique_runs`): the sweep's 0.4 point is the ``bvit`` suite's conv-stem BViT
+    run, and its 0 point is the ``--no-broad`` twin, which trains identically (the broad output
+    times 0 adds exact zeros to the tokens and to every gradient; same parameters, same
+    initialisation, same random draws).
+    """
+    entries: List[RunSpec] = []
+    name = 'BViT-5M' if bvit_arch == 'bvit_5m' else bvit_arch
 
-    def bvit_variant(stem: str, broad: bool, scale: float, seed: int, group: str) -> RunSpec:
-        name = 'BViT-5M' if bvit_arch == 'bvit_5m' else bvit_arch
+    def bvit_run(stem: str, broad: bool, scale: float, seed: int) -> RunSpec:
         stem_txt = 'conv stem' if stem == 'conv' else 'no stem'
         args = ['--arch', bvit_arch, '--stem', stem]
         if broad:
@@ -86,29 +87,46 @@ def plan_runs(suites: Sequence[str], seeds: Sequence[int], scale_seeds: Sequence
             key = f'{bvit_arch}_{stem}_nobroad'
             label = f'{name}, {stem_txt}, no broad (twin)'
             args += ['--no-broad']
-        return RunSpec(key, label, group, seed, args,
+        return RunSpec(key, label, 'bvit', seed, args,
                        dict(arch=bvit_arch, stem=stem, broad=broad, broad_scale=scale if broad else None))
 
     for suite in suites:
         if suite == 'bvit':
             for seed in seeds:
                 for stem in stems:
-                    add(bvit_variant(stem, True, 0.4, seed, 'bvit'))
-                    add(bvit_variant(stem, False, 0.4, seed, 'bvit'))
+                    entries.append(bvit_run(stem, True, 0.4, seed))
+                    entries.append(bvit_run(stem, False, 0.4, seed))
         elif suite == 'scale':
             for seed in scale_seeds:
-                for s in scales:
-                    add(bvit_variant('conv', True, float(s), seed, 'scale'))
+                for sc in scales:
+                    sc = float(sc)
+                    run = bvit_run('conv', sc != 0, sc, seed)
+                    label = f'{name}, conv stem, broad_scale {_fmt_scale(sc)}'
+                    if sc == 0:
+                        label += ' (= the no-broad twin)'
+                    entries.append(RunSpec(run.key, label, 'scale', seed, run.args,
+                                           dict(arch=bvit_arch, stem='conv', broad=True, broad_scale=sc)))
         elif suite == 'wrapped':
             for seed in wrapped_seeds:
-                add(RunSpec(f'{wrapped_arch}_broad0.4', f'{wrapped_arch} + broad 0.4', 'wrapped', seed,
-                            ['--arch', wrapped_arch, '--broad', '--broad-scale', '0.4'],
-                            dict(arch=wrapped_arch, broad=True, broad_scale=0.4)))
-                add(RunSpec(f'{wrapped_arch}_plain', f'{wrapped_arch} (plain twin)', 'wrapped', seed,
-                            ['--arch', wrapped_arch], dict(arch=wrapped_arch, broad=False)))
+                entries.append(RunSpec(f'{wrapped_arch}_broad0.4', f'{wrapped_arch} + broad 0.4', 'wrapped', seed,
+                                       ['--arch', wrapped_arch, '--broad', '--broad-scale', '0.4'],
+                                       dict(arch=wrapped_arch, broad=True, broad_scale=0.4)))
+                entries.append(RunSpec(f'{wrapped_arch}_plain', f'{wrapped_arch} (plain twin)', 'wrapped', seed,
+                                       ['--arch', wrapped_arch], dict(arch=wrapped_arch, broad=False)))
         else:
             raise ValueError(f'unknown suite {suite!r}; choose from {", ".join(SUITES)}')
-    return runs
+    return entries
+
+
+def unique_runs(entries: Sequence[RunSpec]) -> List[RunSpec]:
+    """The distinct trainings behind ``entries`` (first entry of each (key, seed)), in order."""
+    seen = set()
+    out = []
+    for e in entries:
+        if (e.key, e.seed) not in seen:
+            seen.add((e.key, e.seed))
+            out.append(e)
+    return out
 
 
 # Running ----------------------------------------------------------------------------------------
@@ -242,16 +260,16 @@ def paired_differences(results: Sequence[Mapping[str, Any]], a: str, b: str) -> 
 
 
 def default_pairs(results: Sequence[Mapping[str, Any]]) -> List[Tuple[str, str]]:
-    """(broad, twin) label pairs: for each non-broad variant, the broad variant with the same
-    arch and stem and broad_scale 0.4 (the released setting)."""
-    labels: Dict[str, Mapping[str, Any]] = {}
+    """(broad, twin) label pairs: for each non-broad variant, the broad variant of the same group
+    with the same arch and stem and broad_scale 0.4 (the released setting)."""
+    labels: Dict[str, Tuple[str, Mapping[str, Any]]] = {}
     for r in results:
-        labels.setdefault(r['label'], r.get('meta', {}))
+        labels.setdefault(r['label'], (r['group'], r.get('meta', {})))
     pairs = []
-    for twin, m in labels.items():
+    for twin, (g, m) in labels.items():
         if m.get('broad') is False:
-            for lab, n in labels.items():
-                if (n.get('broad') and n.get('arch') == m.get('arch') and n.get('stem') == m.get('stem')
+            for lab, (h, n) in labels.items():
+                if (h == g and n.get('broad') and n.get('arch') == m.get('arch') and n.get('stem') == m.get('stem')
                         and n.get('broad_scale') == 0.4):
                     pairs.append((lab, twin))
                     break
@@ -272,8 +290,8 @@ def make_table(results: Sequence[Mapping[str, Any]], pairs: Optional[Sequence[Tu
     Each result is a mapping with ``group`` ('bvit', 'scale', 'wrapped' or any other name),
     ``label`` (variant), ``seed``, ``acc1`` (final-epoch top-1, %), and optionally ``best_acc1``,
     ``params``, ``sec_per_epoch``, ``train_img_per_sec``, ``meta`` (arch, stem, broad, broad_scale; used to pair each
-    twin with its broad variant when ``pairs`` is None). A variant appearing in two groups (the
-    0.4 runs of the sweep) is listed once per group.
+    twin with its broad variant of the same group when ``pairs`` is None). One run may appear in
+    several groups under different labels (the sweep's 0 and 0.4 points).
     """
     lines = [f'# {title}', '']
     if preamble:
@@ -471,8 +489,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if bad:
         parser.error(f'--stems: unknown stem(s) {", ".join(bad)}; choose from conv, none')
     extra = list(args.train_arg) + (['--epochs', str(args.epochs)] if args.epochs is not None else [])
-    specs = plan_runs(args.suite, args.seeds, args.scale_seeds, args.wrapped_seeds, args.scales,
-                      args.wrapped_arch, args.arch, args.stems)
+    entries = plan_runs(args.suite, args.seeds, args.scale_seeds, args.wrapped_seeds, args.scales,
+                        args.wrapped_arch, args.arch, args.stems)
+    specs = unique_runs(entries)
 
     todo = [s for s in specs if not is_done(run_dir(runs_dir, s))]
     print(f'{len(specs)} runs planned, {len(specs) - len(todo)} already done, {len(todo)} to run '
@@ -495,19 +514,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 failed.append(d)
     study_wall = time.time() - t_start
 
-    results = []
-    for s in specs:
-        r = collect(s, run_dir(runs_dir, s))
-        if r is not None:
-            results.append(r)
-    # The sweep's 0.4 point is the bvit suite's conv-stem run: list it in the sweep too.
-    for s in specs:
-        if s.group == 'bvit' and 'scale' in args.suite and s.meta.get('broad') and s.meta.get('stem') == 'conv' \
-                and 0.4 in args.scales and s.seed in args.scale_seeds:
-            r = next((x for x in results if x['key'] == s.key and x['seed'] == s.seed and x['group'] == 'bvit'), None)
-            if r is not None and not any(x['group'] == 'scale' and x['key'] == s.key and x['seed'] == s.seed
-                                         for x in results):
-                results.append({**r, 'group': 'scale'})
+    results = [r for r in (collect(e, run_dir(runs_dir, e)) for e in entries) if r is not None]
     if not results:
         print('error: no finished runs to report', file=sys.stderr)
         return 1

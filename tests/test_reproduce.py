@@ -56,21 +56,31 @@ def test_paired_differences_explicit_pairs():
     assert 'Paired' not in md
 
 
-def test_plan_runs_dedupes_and_pairs():
-    runs = reproduce.plan_runs(['bvit', 'scale', 'wrapped'], seeds=[0, 1], scale_seeds=[0],
-                               wrapped_seeds=[0], scales=[0, 0.4, 1.0], wrapped_arch='deit_tiny_patch16_224')
+def test_plan_runs_shares_runs_between_suites():
+    entries = reproduce.plan_runs(['bvit', 'scale', 'wrapped'], seeds=[0, 1], scale_seeds=[0],
+                                  wrapped_seeds=[0], scales=[0, 0.4, 1.0], wrapped_arch='deit_tiny_patch16_224')
+    runs = reproduce.unique_runs(entries)
     keys = [(r.key, r.seed) for r in runs]
     assert len(keys) == len(set(keys))
-    # bvit: 2 seeds x 2 stems x (broad, twin); scale adds 0 and 1.0 (0.4 is the bvit run); wrapped 2.
-    assert len(runs) == 8 + 2 + 2
+    # bvit: 2 seeds x 2 stems x (broad, twin) = 8; the sweep's 0 and 0.4 points are the conv twin and
+    # conv BViT runs of seed 0, so it adds only 1.0; wrapped: broad and plain.
+    assert len(entries) == 8 + 3 + 2 and len(runs) == 8 + 1 + 2
+    sweep = {e.meta['broad_scale']: e for e in entries if e.group == 'scale'}
+    assert sweep[0.0].key == 'bvit_5m_conv_nobroad' and '--no-broad' in sweep[0.0].args
+    assert sweep[0.4].key == 'bvit_5m_conv_broad0.4'
+    assert sweep[1.0].args[sweep[1.0].args.index('--broad-scale') + 1] == '1'
     twin = next(r for r in runs if r.key == 'bvit_5m_none_nobroad' and r.seed == 1)
     assert '--no-broad' in twin.args and twin.args[twin.args.index('--stem') + 1] == 'none'
-    broad = next(r for r in runs if r.key == 'bvit_5m_conv_broad1')
-    assert broad.args[broad.args.index('--broad-scale') + 1] == '1'
     wrapped = [r for r in runs if r.group == 'wrapped']
     assert any('--broad' in r.args for r in wrapped) and any('--broad' not in r.args for r in wrapped)
     with pytest.raises(ValueError):
         reproduce.plan_runs(['nope'], [0], [0], [0], [0.4], 'x')
+
+
+def test_default_pairs_stay_within_a_group():
+    res = _fabricated() + [_result('scale', 'scale 0.4', 0, 97.0, BROAD),
+                           _result('scale', 'scale 0 (= twin)', 0, 96.0, dict(BROAD, broad_scale=0.0))]
+    assert reproduce.default_pairs(res) == [('B conv', 'T conv')]
 
 
 def test_collect_and_cache_from_a_run_directory(tmp_path):
