@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+DEMO_DIR := output/demo
 
 .PHONY: venv test demo
 
@@ -14,3 +15,10 @@ venv: $(VENV)/.installed
 
 test: venv
 	$(PY) -m pytest -q tests
+
+# Train BViT-5M on the bundled DIGITS set (CPU, about 75 s on 2 cores), then evaluate the saved
+# checkpoint on the 357 held-out images: the last line is its top-1 accuracy.
+demo: venv
+	rm -rf $(DEMO_DIR)
+	$(PY) train_hp.py --config configs/demo_digits.yaml --output_dir $(DEMO_DIR)
+	$(PY) train_hp.py --config configs/demo_digits.yaml --eval --resume $(DEMO_DIR)/checkpoint.pth

@@ -202,6 +202,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.set_defaults(amp=True)
     g.add_argument('--amp-dtype', default='fp16', choices=['fp16', 'bf16'],
                    help='autocast dtype on CUDA; fp16 uses a gradient scaler')
+    g.add_argument('--threads', default=0, type=int, metavar='N',
+                   help="CPU threads per process for torch (0: torch's default; torchrun sets 1)")
     g.add_argument('--seed', default=0, type=int, help='random seed (rank r uses seed + r)')
     g.add_argument('--deterministic', action='store_true',
                    help='deterministic kernels, cuDNN benchmark off (slower on GPUs)')
@@ -473,8 +475,8 @@ def _check_flags(args: argparse.Namespace) -> None:
                         ('--print-freq', args.print_freq)):
         if value < 1:
             raise UsageError(f'{flag} must be at least 1, got {value}')
-    if args.epochs < 0 or args.num_workers < 0:
-        raise UsageError('--epochs and --num_workers must not be negative')
+    if args.epochs < 0 or args.num_workers < 0 or args.threads < 0:
+        raise UsageError('--epochs, --num_workers and --threads must not be negative')
     if not 0 < args.eval_crop_ratio <= 1:
         raise UsageError(f'--eval-crop-ratio must be in (0, 1], got {args.eval_crop_ratio}')
     for flag, value in (('--train-subset', args.train_subset), ('--val-subset', args.val_subset)):
@@ -511,6 +513,8 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
 
 def _run(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
     rank, world = args.rank, args.world_size
+    if args.threads:
+        torch.set_num_threads(args.threads)
     setup_determinism(args.deterministic)
     seed_everything(args.seed + rank)
     log(environment_info(args))
@@ -610,6 +614,10 @@ def _run(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
         start_epoch, max_accuracy = restore_training_state(
             resume_obj, args.resume, model_without_ddp, optimizer, scheduler, scaler, model_ema)
         log(f'resumed from {args.resume}: continuing at epoch {start_epoch}')
+        saved = resume_obj.get('args') or {}
+        if scheduler is not None and saved.get('epochs') not in (None, args.epochs):
+            log(f'note: the checkpoint was made for --epochs {saved["epochs"]}; its learning-rate schedule '
+                f'(restored) still ends there, while this run trains to epoch {args.epochs - 1}')
 
     sampler_train = RepeatAugSampler(dataset_train, world, rank, shuffle=True, seed=args.seed,
                                      num_repeats=3 if args.repeated_aug else 1)
