@@ -375,7 +375,7 @@ def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
             raise UsageError(f'--broad needs bvit.broad.add_broad_attention, which cannot be imported ({e})') from None
         try:
             model = add_broad_attention(model, scale=args.broad_scale)
-        except TypeError as e:
+        except (TypeError, ValueError) as e:
             raise UsageError(f'--broad: {e}') from None
     return model
 
@@ -427,6 +427,24 @@ def check_saved_args(obj: Any, args: argparse.Namespace, path: str) -> None:
                              'pass the same value')
 
 
+def make_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    scaler: torch.amp.GradScaler, model_ema: Optional[nn.Module], epoch: int,
+                    max_accuracy: float, args: argparse.Namespace) -> Dict[str, Any]:
+    """What ``checkpoint.pth`` holds: tensors, numbers, strings, lists and dicts only, so it loads
+    with ``torch.load(weights_only=True)``. Features that are off are stored as None."""
+    return {
+        'format': CHECKPOINT_FORMAT,
+        'model': model.state_dict(),
+        'optimizer': optimizer.state_dict(),
+        'lr_scheduler': scheduler.state_dict() if scheduler is not None else None,
+        'scaler': scaler.state_dict() if scaler.is_enabled() else None,
+        'model_ema': model_ema.module.state_dict() if model_ema is not None else None,
+        'epoch': int(epoch),
+        'max_accuracy': float(max_accuracy),
+        'args': args_to_dict(args),
+    }
+
+
 def restore_training_state(obj: Any, path: str, model: nn.Module, optimizer: torch.optim.Optimizer,
                            scheduler: Any, scaler: torch.amp.GradScaler, model_ema: Optional[nn.Module]) -> Tuple[int, float]:
     """Load everything a run needs to continue; returns (next epoch, best top-1 so far).
@@ -434,10 +452,10 @@ def restore_training_state(obj: Any, path: str, model: nn.Module, optimizer: tor
     Every feature that is on in this run must be in the checkpoint (optimizer, lr scheduler,
     grad scaler with fp16 AMP, EMA with --model-ema); a missing one is an error.
     """
+    load_model_weights(model, obj, path)  # a checkpoint of another model fails here, saying which key
     if not isinstance(obj, dict) or not isinstance(obj.get('optimizer'), dict) or 'epoch' not in obj:
         raise UsageError(f'{path} holds model weights but no training state (optimizer, epoch); '
                          'use --finetune to start a new run from these weights, or --eval to evaluate them')
-    load_model_weights(model, obj, path)
 
     def need(key: str, feature: str) -> Any:
         value = obj.get(key)
@@ -662,17 +680,8 @@ def _run(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
         max_accuracy = max(max_accuracy, test_stats['acc1'])
         log(f'Max accuracy: {max_accuracy:.2f}%')
         if output_dir and is_main_process():
-            ckpt = {
-                'format': CHECKPOINT_FORMAT,
-                'model': model_without_ddp.state_dict(),
-                'optimizer': optimizer.state_dict(),
-                'lr_scheduler': scheduler.state_dict() if scheduler is not None else None,
-                'scaler': scaler.state_dict() if scaler.is_enabled() else None,
-                'model_ema': model_ema.module.state_dict() if model_ema is not None else None,
-                'epoch': epoch,
-                'max_accuracy': max_accuracy,
-                'args': args_to_dict(args),
-            }
+            ckpt = make_checkpoint(model_without_ddp, optimizer, scheduler, scaler, model_ema, epoch,
+                                   max_accuracy, args)
             atomic_save(ckpt, os.path.join(output_dir, 'checkpoint.pth'))
             if is_best:
                 atomic_save(ckpt, os.path.join(output_dir, 'best.pth'))

@@ -1,0 +1,666 @@
+"""Tests of the training stack (train_hp.py, engine.py, losses.py, utils.py): tiny DIGITS runs on
+CPU, in-process where possible, and as real processes for the launchers (torchrun with 2
+processes, the legacy torch.distributed.launch, plain python)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import train_hp
+import utils
+from engine import evaluate, train_one_epoch
+from losses import DistillationLoss, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy, build_base_criterion
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = REPO / 'tests' / 'fixtures' / 'official_bvit_5m_golden.pt'
+
+# A BViT-5M on 16x16 digits (conv stem -> 8x8 -> 2x2 grid of 4x4 patches), 4 steps per epoch,
+# 61 validation images (odd on purpose). Mixup, cutmix, repeated augmentation and EMA stay on.
+TINY = ['--data-set', 'DIGITS', '--input-size', '16', '--stem', 'conv', '--patch-size', '4',
+        '--batch-size', '32', '--train-subset', '128', '--val-subset', '61', '--num_workers', '0',
+        '--threads', '1', '--print-freq', '1000', '--unscale-lr', '--aa', 'none', '--reprob', '0',
+        '--hflip', '0', '--warmup-epochs', '1', '--model-ema-decay', '0.9']
+
+SUMMARY = re.compile(r'^(?:\[rank (\d+)\] )?Epoch \[(\d+)\] \* top-1 ([\d.]+)%  top-5 ([\d.]+)%  loss ([\d.]+)', re.M)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One thread: these models are tiny, and two threads on two shared cores can make every op
+    wait for a descheduled worker. --threads changes the same process-wide setting; the other
+    tests get theirs back."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run_cli(argv: List[str], capsys) -> Tuple[int, str, str]:
+    capsys.readouterr()
+    rc = train_hp.cli([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def read_log(path: Path) -> List[Dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def clean_env() -> Dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')}
+    env['OMP_NUM_THREADS'] = '1'
+    env['PYTHONPATH'] = str(REPO) + os.pathsep + env.get('PYTHONPATH', '')
+    return env
+
+
+def run_process(cmd: List[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([str(c) for c in cmd], cwd=REPO, env=clean_env(), capture_output=True, text=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def cosine_lr(epoch: int, lr: float, warmup_lr: float, warmup: int, min_lr: float, epochs: int) -> float:
+    """The schedule, written out: linear warm-up from warmup_lr, then cosine from lr to min_lr."""
+    if epoch < warmup:
+        return warmup_lr + epoch * (lr - warmup_lr) / warmup
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * epoch / epochs))
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory) -> Path:
+    """One finished 1-epoch tiny run; tests copy from it and never change it."""
+    out = tmp_path_factory.mktemp('trained')
+    n = torch.get_num_threads()
+    try:
+        assert train_hp.cli(TINY + ['--epochs', '1', '--output_dir', str(out)]) == 0  # TINY: --threads 1
+    finally:
+        torch.set_num_threads(n)
+    return out
+
+
+# Flags and configs --------------------------------------------------------------------------------
+
+DEIT_FLAGS = [
+    '--batch-size', '--epochs', '--model', '--input-size', '--drop', '--drop-path', '--model-ema', '--no-model-ema',
+    '--model-ema-decay', '--model-ema-force-cpu', '--opt', '--opt-eps', '--opt-betas', '--clip-grad', '--momentum',
+    '--weight-decay', '--sched', '--lr', '--lr-noise', '--lr-noise-pct', '--lr-noise-std', '--warmup-lr', '--min-lr',
+    '--decay-epochs', '--warmup-epochs', '--cooldown-epochs', '--patience-epochs', '--decay-rate', '--dr',
+    '--color-jitter', '--aa', '--smoothing', '--train-interpolation', '--repeated-aug', '--no-repeated-aug',
+    '--reprob', '--remode', '--recount', '--resplit', '--mixup', '--cutmix', '--cutmix-minmax', '--mixup-prob',
+    '--mixup-switch-prob', '--mixup-mode', '--teacher-model', '--teacher-path', '--distillation-type',
+    '--distillation-alpha', '--distillation-tau', '--finetune', '--data-path', '--data-set', '--inat-category',
+    '--output_dir', '--device', '--seed', '--resume', '--start_epoch', '--eval', '--dist-eval', '--num_workers',
+    '--pin-mem', '--no-pin-mem', '--world_size', '--dist_url', '--bce-loss', '--unscale-lr', '--train-mode',
+    '--no-train-mode', '--ThreeAugment', '--src', '--eval-crop-ratio', '--attn-only',
+    # the released BViT command line and the launchers
+    '--arch', '--local-rank', '--local_rank',
+]
+
+
+def test_every_deit_flag_exists_and_every_flag_is_documented():
+    parser = train_hp.get_args_parser()
+    options = {o for a in parser._actions for o in a.option_strings}
+    assert not [f for f in DEIT_FLAGS if f not in options]
+    undocumented = [a.option_strings for a in parser._actions if a.option_strings and not (a.help or '').strip()]
+    assert not undocumented
+    text = parser.format_help()
+    for flag in ('--broad', '--no-broad', '--broad-scale', '--stem', '--patch-size', '--amp-dtype', '--config',
+                 '--deterministic', '--train-subset', '--val-subset', '--download', '--threads'):
+        assert flag in text
+
+
+def test_readme_command_parses_with_deit_spellings():
+    args = train_hp.parse_args(['--arch', 'BViT-5', '--batch-size', '256', '--data-path', '/x', '--output_dir', '/y',
+                                '--local_rank=3', '--num_workers', '4', '--no-model-ema', '--dr', '0.5'])
+    assert (args.arch, args.batch_size, args.data_path, args.output_dir) == ('BViT-5', 256, '/x', '/y')
+    assert args.local_rank == 3 and args.num_workers == 4 and args.model_ema is False and args.decay_rate == 0.5
+    assert train_hp.parse_args(['--local-rank=1', '--model', 'bvit_22m']).local_rank == 1
+
+
+def test_config_gives_defaults_and_the_command_line_wins(tmp_path):
+    cfg = tmp_path / 'c.yaml'
+    cfg.write_text('lr: 1e-3\nepochs: 7\nmodel-ema: false\nno_repeated_aug: true\nscale: [0.5, 1]\n'
+                   'data_set: DIGITS\nclip-grad: none\nopt-betas: [0.9, 0.95]\n')
+    args = train_hp.parse_args(['--config', str(cfg), '--lr', '0.25', '--epochs', '9'])
+    assert args.lr == 0.25 and args.epochs == 9                 # command line wins
+    assert args.model_ema is False and args.repeated_aug is False  # booleans by dest or by flag name
+    assert args.scale == [0.5, 1.0] and args.data_set == 'DIGITS' and args.clip_grad is None
+    assert args.opt_betas == [0.9, 0.95]
+    assert train_hp.parse_args(['--config', str(cfg)]).lr == 1e-3  # YAML's '1e-3' string -> float
+    assert train_hp.parse_args(['--config', str(cfg), '--model-ema']).model_ema is True
+
+
+def test_shipped_configs_hold_the_paper_recipe():
+    for path in sorted((REPO / 'configs').glob('*.yaml')):
+        train_hp.parse_args(['--config', str(path)])
+    for name, arch in (('bvit_5m_imagenet.yaml', 'BViT-5'), ('bvit_22m_imagenet.yaml', 'BViT-22')):
+        a = train_hp.parse_args(['--config', str(REPO / 'configs' / name)])
+        assert a.arch == arch and a.data_set == 'IMNET' and a.epochs == 300 and a.input_size == 224
+        assert (a.opt, a.lr, a.unscale_lr, a.weight_decay, a.opt_eps) == ('adamw', 1e-3, False, 0.05, 1e-6)
+        assert (a.sched, a.warmup_epochs, a.min_lr) == ('cosine', 5, 1e-5)
+        assert (a.aa, a.mixup, a.cutmix, a.smoothing, a.reprob) == ('rand-m9-mstd0.5-inc1', 0.8, 1.0, 0.1, 0.25)
+        assert a.repeated_aug and a.model_ema and a.clip_grad == 1.0
+    cifar = train_hp.parse_args(['--config', str(REPO / 'configs' / 'bvit_finetune_cifar.yaml')])
+    assert cifar.data_set == 'CIFAR10'
+    demo = train_hp.parse_args(['--config', str(REPO / 'configs' / 'demo_digits.yaml')])
+    assert demo.data_set == 'DIGITS' and demo.arch == 'BViT-5'
+
+
+# Bad input: one line on stderr, exit 2, nothing written ---------------------------------------------
+
+def _bad_cases(tmp: Path, trained: Path) -> Dict[str, Tuple[List[str], str]]:
+    (tmp / 'empty').mkdir()
+    text = tmp / 'notes.txt'
+    text.write_text('not a checkpoint')
+    raw = (trained / 'checkpoint.pth').read_bytes()
+    truncated = tmp / 'truncated.pth'
+    truncated.write_bytes(raw[:len(raw) // 2])
+    other = tmp / 'other_model.pth'
+    import timm
+    import bvit.models  # noqa: F401
+    torch.save({'model': timm.create_model('bvit_22m', num_classes=10, img_size=16, patch_size=4).state_dict()}, other)
+    bad_yaml = tmp / 'bad.yaml'
+    bad_yaml.write_text('lr: 1e-3\nlearning_rate: 0.1\n')
+    ckpt = str(trained / 'checkpoint.pth')
+    return {
+        'no data path': (['--data-set', 'IMNET'], '--data-path is required'),
+        'missing data path': (['--data-set', 'IMNET', '--data-path', tmp / 'nowhere'], 'does not exist'),
+        'empty data path': (['--data-set', 'IMNET', '--data-path', tmp / 'empty'], 'is empty'),
+        'unknown arch': (TINY + ['--arch', 'BViT-7'], 'unknown --arch'),
+        'unknown data set': (['--data-set', 'MNIST', '--data-path', tmp], 'unknown --data-set'),
+        'resume missing file': (TINY + ['--resume', tmp / 'none.pth'], 'not found'),
+        'resume truncated file': (TINY + ['--resume', truncated], 'not a readable PyTorch checkpoint'),
+        'resume text file': (TINY + ['--resume', text], 'not a readable PyTorch checkpoint'),
+        'eval truncated file': (TINY + ['--eval', '--resume', truncated], 'not a readable PyTorch checkpoint'),
+        'checkpoint of another model': (TINY + ['--eval', '--resume', other], 'does not fit'),
+        'resume of another model': (TINY + ['--resume', other], 'does not fit'),
+        'checkpoint without broad': (TINY + ['--resume', ckpt, '--no-broad'], '--no-broad'),
+        'yaml unknown key': (['--config', bad_yaml], "unknown key 'learning_rate'"),
+        'yaml missing': (['--config', tmp / 'nope.yaml'], 'file not found'),
+        'yaml bad value': (['--config', _write(tmp / 'v.yaml', 'epochs: many\n')], 'invalid value'),
+        'stem on a cnn': (TINY + ['--arch', 'resnet18', '--patch-size', '0'], '--stem applies'),
+        'cuda forced without cuda': (TINY + ['--device', 'cuda'], 'CUDA') if not torch.cuda.is_available()
+        else (TINY + ['--device', 'tpu'], '--device'),
+    }
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_bad_inputs_give_one_line_and_exit_2_without_writing(tmp_path, trained, capsys):
+    before = {p: p.read_bytes() for p in trained.iterdir()}
+    for name, (argv, expected) in _bad_cases(tmp_path, trained).items():
+        out_dir = tmp_path / f'out_{name.replace(" ", "_")}'
+        rc, _, err = run_cli(list(argv) + ['--output_dir', out_dir], capsys)
+        lines = err.strip().splitlines()
+        assert rc == 2, (name, err)
+        assert len(lines) == 1 and lines[0].startswith('error: ') and expected in lines[0], (name, err)
+        assert 'Traceback' not in err
+        assert not out_dir.exists(), name
+    assert before == {p: p.read_bytes() for p in trained.iterdir()}
+
+
+def test_bad_input_as_a_real_process(tmp_path):
+    r = run_process([sys.executable, 'train_hp.py', '--data-set', 'FOLDER', '--data-path', tmp_path / 'missing'])
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f'error: --data-path {tmp_path / "missing"} does not exist or is not a folder']
+    r = run_process([sys.executable, 'train_hp.py', '--arch', 'nonsense_net', '--data-set', 'DIGITS'])
+    assert r.returncode == 2 and 'Traceback' not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and 'BViT-5' in r.stderr and 'BViT-22' in r.stderr
+
+
+def test_existing_checkpoint_is_not_overwritten_by_a_new_run(tmp_path, trained, capsys):
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'checkpoint.pth').write_bytes((trained / 'checkpoint.pth').read_bytes())
+    rc, _, err = run_cli(TINY + ['--epochs', '1', '--output_dir', out], capsys)
+    assert rc == 2 and '--resume' in err
+    assert (out / 'checkpoint.pth').read_bytes() == (trained / 'checkpoint.pth').read_bytes()
+
+
+# Checkpoints ---------------------------------------------------------------------------------------
+
+def test_checkpoint_is_plain_data_and_written_atomically(tmp_path, trained, monkeypatch):
+    obj = torch.load(trained / 'checkpoint.pth', weights_only=True)
+    assert {'model', 'optimizer', 'lr_scheduler', 'scaler', 'model_ema', 'epoch', 'args'} <= set(obj)
+    assert obj['epoch'] == 0 and obj['model_ema'] is not None and obj['scaler'] is None  # CPU: no scaler
+    assert obj['args']['arch'] == 'BViT-5' and obj['args']['input_size'] == 16
+    assert torch.load(trained / 'best.pth', weights_only=True)['epoch'] == 0
+    assert len(read_log(trained / 'log.txt')) == 1
+
+    target = tmp_path / 'checkpoint.pth'
+    utils.atomic_save({'a': torch.ones(3)}, str(target))
+    good = target.read_bytes()
+    real_save = torch.save
+
+    def dies_mid_write(obj, f, *a, **k):
+        f.write(b'partial bytes')
+        raise KeyboardInterrupt  # the run is killed while writing
+
+    monkeypatch.setattr(torch, 'save', dies_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        utils.atomic_save({'a': torch.zeros(3)}, str(target))
+    monkeypatch.setattr(torch, 'save', real_save)
+    assert target.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoint.pth']
+
+
+def _states_equal(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and set(a) == set(b) and all(_states_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_states_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _training_objects(args, seed: int):
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    from timm.utils import ModelEmaV3
+    torch.manual_seed(seed)
+    model = train_hp.build_model(args, 10)
+    ema = ModelEmaV3(model, decay=0.9)
+    opt = create_optimizer_v2(model, opt='adamw', lr=1e-3, weight_decay=0.05, eps=1e-6)
+    sched, _ = create_scheduler_v2(opt, sched='cosine', num_epochs=5, warmup_epochs=2, warmup_lr=1e-6, min_lr=1e-5)
+    scaler = torch.amp.GradScaler('cpu', enabled=True)
+    return model, opt, sched, scaler, ema
+
+
+def test_resume_restores_optimizer_scheduler_scaler_and_ema_exactly(tmp_path):
+    args = train_hp.parse_args(TINY + ['--epochs', '5'])
+    model, opt, sched, scaler, ema = _training_objects(args, 0)
+    x = torch.randn(8, 3, 16, 16)
+    for epoch in range(2):
+        sched.step(epoch)
+        loss = model(x).logsumexp(-1).mean()
+        opt.zero_grad()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        ema.update(model)
+    path = tmp_path / 'checkpoint.pth'
+    utils.atomic_save(train_hp.make_checkpoint(model, opt, sched, scaler, ema, 1, 42.5, args), str(path))
+    obj = torch.load(path, weights_only=True)
+
+    model2, opt2, sched2, scaler2, ema2 = _training_objects(args, 1)
+    assert not _states_equal(model.state_dict(), model2.state_dict())
+    assert train_hp.restore_training_state(obj, str(path), model2, opt2, sched2, scaler2, ema2) == (2, 42.5)
+    assert _states_equal(model.state_dict(), model2.state_dict())
+    assert _states_equal(ema.module.state_dict(), ema2.module.state_dict())
+    assert _states_equal(opt.state_dict(), opt2.state_dict())
+    assert _states_equal(sched.state_dict(), sched2.state_dict())
+    assert _states_equal(scaler.state_dict(), scaler2.state_dict())
+
+    # a feature that is on in this run but missing from the checkpoint is an error
+    for key, expected in (('model_ema', '--model-ema'), ('scaler', 'gradient scaler'),
+                          ('lr_scheduler', '--sched'), ('optimizer', '--finetune')):
+        fresh = _training_objects(args, 2)
+        with pytest.raises(utils.UsageError, match=re.escape(expected)):
+            train_hp.restore_training_state({**obj, key: None}, str(path), *fresh)
+    with pytest.raises(utils.UsageError, match='--finetune'):
+        train_hp.restore_training_state(obj['model'], str(path), *_training_objects(args, 2))
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_lr_follows_the_schedule_and_resume_reproduces_an_uninterrupted_run(tmp_path, capsys, monkeypatch):
+    common = TINY + ['--epochs', '4', '--warmup-epochs', '2', '--lr', '2e-3', '--warmup-lr', '1e-5',
+                     '--min-lr', '1e-4']
+    straight, cut = tmp_path / 'straight', tmp_path / 'cut'
+    assert run_cli(common + ['--output_dir', straight], capsys)[0] == 0
+
+    real_append = train_hp.append_log_line
+
+    def killed_after_epoch_1(output_dir, stats):
+        real_append(output_dir, stats)
+        if stats['epoch'] == 1:
+            raise _Killed
+
+    monkeypatch.setattr(train_hp, 'append_log_line', killed_after_epoch_1)
+    with pytest.raises(_Killed):
+        train_hp.cli([str(a) for a in common + ['--output_dir', cut]])
+    monkeypatch.setattr(train_hp, 'append_log_line', real_append)
+    rc, out, _ = run_cli(common + ['--output_dir', cut, '--resume', cut / 'checkpoint.pth'], capsys)
+    assert rc == 0 and 'continuing at epoch 2' in out
+
+    a, b = read_log(straight / 'log.txt'), read_log(cut / 'log.txt')
+    assert [r['epoch'] for r in a] == [r['epoch'] for r in b] == [0, 1, 2, 3]
+    for rows in (a, b):
+        for r in rows:  # every epoch runs at the schedule's value for that epoch, resumed or not
+            assert r['train_lr'] == pytest.approx(cosine_lr(r['epoch'], 2e-3, 1e-5, 2, 1e-4, 4), rel=1e-9)
+    for ra, rb in zip(a[2:], b[2:]):
+        for key in ('train_loss', 'train_lr', 'test_acc1', 'test_acc5', 'test_loss', 'test_ema_acc1',
+                    'test_ema_loss', 'max_accuracy'):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-6), key
+    assert torch.load(cut / 'checkpoint.pth', weights_only=True)['epoch'] == 3
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
+    real_build = train_hp.build_model
+    calls = {'n': 0}
+
+    def build_model_that_diverges(args, num_classes):
+        model = real_build(args, num_classes)
+
+        def hook(module, inputs, output):
+            if module.training:
+                calls['n'] += 1
+                if calls['n'] > 4:  # epoch 1, first step (4 steps per epoch)
+                    return output * float('nan')
+        model.register_forward_hook(hook)
+        return model
+
+    monkeypatch.setattr(train_hp, 'build_model', build_model_that_diverges)
+    out = tmp_path / 'out'
+    rc, stdout, err = run_cli(TINY + ['--epochs', '3', '--output_dir', out], capsys)
+    assert rc == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: the training loss is nan at epoch 1, iteration 1/4')
+    assert torch.load(out / 'checkpoint.pth', weights_only=True)['epoch'] == 0
+    assert [r['epoch'] for r in read_log(out / 'log.txt')] == [0]
+    assert sorted(p.name for p in out.iterdir()) == ['best.pth', 'checkpoint.pth', 'log.txt']
+
+
+def test_plain_python_is_single_process_and_logs_seed_world_size_versions(tmp_path):
+    out = tmp_path / 'out'
+    r = run_process([sys.executable, 'train_hp.py', *TINY, '--epochs', '1', '--deterministic', '--seed', '3',
+                     '--output_dir', out])
+    assert r.returncode == 0, r.stderr
+    env_line = next(line for line in r.stdout.splitlines() if line.startswith('environment:'))
+    for part in ('seed 3', 'world size 1', 'deterministic True', f'torch {torch.__version__}', 'timm ', 'numpy '):
+        assert part in env_line
+    assert len(read_log(out / 'log.txt')) == 1
+
+
+def test_sampler_is_reshuffled_every_epoch_in_a_single_process(tmp_path, capsys, monkeypatch):
+    from samplers import RepeatAugSampler
+    seen: List[Tuple[int, List[int]]] = []
+    real = RepeatAugSampler.set_epoch
+
+    def record(self, epoch):
+        real(self, epoch)
+        seen.append((epoch, self.indices()))
+
+    monkeypatch.setattr(RepeatAugSampler, 'set_epoch', record)
+    rc, _, _ = run_cli(TINY + ['--epochs', '2', '--no-repeated-aug', '--no-model-ema'], capsys)
+    assert rc == 0
+    assert [e for e, _ in seen] == [0, 1]
+    assert seen[0][1] != seen[1][1] and sorted(seen[0][1]) == sorted(seen[1][1]) == list(range(128))
+
+
+def test_deterministic_switches_off_cudnn_benchmark():
+    before = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+              torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        utils.setup_determinism(True)
+        assert torch.backends.cudnn.benchmark is False and torch.backends.cudnn.deterministic is True
+        assert torch.are_deterministic_algorithms_enabled()
+        utils.setup_determinism(False)
+        assert torch.backends.cudnn.benchmark is True
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[:2]
+        torch.use_deterministic_algorithms(before[2], warn_only=before[3])
+    assert utils.epoch_seed(0, 1, 0) != utils.epoch_seed(0, 1, 1) != utils.epoch_seed(0, 2, 1)
+
+
+# Distributed -------------------------------------------------------------------------------------
+
+def test_two_process_run_one_checkpoint_ranks_agree_and_dist_eval_is_exact(tmp_path, capsys):
+    out = tmp_path / 'dist'
+    r = run_process([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                     'train_hp.py', *TINY, '--epochs', '1', '--dist-eval', '--log-all-ranks', '--output_dir', out])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ['best.pth', 'checkpoint.pth', 'log.txt']
+    rows = read_log(out / 'log.txt')
+    assert len(rows) == 1 and rows[0]['test_images'] == 61  # 31 + 30 images, none counted twice
+    assert 'world size 2' in r.stdout
+    summaries = {(m.group(1) or '0'): m.groups()[2:] for m in SUMMARY.finditer(r.stdout)}
+    assert set(summaries) == {'0', '1'} and summaries['0'] == summaries['1']  # the ranks agree
+    obj = torch.load(out / 'checkpoint.pth', weights_only=True)
+    assert obj['args']['world_size'] == 2 and obj['args']['lr_scaled'] == pytest.approx(1e-3)
+
+    # the same weights, evaluated by one process (plain python, in-process here)
+    args = train_hp.parse_args(TINY + ['--eval', '--resume', str(out / 'checkpoint.pth'), '--dist-eval'])
+    one = train_hp.main(args)
+    assert one['images'] == 61
+    assert one['acc1'] == rows[0]['test_acc1'] and one['acc5'] == rows[0]['test_acc5']
+    assert one['loss'] == pytest.approx(rows[0]['test_loss'], rel=1e-5)
+
+    # and by two processes under the legacy launcher (no --use_env: it passes --local-rank)
+    r = run_process([sys.executable, '-m', 'torch.distributed.launch', '--nproc_per_node=2',
+                     f'--master_port={free_port()}', 'train_hp.py', *TINY, '--eval', '--resume',
+                     out / 'checkpoint.pth', '--dist-eval'])
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = re.search(r'^\* top-1 ([\d.]+)%', r.stdout, re.M)
+    assert m and float(m.group(1)) == pytest.approx(one['acc1'], abs=0.005)
+    assert 'world size 2' in r.stdout
+
+
+# Loading weights -----------------------------------------------------------------------------------
+
+def test_eval_of_a_released_layout_checkpoint_through_resume(tmp_path):
+    """The golden fixture's weights in the released float16 layout, head cut to the 10 digits."""
+    import bvit.models
+    import timm
+    from datasets import build_dataset
+    golden = torch.load(GOLDEN, weights_only=True)
+    sd = dict(golden['state_dict'])
+    assert 'mlp_head.1.weight' in sd and sd['mlp_head.1.weight'].dtype == torch.float16
+    sd['mlp_head.1.weight'] = sd['mlp_head.1.weight'][:10].clone()
+    sd['mlp_head.1.bias'] = sd['mlp_head.1.bias'][:10].clone()
+    path = tmp_path / 'released.pth'
+    torch.save({'state_dict': sd}, path)
+
+    argv = ['--eval', '--resume', str(path), '--data-set', 'DIGITS', '--input-size', '224', '--val-subset', '24',
+            '--batch-size', '16', '--num_workers', '0', '--threads', '1']
+    stats = train_hp.main(train_hp.parse_args(argv))
+
+    # the same, computed here: the released forward on the same images
+    model = timm.create_model('bvit_5m', num_classes=10).eval()
+    model.load_state_dict(bvit.models.convert_official_state_dict({'state_dict': sd}))
+    val, _ = build_dataset(False, train_hp.parse_args(argv))
+    images = torch.stack([val[i][0] for i in range(len(val))])
+    targets = torch.tensor([val[i][1] for i in range(len(val))])
+    with torch.no_grad():
+        logits = model(images)
+    assert stats['images'] == 24
+    assert stats['acc1'] == pytest.approx(100.0 * (logits.argmax(1) == targets).float().mean().item())
+    assert stats['loss'] == pytest.approx(F.cross_entropy(logits, targets).item(), rel=1e-4)
+
+
+def test_state_dicts_load_with_prefixes_and_from_model_or_model_ema(tmp_path, trained, capsys):
+    obj = torch.load(trained / 'checkpoint.pth', weights_only=True)
+    sd, ema = obj['model'], obj['model_ema']
+    base = train_hp.main(train_hp.parse_args(TINY + ['--eval', '--resume', str(trained / 'checkpoint.pth')]))
+    base_ema = train_hp.main(train_hp.parse_args(
+        TINY + ['--eval', '--eval-ema', '--resume', str(trained / 'checkpoint.pth')]))
+    variants = {
+        'bare': (sd, base), 'module': ({'model': {f'module.{k}': v for k, v in sd.items()}}, base),
+        'compiled': ({'model': {f'_orig_mod.{k}': v for k, v in sd.items()}}, base),
+        'ddp_compiled': ({'model': {f'module._orig_mod.{k}': v for k, v in sd.items()}}, base),
+        'ema_only': ({'model_ema': {f'module.{k}': v for k, v in ema.items()}}, base_ema),
+    }
+    for name, (content, expected) in variants.items():
+        path = tmp_path / f'{name}.pth'
+        torch.save(content, path)
+        got = train_hp.main(train_hp.parse_args(TINY + ['--eval', '--resume', str(path)]))
+        assert (got['acc1'], got['loss']) == (expected['acc1'], pytest.approx(expected['loss'])), name
+
+
+def test_finetune_new_head_and_input_size_from_this_projects_and_released_files(tmp_path, trained, capsys):
+    from PIL import Image
+    root = tmp_path / 'folder'
+    for split in ('train', 'val'):
+        for c in ('cat', 'dog', 'emu'):
+            (root / split / c).mkdir(parents=True)
+            for i in range(4 if split == 'train' else 1):
+                Image.new('RGB', (20, 20), (40 * i, 80, 120)).save(root / split / c / f'{i}.png')
+    folder = ['--data-set', 'FOLDER', '--data-path', root, '--train-subset', '12', '--batch-size', '4']
+    # this project's checkpoint: 16 px (2x2 grid), 10 classes -> 32 px (4x4 grid), 3 classes
+    rc, out, err = run_cli(TINY + folder + ['--input-size', '32', '--epochs', '1', '--finetune',
+                                            trained / 'checkpoint.pth'], capsys)
+    assert rc == 0, err
+    assert 'new head.weight, head.bias' in out
+    # a released file: 224 px with the conv stem (7x7 grid), 1000 classes -> 64 px (2x2 grid), 3 classes
+    golden = torch.load(GOLDEN, weights_only=True)
+    released = tmp_path / 'released.pth'
+    torch.save({'state_dict': golden['state_dict']}, released)
+    rc, out, err = run_cli(TINY + folder + ['--input-size', '64', '--patch-size', '16', '--epochs', '1',
+                                            '--finetune', released], capsys)
+    assert rc == 0, err
+    assert 'new head.weight, head.bias' in out
+
+
+def test_pos_embed_interpolation_keeps_class_token_handles_non_square_and_is_a_no_op_at_same_size():
+    import bvit.models  # noqa: F401  (registers the models)
+    import timm
+    src = timm.create_model('bvit_5m', num_classes=10, img_size=32, patch_size=4, stem='conv')  # 4x4 grid
+    sd = {k: v.clone() for k, v in src.state_dict().items()}
+
+    same = {k: v.clone() for k, v in sd.items()}
+    utils.interpolate_pos_embed(src, same, (4, 4))
+    assert torch.equal(same['pos_embed'], sd['pos_embed'])  # exactly, unused rows included
+
+    wide = timm.create_model('bvit_5m', num_classes=10, img_size=(32, 48), patch_size=4, stem='conv')  # 4x6 grid
+    out = {k: v.clone() for k, v in sd.items()}
+    utils.interpolate_pos_embed(wide, out, (4, 4))
+    assert out['pos_embed'].shape == wide.pos_embed.shape
+    assert torch.equal(out['pos_embed'][:, 0], sd['pos_embed'][:, 0])  # class token kept
+    grid = out['pos_embed'][0, 1:1 + 24].reshape(4, 6, -1)
+    assert not torch.allclose(grid[:, 0], grid[:, -1])  # a real 4x6 resampling, not a copy
+
+    back = {k: v.clone() for k, v in out.items()}
+    utils.interpolate_pos_embed(src, back, (4, 6))  # non-square source grid
+    assert back['pos_embed'].shape == src.pos_embed.shape
+    assert torch.equal(back['pos_embed'][:, 0], sd['pos_embed'][:, 0])
+
+    vit_big = timm.create_model('vit_tiny_patch16_224', num_classes=10, img_size=64)  # 4x4 grid
+    vit_small = timm.create_model('vit_tiny_patch16_224', num_classes=10, img_size=32)  # 2x2 grid
+    vsd = {k: v.clone() for k, v in vit_big.state_dict().items()}
+    utils.interpolate_pos_embed(vit_small, vsd, None)
+    assert vsd['pos_embed'].shape == vit_small.pos_embed.shape
+    assert torch.equal(vsd['pos_embed'][:, 0], vit_big.state_dict()['pos_embed'][:, 0])
+    same = {k: v.clone() for k, v in vit_small.state_dict().items()}
+    utils.interpolate_pos_embed(vit_small, same, None)
+    assert torch.equal(same['pos_embed'], vit_small.state_dict()['pos_embed'])
+    assert utils.checkpoint_bvit_grid({}, {'stem.weight': torch.zeros(1)}) == (7, 7)
+    assert utils.checkpoint_bvit_grid({}, {}) == (14, 14)
+    assert utils.checkpoint_bvit_grid({'args': {'input_size': 16, 'patch_size': 4, 'stem': 'conv'}}, {}) == (2, 2)
+
+
+# Models other than BViT --------------------------------------------------------------------------
+
+def test_timm_model_with_broad_attention_and_no_broad_twin(tmp_path, capsys):
+    rc, out, err = run_cli(TINY + ['--arch', 'vit_tiny_patch16_224', '--broad', '--epochs', '1', '--train-subset', '64',
+                                   '--stem', 'conv'], capsys)
+    assert rc == 2 and '--stem applies to BViT' in err
+    small = [a for a in TINY if a not in ('--stem', 'conv')]
+    rc, out, err = run_cli(small + ['--arch', 'vit_tiny_patch16_224', '--broad', '--epochs', '1', '--train-subset', '64'],
+                           capsys)
+    assert rc == 0, err
+    rc, out, err = run_cli(small + ['--arch', 'resnet18', '--broad', '--patch-size', '0'], capsys)
+    assert rc == 2 and err.startswith('error: --broad') and len(err.strip().splitlines()) == 1
+    rc, out, err = run_cli(TINY + ['--no-broad', '--epochs', '1', '--train-subset', '64', '--output_dir',
+                                   tmp_path / 'twin'], capsys)
+    assert rc == 0, err
+    assert torch.load(tmp_path / 'twin' / 'checkpoint.pth', weights_only=True)['args']['no_broad'] is True
+
+
+# Engine and losses ---------------------------------------------------------------------------------
+
+class _Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.Dropout(0.1), nn.Linear(16, 3))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _loader(n: int, batch: int = 4):
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(n, 3, 2, 2, generator=g), torch.randint(0, 3, (n,), generator=g))
+    return torch.utils.data.DataLoader(data, batch_size=batch)
+
+
+def test_model_is_in_training_mode_inside_the_training_loop():
+    model = _Tiny()
+    modes: List[bool] = []
+    model.register_forward_pre_hook(lambda m, i: modes.append(m.training))
+    model.eval()  # e.g. left so by an evaluation
+    criterion = DistillationLoss(nn.CrossEntropyLoss(), None)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    stats = train_one_epoch(model, criterion, _loader(16), opt, torch.device('cpu'), 0, print_freq=2)
+    assert modes == [True] * 4 and stats['lr'] == 0.1 and math.isfinite(stats['loss'])
+    modes.clear()
+    evaluate(_loader(10), model, torch.device('cpu'))
+    assert modes == [False] * 3 and model.training  # evaluation puts the mode back
+
+
+def test_evaluate_counts_each_image_once():
+    model = _Tiny().eval()
+    loader = _loader(11, batch=4)
+    stats = evaluate(loader, model, torch.device('cpu'))
+    x = torch.cat([b[0] for b in loader])
+    y = torch.cat([b[1] for b in loader])
+    with torch.no_grad():
+        logits = model(x)
+    assert stats['images'] == 11
+    assert stats['acc1'] == pytest.approx(100 * (logits.argmax(1) == y).float().mean().item())
+    assert stats['acc5'] == 100.0  # 3 classes: top-5 is top-3
+    assert stats['loss'] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
+
+
+def test_losses():
+    torch.manual_seed(0)
+    logits, target = torch.randn(6, 5), torch.randint(0, 5, (6,))
+    assert LabelSmoothingCrossEntropy(0.1)(logits, target) == pytest.approx(
+        F.cross_entropy(logits, target, label_smoothing=0.1).item(), rel=1e-6)
+    assert SoftTargetCrossEntropy()(logits, F.one_hot(target, 5).float()) == pytest.approx(
+        F.cross_entropy(logits, target).item(), rel=1e-6)
+    assert isinstance(build_base_criterion(True, 0.1, False), SoftTargetCrossEntropy)
+    assert isinstance(build_base_criterion(False, 0.1, False), LabelSmoothingCrossEntropy)
+    teacher = nn.Linear(4, 5)
+    x = torch.randn(6, 4)
+    student = teacher(x).detach()
+    hard = DistillationLoss(nn.CrossEntropyLoss(), teacher, 'hard', alpha=1.0)(x, student, target)
+    assert hard == pytest.approx(F.cross_entropy(student, student.argmax(1)).item(), rel=1e-6)
+    soft = DistillationLoss(nn.CrossEntropyLoss(), teacher, 'soft', alpha=1.0, tau=2.0)(x, student, target)
+    assert soft.item() == pytest.approx(0.0, abs=1e-6)  # a student equal to its teacher
+    both = DistillationLoss(nn.CrossEntropyLoss(), teacher, 'soft', alpha=0.5)(x, (student, student + 1.0), target)
+    assert both.item() == pytest.approx(0.5 * F.cross_entropy(student, target).item(), rel=1e-5)
+
+
+def test_distillation_from_a_timm_teacher_file(tmp_path, capsys):
+    import timm
+    teacher = timm.create_model('resnet10t', num_classes=10)
+    path = tmp_path / 'teacher.pth'
+    torch.save({'model': teacher.state_dict()}, path)
+    rc, _, err = run_cli(TINY + ['--epochs', '1', '--train-subset', '64', '--distillation-type', 'hard',
+                                 '--teacher-model', 'resnet10t', '--teacher-path', path], capsys)
+    assert rc == 0, err
+    rc, _, err = run_cli(TINY + ['--distillation-type', 'soft', '--teacher-model', 'resnet10t'], capsys)
+    assert rc == 2 and '--teacher-path' in err
