@@ -274,7 +274,8 @@ def _cifar(args: Any, train: bool, transform: Any) -> Dataset:
     try:
         return cls(root, train=train, transform=transform, download=bool(args.download))
     except RuntimeError as e:
-        raise UsageError(f'{os.path.join(root, folder)}: {str(e).strip().splitlines()[0]}') from None
+        reason = str(e).strip().splitlines()[0].replace('download=True', '--download')
+        raise UsageError(f'{os.path.join(root, folder)}: {reason}') from None
 
 
 def _subset(dataset: Dataset, n: Optional[int], seed: int) -> Dataset:
