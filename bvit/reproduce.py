@@ -53,6 +53,7 @@ class RunSpec:
     seed: int
     args: List[str] = field(default_factory=list)
     meta: Dict[str, Any] = field(default_factory=dict)   # e.g. stem, broad, broad_scale
+    drop_config_keys: List[str] = field(default_factory=list)  # config keys that do not apply to this model
 
 
 # Study plan -------------------------------------------------------------------------------------
@@ -110,9 +111,9 @@ def plan_runs(suites: Sequence[str], seeds: Sequence[int], scale_seeds: Sequence
             for seed in wrapped_seeds:
                 entries.append(RunSpec(f'{wrapped_arch}_broad0.4', f'{wrapped_arch} + broad 0.4', 'wrapped', seed,
                                        ['--arch', wrapped_arch, '--broad', '--broad-scale', '0.4'],
-                                       dict(arch=wrapped_arch, broad=True, broad_scale=0.4)))
+                                       dict(arch=wrapped_arch, broad=True, broad_scale=0.4), ['stem']))
                 entries.append(RunSpec(f'{wrapped_arch}_plain', f'{wrapped_arch} (plain twin)', 'wrapped', seed,
-                                       ['--arch', wrapped_arch], dict(arch=wrapped_arch, broad=False)))
+                                       ['--arch', wrapped_arch], dict(arch=wrapped_arch, broad=False), ['stem']))
         else:
             raise ValueError(f'unknown suite {suite!r}; choose from {", ".join(SUITES)}')
     return entries
@@ -165,19 +166,39 @@ def is_done(directory: str) -> bool:
     return ok and any('test_acc1' in r for r in read_log(log))
 
 
+def run_config(spec: RunSpec, directory: str, config: str) -> str:
+    """The config file of a run: ``config`` itself, or, for a spec that drops keys (``stem`` for
+    a timm backbone, which train_hp.py refuses it for), a copy without them in the run folder."""
+    if not spec.drop_config_keys:
+        return config
+    import yaml
+    with open(config) as f:
+        data = yaml.safe_load(f) or {}
+    drop = {k.replace('-', '_') for k in spec.drop_config_keys}
+    data = {k: v for k, v in data.items() if str(k).replace('-', '_') not in drop}
+    path = os.path.join(directory, 'config.yaml')
+    os.makedirs(directory, exist_ok=True)
+    with open(path, 'w') as f:
+        f.write(f'# {_show_path(config)} without {", ".join(sorted(drop))} (written by bvit.reproduce)\n')
+        yaml.safe_dump(data, f, sort_keys=False)
+    return path
+
+
 def train_command(spec: RunSpec, directory: str, config: str, extra: Sequence[str]) -> List[str]:
-    return [sys.executable, TRAIN_SCRIPT, '--config', config, '--seed', str(spec.seed),
+    return [sys.executable, TRAIN_SCRIPT, '--config', run_config(spec, directory, config), '--seed', str(spec.seed),
             '--output_dir', directory, *spec.args, *extra]
 
 
-def execute(spec: RunSpec, directory: str, config: str, extra: Sequence[str], threads: Optional[int] = None
-            ) -> Dict[str, Any]:
+def execute(spec: RunSpec, directory: str, config: str, extra: Sequence[str], threads: Optional[int] = None,
+            keep_checkpoints: bool = True) -> Dict[str, Any]:
     """Run one training to completion (train_hp.py's output goes to DIR/train.out) and write the
-    marker. Returns the marker's content."""
+    marker. Without ``keep_checkpoints`` the run's checkpoint.pth / best.pth (~85 MB each for
+    BViT-5M, optimizer state included) are deleted once it finished. Returns the marker's content."""
     os.makedirs(directory, exist_ok=True)
     log = os.path.join(directory, 'log.txt')
-    if os.path.exists(log):  # a run that stopped half-way: start it again from scratch
-        os.remove(log)
+    for name in ('log.txt', 'checkpoint.pth', 'best.pth'):  # a run that stopped half-way: start it afresh
+        if os.path.exists(os.path.join(directory, name)):
+            os.remove(os.path.join(directory, name))
     cmd = train_command(spec, directory, config, extra)
     env = dict(os.environ)
     if threads:
@@ -187,6 +208,10 @@ def execute(spec: RunSpec, directory: str, config: str, extra: Sequence[str], th
         rc = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
     info = dict(command=' '.join(shlex.quote(c) for c in cmd), returncode=rc, wall_s=round(time.time() - t0, 2),
                 key=spec.key, label=spec.label, group=spec.group, seed=spec.seed, meta=spec.meta)
+    if rc == 0 and not keep_checkpoints:
+        for name in ('checkpoint.pth', 'best.pth'):
+            if os.path.exists(os.path.join(directory, name)):
+                os.remove(os.path.join(directory, name))
     with open(os.path.join(directory, MARKER), 'w') as f:
         json.dump(info, f, indent=1)
     return info
@@ -450,6 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--threads', type=int, default=1,
                    help='OMP_NUM_THREADS / MKL_NUM_THREADS of each run (default 1: on a busy 2-core CPU, '
                         "torch's 2-thread element-wise ops and optimizer steps ran ~100x slower than 1 thread)")
+    p.add_argument('--keep-checkpoints', choices=('first', 'all', 'none'), default='first',
+                   help="keep checkpoint.pth / best.pth of the first seed's runs (default, for figures), "
+                        'of all runs, or of none')
     p.add_argument('--report-only', action='store_true', help='write table and plot from finished runs, run nothing')
     p.add_argument('--dry-run', action='store_true', help='print the commands of the runs still to do')
     return p
@@ -505,7 +533,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.report_only:
         for i, s in enumerate(todo):
             d = run_dir(runs_dir, s)
-            info = execute(s, d, config, extra, args.threads)
+            first_seed = {'bvit': args.seeds, 'scale': args.scale_seeds, 'wrapped': args.wrapped_seeds}[s.group][0]
+            keep = args.keep_checkpoints == 'all' or (args.keep_checkpoints == 'first' and s.seed == first_seed)
+            info = execute(s, d, config, extra, args.threads, keep)
             status = 'ok' if info['returncode'] == 0 else f'FAILED (exit {info["returncode"]}, see {d}/train.out)'
             res = collect(s, d)
             acc = f', top-1 {res["acc1"]:.2f}' if res else ''

@@ -36,6 +36,7 @@ import matplotlib
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import patheffects  # noqa: E402
 
 import timm  # noqa: E402
 
@@ -373,6 +374,8 @@ def plot_attention(
         shared_scale: bool = False,
         smooth: bool = False,
         style: str = 'auto',
+        annotate: Optional[bool] = None,
+        subject: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Draw the input and the class token's attention of every layer and of the broad attention.
 
@@ -385,7 +388,7 @@ def plot_attention(
         head: 'mean' (default) or 'max' over heads, or one head's index.
         label: true class, shown in the title when given.
         class_names: names for the predicted / true class.
-        title: figure title; a default names the prediction.
+        title: figure title; a default names the prediction (after ``subject``, e.g. the image).
         ncols: panels per row (default: all L + 2 in rows of at most 7).
         panel_inches, dpi: each panel is panel_inches square; the image is exactly
             (ncols·panel_inches·dpi) x (rows·panel_inches·dpi + title) pixels, see the return value.
@@ -395,6 +398,10 @@ def plot_attention(
         style: 'overlay' (heat map laid over the image with ``alpha``), 'contour' (opaque heat
             map with the image's outline drawn on it: clearer for line drawings such as DIGITS),
             or 'auto' (default): 'contour' for grey images, 'overlay' for colour ones.
+        annotate: write each patch's share in its cell (default: for grids of at most 16 patches).
+
+    Each panel's title gives, in brackets, the share the class token keeps for itself (the map's
+    patches hold the rest), or, with ``head='max'``, the map's maximum.
 
     Returns:
         dict with ``figure`` (closed matplotlib Figure), ``size`` (width, height) in pixels,
@@ -430,8 +437,11 @@ def plot_attention(
         title = f'prediction {cname(pred)} ({probs[pred]:.0%})'
         if label is not None:
             title += f', true {cname(label)}'
+        if subject:
+            title = f'{subject}: {title}'
     scale_txt = 'one colour scale' if shared_scale else 'colour from 0 to each panel\'s max'
-    fig.suptitle(f'{title}\nclass-token attention over patches, {head_txt}, {scale_txt}',
+    self_txt = '; (cls x): share kept by the class token' if head != 'max' else ''
+    fig.suptitle(f'{title}\nclass-token attention over the patches, {head_txt}, {scale_txt}{self_txt}',
                  fontsize=9, y=1 - 0.06 / fig_h, va='top')
 
     gray = raw.mean(-1)
@@ -444,6 +454,8 @@ def plot_attention(
     use_contour = style == 'contour' and gray.max() > gray.min()
     cx, cy = (np.arange(W) + 0.5), (np.arange(H) + 0.5)
 
+    if annotate is None:
+        annotate = broad.size <= 16
     names = ['input'] + [f'layer {i + 1}' for i in range(len(layers))] + ['broad attention']
     broad_used = getattr(model, 'broad', True)
     if not broad_used:
@@ -464,7 +476,18 @@ def plot_attention(
             else:
                 im = ax.imshow(m, extent=(0, W, H, 0), cmap=cmap, alpha=alpha, vmin=lo, vmax=hi,
                                interpolation=interp)
-            name = f'{name}  (max {m.max():.2f})'
+            if annotate:
+                gh, gw = m.shape
+                for (r, c), v in np.ndenumerate(m):
+                    light = (v - lo) / (hi - lo) > 0.6  # viridis-like maps are light at the top
+                    ax.text((c + 0.5) * W / gw, (r + 0.5) * H / gh, f'{v:.2f}', ha='center', va='center',
+                            fontsize=8 if gh * gw <= 4 else 6.5, fontweight='bold',
+                            color='black' if light else 'white',
+                            path_effects=[patheffects.withStroke(linewidth=2, foreground='white' if light else 'black')])
+            if head != 'max':
+                name = f'{name}  (cls {1 - float(m.sum()):.2f})'
+            else:
+                name = f'{name}  (max {m.max():.2f})'
         ax.set_title(name, fontsize=8, pad=2, fontweight='bold' if i == len(names) - 1 else 'normal')
         ax.set_xlim(0, W)
         ax.set_ylim(H, 0)
@@ -484,6 +507,19 @@ def plot_attention(
         fig.savefig(out_path, dpi=dpi)
     plt.close(fig)
     return dict(figure=fig, size=size, layers=layers, broad=broad, pred=pred, prob=float(probs[pred]))
+
+
+def _model_name(model: nn.Module, args: Mapping[str, Any]) -> str:
+    name = str(args.get('arch') or getattr(model, 'pretrained_cfg', {}).get('architecture') or type(model).__name__)
+    details = []
+    if hasattr(model, 'stem_type'):
+        details.append('conv stem' if model.stem_type == 'conv' else 'no stem')
+    if getattr(model, 'broad', True) is False:
+        details.append('no broad attention')
+    img = getattr(model, 'img_size', None)
+    if img:
+        details.append(f'{img[0]}x{img[1]} input')
+    return f'{name} ({", ".join(details)})' if details else name
 
 
 # Command line -----------------------------------------------------------------------------------
@@ -537,7 +573,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raw = denormalize(image, cfg['mean'], cfg['std'])
         info = plot_attention(model, image, raw, args.out, head=args.head, label=label,
                               title=None, ncols=args.ncols, panel_inches=args.panel_inches, dpi=args.dpi,
-                              shared_scale=args.shared_scale, smooth=args.smooth, style=args.style)
+                              shared_scale=args.shared_scale, smooth=args.smooth, style=args.style,
+                              subject=f'{_model_name(model, ckpt_args)}, {desc}')
     except VisualizeError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
