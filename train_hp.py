@@ -405,26 +405,46 @@ def set_attn_only(model: nn.Module) -> None:
 
 # Checkpoints --------------------------------------------------------------------------------------
 
-MODEL_DEFINING_ARGS = ('no_broad', 'broad', 'stem', 'patch_size')
+def model_identity(args: Any) -> Dict[str, Any]:
+    """The settings that define a model beyond its parameter shapes (broad attention on or off,
+    its scale, the stem, the patch size), with defaults filled in, for comparing runs."""
+    get = args.get if isinstance(args, dict) else lambda k, d=None: getattr(args, k, d)
+    kind, name = resolve_model_name(str(get('arch')))
+    if kind == 'bvit':
+        broad = not get('no_broad', False)
+        ident = {'arch': name, 'broad': broad, 'stem': get('stem') or 'conv', 'patch_size': get('patch_size') or 16}
+    else:
+        broad = bool(get('broad', False))
+        ident = {'arch': name, 'broad': broad, 'patch_size': get('patch_size')}
+    if broad:
+        ident['broad_scale'] = float(get('broad_scale', 0.4))
+    return ident
+
+
+_IDENTITY_FLAGS = {'arch': '--arch', 'stem': '--stem', 'patch_size': '--patch-size', 'broad_scale': '--broad-scale'}
 
 
 def check_saved_args(obj: Any, args: argparse.Namespace, path: str) -> None:
-    """A checkpoint of this script made with another architecture (or with/without broad
-    attention, which changes no parameter shape) is refused with the flag to fix."""
+    """A checkpoint of this script made with another model is refused, naming the flag to fix;
+    this includes broad attention on/off and its scale, which change no parameter shape."""
     saved = obj.get('args') if isinstance(obj, dict) else None
     if not isinstance(saved, dict) or 'arch' not in saved:
         return
     try:
-        saved_name = resolve_model_name(str(saved['arch']))[1]
+        old = model_identity(saved)
     except UsageError:
-        saved_name = str(saved['arch'])
-    if saved_name != resolve_model_name(args.arch)[1]:
-        raise UsageError(f'{path} is a checkpoint of --arch {saved["arch"]}, not of --arch {args.arch}')
-    for key in MODEL_DEFINING_ARGS:
-        if key in saved and saved[key] != getattr(args, key):
-            flag = '--' + key.replace('_', '-')
-            raise UsageError(f'{path} was trained with {flag} {saved[key]}, this run has {flag} {getattr(args, key)}; '
-                             'pass the same value')
+        raise UsageError(f'{path} is a checkpoint of --arch {saved["arch"]}, which this installation does not know') from None
+    new = model_identity(args)
+    if old['arch'] == new['arch'] and old['broad'] != new['broad']:
+        flag = '--no-broad' if resolve_model_name(args.arch)[0] == 'bvit' else '--broad'
+        fix = ('remove' if (flag == '--no-broad') == old['broad'] else 'add') + f' {flag}'
+        raise UsageError(f'{path} is a checkpoint of {old["arch"]} {"with" if old["broad"] else "without"} broad '
+                         f'attention, but this run builds it {"with" if new["broad"] else "without"}; {fix}')
+    for key in _IDENTITY_FLAGS:
+        if old.get(key) != new.get(key):
+            flag = _IDENTITY_FLAGS[key]
+            raise UsageError(f'{path} is a checkpoint of a model with {flag} {old.get(key)}, but this run has '
+                             f'{flag} {new.get(key)}; pass the same value')
 
 
 def make_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,

@@ -165,6 +165,10 @@ def test_shipped_configs_hold_the_paper_recipe():
 
 # Bad input: one line on stderr, exit 2, nothing written ---------------------------------------------
 
+class _Killed(Exception):
+    pass
+
+
 def _bad_cases(tmp: Path, trained: Path) -> Dict[str, Tuple[List[str], str]]:
     (tmp / 'empty').mkdir()
     text = tmp / 'notes.txt'
@@ -176,6 +180,8 @@ def _bad_cases(tmp: Path, trained: Path) -> Dict[str, Tuple[List[str], str]]:
     import timm
     import bvit.models  # noqa: F401
     torch.save({'model': timm.create_model('bvit_22m', num_classes=10, img_size=16, patch_size=4).state_dict()}, other)
+    pickled = tmp / 'pickled_object.pth'
+    torch.save({'model': _Killed()}, pickled)  # arbitrary pickled objects: refused, never unpickled
     bad_yaml = tmp / 'bad.yaml'
     bad_yaml.write_text('lr: 1e-3\nlearning_rate: 0.1\n')
     ckpt = str(trained / 'checkpoint.pth')
@@ -188,10 +194,14 @@ def _bad_cases(tmp: Path, trained: Path) -> Dict[str, Tuple[List[str], str]]:
         'resume missing file': (TINY + ['--resume', tmp / 'none.pth'], 'not found'),
         'resume truncated file': (TINY + ['--resume', truncated], 'not a readable PyTorch checkpoint'),
         'resume text file': (TINY + ['--resume', text], 'not a readable PyTorch checkpoint'),
+        'resume pickled object': (TINY + ['--resume', pickled], 'refusing to load it'),
         'eval truncated file': (TINY + ['--eval', '--resume', truncated], 'not a readable PyTorch checkpoint'),
         'checkpoint of another model': (TINY + ['--eval', '--resume', other], 'does not fit'),
         'resume of another model': (TINY + ['--resume', other], 'does not fit'),
-        'checkpoint without broad': (TINY + ['--resume', ckpt, '--no-broad'], '--no-broad'),
+        'checkpoint with broad': (TINY + ['--resume', ckpt, '--no-broad'], 'with broad attention, but this run builds '
+                                  'it without; remove --no-broad'),
+        'checkpoint of another scale': (TINY + ['--eval', '--resume', ckpt, '--broad-scale', '0.2'], '--broad-scale'),
+        'checkpoint of another arch': (TINY + ['--eval', '--resume', ckpt, '--arch', 'BViT-22'], '--arch bvit_5m'),
         'yaml unknown key': (['--config', bad_yaml], "unknown key 'learning_rate'"),
         'yaml missing': (['--config', tmp / 'nope.yaml'], 'file not found'),
         'yaml bad value': (['--config', _write(tmp / 'v.yaml', 'epochs: many\n')], 'invalid value'),
@@ -320,10 +330,6 @@ def test_resume_restores_optimizer_scheduler_scaler_and_ema_exactly(tmp_path):
             train_hp.restore_training_state({**obj, key: None}, str(path), *fresh)
     with pytest.raises(utils.UsageError, match='--finetune'):
         train_hp.restore_training_state(obj['model'], str(path), *_training_objects(args, 2))
-
-
-class _Killed(Exception):
-    pass
 
 
 def test_lr_follows_the_schedule_and_resume_reproduces_an_uninterrupted_run(tmp_path, capsys, monkeypatch):
