@@ -204,7 +204,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='autocast dtype on CUDA; fp16 uses a gradient scaler')
     g.add_argument('--threads', default=0, type=int, metavar='N',
                    help="CPU threads per process for torch (0: torch's default; torchrun sets 1)")
-    g.add_argument('--seed', default=0, type=int, help='random seed (rank r uses seed + r)')
+    g.add_argument('--seed', default=0, type=int,
+                   help='random seed: the model is initialised alike on every rank; the data order and '
+                        'augmentation of each epoch depend on (seed, epoch, rank)')
     g.add_argument('--deterministic', action='store_true',
                    help='deterministic kernels, cuDNN benchmark off (slower on GPUs)')
     g.add_argument('--resume', default='', help='continue from this checkpoint.pth (with --eval: evaluate '
@@ -554,7 +556,9 @@ def _run(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     setup_determinism(args.deterministic)
-    seed_everything(args.seed + rank)
+    # the same seed on every rank: identical initial weights, so the EMA copy taken before DDP
+    # broadcasts rank 0's weights is identical too (with seed + rank, as in DeiT, it is not)
+    seed_everything(args.seed)
     log(environment_info(args))
 
     # data ---------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ TINY = ['--data-set', 'DIGITS', '--input-size', '16', '--stem', 'conv', '--patch
         '--threads', '1', '--print-freq', '1000', '--unscale-lr', '--aa', 'none', '--reprob', '0',
         '--hflip', '0', '--warmup-epochs', '1', '--model-ema-decay', '0.9']
 
-SUMMARY = re.compile(r'^(?:\[rank (\d+)\] )?Epoch \[(\d+)\] \* top-1 ([\d.]+)%  top-5 ([\d.]+)%  loss ([\d.]+)', re.M)
+SUMMARY = re.compile(r'^(?:\[rank (\d+)\] )?Epoch \[0\] \* (EMA )?top-1 ([\d.]+)%  top-5 ([\d.]+)%  loss ([\d.]+)', re.M)
 
 
 @pytest.fixture(autouse=True)
@@ -436,33 +436,38 @@ def test_deterministic_switches_off_cudnn_benchmark():
 
 def test_two_process_run_one_checkpoint_ranks_agree_and_dist_eval_is_exact(tmp_path, capsys):
     out = tmp_path / 'dist'
+    # without --dist-eval every rank evaluates all 61 images with its own model and EMA: they must agree
     r = run_process([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                     'train_hp.py', *TINY, '--epochs', '1', '--dist-eval', '--log-all-ranks', '--output_dir', out])
+                     'train_hp.py', *TINY, '--epochs', '1', '--log-all-ranks', '--output_dir', out])
     assert r.returncode == 0, r.stderr[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == ['best.pth', 'checkpoint.pth', 'log.txt']
+    assert sorted(p.name for p in out.iterdir()) == ['best.pth', 'checkpoint.pth', 'log.txt']  # rank 0 wrote
     rows = read_log(out / 'log.txt')
-    assert len(rows) == 1 and rows[0]['test_images'] == 61  # 31 + 30 images, none counted twice
+    assert len(rows) == 1 and rows[0]['test_images'] == 61
     assert 'world size 2' in r.stdout
-    summaries = {(m.group(1) or '0'): m.groups()[2:] for m in SUMMARY.finditer(r.stdout)}
-    assert set(summaries) == {'0', '1'} and summaries['0'] == summaries['1']  # the ranks agree
+    summaries = {(m.group(1) or '0', m.group(2) or ''): m.groups()[2:] for m in SUMMARY.finditer(r.stdout)}
+    assert set(summaries) == {('0', ''), ('1', ''), ('0', 'EMA '), ('1', 'EMA ')}
+    assert summaries[('0', '')] == summaries[('1', '')] and summaries[('0', 'EMA ')] == summaries[('1', 'EMA ')]
     obj = torch.load(out / 'checkpoint.pth', weights_only=True)
     assert obj['args']['world_size'] == 2 and obj['args']['lr_scaled'] == pytest.approx(1e-3)
 
-    # the same weights, evaluated by one process (plain python, in-process here)
+    # the same weights, evaluated by one process (plain python, in-process here) ...
     args = train_hp.parse_args(TINY + ['--eval', '--resume', str(out / 'checkpoint.pth'), '--dist-eval'])
     one = train_hp.main(args)
     assert one['images'] == 61
     assert one['acc1'] == rows[0]['test_acc1'] and one['acc5'] == rows[0]['test_acc5']
     assert one['loss'] == pytest.approx(rows[0]['test_loss'], rel=1e-5)
 
-    # and by two processes under the legacy launcher (no --use_env: it passes --local-rank)
+    # ... and by two with --dist-eval (31 + 30 images, none padded or counted twice), under the
+    # legacy launcher (no --use_env: it passes --local-rank)
     r = run_process([sys.executable, '-m', 'torch.distributed.launch', '--nproc_per_node=2',
                      f'--master_port={free_port()}', 'train_hp.py', *TINY, '--eval', '--resume',
                      out / 'checkpoint.pth', '--dist-eval'])
     assert r.returncode == 0, r.stderr[-3000:]
-    m = re.search(r'^\* top-1 ([\d.]+)%', r.stdout, re.M)
-    assert m and float(m.group(1)) == pytest.approx(one['acc1'], abs=0.005)
-    assert 'world size 2' in r.stdout
+    m = re.search(r'^\* top-1 ([\d.]+)%  top-5 ([\d.]+)%  loss ([\d.]+)  \((\d+) images\)', r.stdout, re.M)
+    assert m and 'world size 2' in r.stdout
+    assert int(m.group(4)) == 61
+    assert float(m.group(1)) == pytest.approx(one['acc1'], abs=0.005)
+    assert float(m.group(3)) == pytest.approx(one['loss'], abs=5e-5)
 
 
 # Loading weights -----------------------------------------------------------------------------------
