@@ -347,7 +347,7 @@ def make_table(results: Sequence[Mapping[str, Any]], pairs: Optional[Sequence[Tu
             if not d['seeds']:
                 continue
             per = ', '.join(f'{x:+.2f}' for x in d['diffs'])
-            lines.append(f'| {a} − {b} | {len(d["seeds"])} | {_pm(d["diffs"])} | {per} '
+            lines.append(f'| {_short_pair(a, b)} | {len(d["seeds"])} | {_pm(d["diffs"])} | {per} '
                          f'| {d["wins"]} / {d["ties"]} / {d["losses"]} |')
         lines.append('')
     return '\n'.join(lines).rstrip() + '\n'
@@ -355,37 +355,73 @@ def make_table(results: Sequence[Mapping[str, Any]], pairs: Optional[Sequence[Tu
 
 # Plot -------------------------------------------------------------------------------------------
 
+def _short_pair(a: str, b: str) -> str:
+    """'X, Y, broad 0.4' and 'X, Y, no broad (twin)' -> 'X, Y: broad 0.4 − no broad (twin)'."""
+    pa, pb = a.split(', '), b.split(', ')
+    n = 0
+    while n < min(len(pa), len(pb)) - 1 and pa[n] == pb[n]:
+        n += 1
+    if n == 0:
+        return f'{a} − {b}'
+    return f'{", ".join(pa[:n])}: {", ".join(pa[n:])} − {", ".join(pb[n:])}'
+
+
 def make_plot(results: Sequence[Mapping[str, Any]], out_path: str, title: str = 'Reproduction on DIGITS') -> None:
-    """Per-seed final top-1 of every variant (bvit and wrapped groups), the broad_scale sweep,
-    and the mean test-accuracy curves of the bvit group."""
+    """Up to four panels: per-seed final top-1 of every variant (bvit and wrapped groups), the
+    per-seed paired difference broad − twin, the broad_scale sweep, and the mean test-accuracy
+    curves of the bvit and wrapped groups."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
     compare = summarize([r for r in results if r['group'] in ('bvit', 'wrapped')])
+    pairs = [p for p in default_pairs(results) if paired_differences(results, *p)['seeds']]
     sweep = [r for r in results if r['group'] == 'scale']
-    curves = [r for r in results if r['group'] == 'bvit' and r.get('curve')]
-    panels = [p for p, ok in (('compare', compare), ('sweep', sweep), ('curves', curves)) if ok]
+    curves = [r for r in results if r['group'] in ('bvit', 'wrapped') and r.get('curve')]
+    panels = [p for p, ok in (('compare', compare), ('pairs', pairs), ('sweep', sweep), ('curves', curves)) if ok]
     if not panels:
         raise ValueError('no results to plot')
-    widths = {'compare': 1.5, 'sweep': 1.0, 'curves': 1.0}
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * sum(widths[p] for p in panels), 4.6),
-                             gridspec_kw=dict(width_ratios=[widths[p] for p in panels]), squeeze=False)
-    axes = axes[0]
+    ncols = 2 if len(panels) > 1 else 1
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(7.2 * ncols, 4.4 * nrows), squeeze=False)
+    axes = list(axes.ravel())
+    for ax in axes[len(panels):]:
+        ax.axis('off')
+
+    def color_of(meta: Mapping[str, Any]) -> str:
+        return 'tab:blue' if meta.get('broad') else 'tab:gray'
+
     for ax, panel in zip(axes, panels):
         if panel == 'compare':
             for i, row in enumerate(compare):
-                broad = row['meta'].get('broad', True)
-                color = 'tab:blue' if broad else 'tab:gray'
-                xs = [i + 0.12 * (j - (len(row['acc1']) - 1) / 2) / max(len(row['acc1']), 1)
-                      for j in range(len(row['acc1']))]
-                ax.scatter(xs, row['acc1'], s=14, color=color, alpha=0.6, zorder=2)
-                m, s = mean_std(row['acc1'])
-                ax.errorbar([i + 0.25], [m], yerr=[s], fmt='o', color=color, capsize=4, ms=7, zorder=3)
+                n = len(row['acc1'])
+                xs = [i - 0.15 + 0.2 * j / max(n - 1, 1) for j in range(n)]
+                ax.scatter(xs, row['acc1'], s=14, color=color_of(row['meta']), alpha=0.6, zorder=2)
+                m, sd = mean_std(row['acc1'])
+                ax.errorbar([i + 0.22], [m], yerr=[sd], fmt='o', color=color_of(row['meta']), capsize=4, ms=6, zorder=3)
+                ax.annotate(f'{m:.1f}', (i + 0.3, m), fontsize=7, va='center')
             ax.set_xticks(range(len(compare)))
-            ax.set_xticklabels([r['label'].replace(', ', '\n', 2) for r in compare], fontsize=7)
+            ax.set_xticklabels([r['label'].replace(', ', '\n').replace(' + ', '\n+ ') for r in compare], fontsize=7)
+            ax.set_xlim(-0.5, len(compare) - 0.3)
             ax.set_ylabel('final-epoch top-1 (%)')
-            ax.set_title('each seed (dots), mean ± std (right)', fontsize=9)
+            ax.set_title('final top-1: each seed (dots), mean ± std; blue = broad attention', fontsize=9)
+            ax.grid(axis='y', alpha=0.3)
+        elif panel == 'pairs':
+            for i, (a, b) in enumerate(pairs):
+                d = paired_differences(results, a, b)
+                n = len(d['diffs'])
+                xs = [i - 0.15 + 0.2 * j / max(n - 1, 1) for j in range(n)]
+                ax.scatter(xs, d['diffs'], s=16, color='tab:blue', alpha=0.6, zorder=2)
+                m, sd = mean_std(d['diffs'])
+                ax.errorbar([i + 0.22], [m], yerr=[sd], fmt='o', color='tab:blue', capsize=4, ms=6, zorder=3)
+                ax.annotate(f'{m:+.2f}', (i + 0.3, m), fontsize=7, va='center')
+            ax.axhline(0, color='black', lw=0.8)
+            ax.set_xticks(range(len(pairs)))
+            ax.set_xticklabels([_short_pair(a, b).replace(': ', ':\n').replace(' − ', '\n− ') for a, b in pairs],
+                               fontsize=7)
+            ax.set_xlim(-0.5, len(pairs) - 0.3)
+            ax.set_ylabel('top-1 difference (points), same seed')
+            ax.set_title('broad − twin, per seed (dots), mean ± std', fontsize=9)
             ax.grid(axis='y', alpha=0.3)
         elif panel == 'sweep':
             by: Dict[float, List[float]] = {}
@@ -395,35 +431,39 @@ def make_plot(results: Sequence[Mapping[str, Any]], out_path: str, title: str = 
             for x in xs:
                 ax.scatter([x] * len(by[x]), by[x], s=14, color='tab:blue', alpha=0.5)
             ms = [mean_std(by[x]) for x in xs]
-            ax.errorbar(xs, [m for m, _ in ms], yerr=[s for _, s in ms], color='tab:blue', capsize=4, marker='o')
-            ax.set_xlabel('broad_scale (0 = broad attention off in effect)')
+            ax.errorbar(xs, [m for m, _ in ms], yerr=[sd for _, sd in ms], color='tab:blue', capsize=4, marker='o')
+            ax.set_xticks(xs)
+            ax.set_xlabel('broad_scale (0: the no-broad twin; 0.4: as released)')
             ax.set_ylabel('final-epoch top-1 (%)')
-            ax.set_title('broad_scale sweep, conv stem', fontsize=9)
+            ax.set_title('broad_scale sweep, conv stem: each seed (dots), mean ± std', fontsize=9)
             ax.grid(alpha=0.3)
         else:
             labels: List[str] = []
             for r in curves:
                 if r['label'] not in labels:
                     labels.append(r['label'])
-            styles = {}
+            dashes = ['-', '--', ':', '-.']
+            families: List[Tuple[Any, Any]] = []
             for lab in labels:
                 meta = next(r['meta'] for r in curves if r['label'] == lab)
-                styles[lab] = dict(color='tab:blue' if meta.get('broad') else 'tab:gray',
-                                   ls='-' if meta.get('stem') == 'conv' else '--')
-            for lab in labels:
+                fam = (meta.get('arch'), meta.get('stem'))
+                if fam not in families:
+                    families.append(fam)
                 cs = [r['curve'] for r in curves if r['label'] == lab]
                 n = min(len(c) for c in cs)
                 mean = [statistics.mean(c[e] for c in cs) for e in range(n)]
-                ax.plot(range(1, n + 1), mean, label=f'{lab} ({len(cs)})', **styles[lab])
+                ax.plot(range(1, n + 1), mean, label=f'{lab} ({len(cs)} seeds)', color=color_of(meta),
+                        ls=dashes[families.index(fam) % len(dashes)])
             ax.set_xlabel('epoch')
             ax.set_ylabel('test top-1 (%), mean over seeds')
-            ax.set_title('learning curves', fontsize=9)
+            ax.set_title('learning curves (blue = broad attention)', fontsize=9)
             ax.legend(fontsize=6.5, loc='lower right')
+            ax.xaxis.get_major_locator().set_params(integer=True)
             ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    fig.savefig(out_path, dpi=120)
+    fig.savefig(out_path, dpi=110)
     plt.close(fig)
 
 
@@ -479,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep checkpoint.pth / best.pth of the first seed's runs (default, for figures), "
                         'of all runs, or of none')
     p.add_argument('--report-only', action='store_true', help='write table and plot from finished runs, run nothing')
+    p.add_argument('--note', default='', help='text added to the table\'s preamble (e.g. the measured wall time)')
     p.add_argument('--dry-run', action='store_true', help='print the commands of the runs still to do')
     return p
 
@@ -550,16 +591,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     total_run_wall = sum(r['wall_s'] for r in {(r['key'], r['seed']): r for r in results}.values())
     threads_txt = f'OMP_NUM_THREADS={args.threads}' if args.threads else 'torch\'s default threads'
-    cmd = 'python -m bvit.reproduce ' + ' '.join(shlex.quote(a) for a in argv)
+    shown: List[str] = []
+    skip = False
+    for a in argv:  # the study's command: without the report-only switches
+        if skip:
+            skip = False
+        elif a in ('--report-only', '--dry-run'):
+            continue
+        elif a == '--note':
+            skip = True
+        elif not a.startswith('--note='):
+            shown.append(a)
+    cmd = 'python -m bvit.reproduce ' + ' '.join(shlex.quote(a) for a in shown)
     preamble = (
         f'Every run is `train_hp.py --config {_show_path(config)}` with the flags of its variant '
-        f'(`--seed S`{", " + " ".join(extra) if extra else ""}); top-1 is on the DIGITS validation split, '
+        f'(`--seed S{" " + " ".join(extra) if extra else ""}`); top-1 is on the DIGITS validation split, '
         f'mean ± sample std over seeds. "final" is the last epoch, "best epoch" the maximum over epochs '
         f'(selected on the same split, so optimistic). "s / epoch" is the run\'s wall time (start-up, '
         f'training and evaluation) / epochs, "train img/s" the training throughput train_hp.py logs; both on a '
         f'shared 2-core CPU with {threads_txt}, so noisy.\n\n'
         f'Command: `{cmd.strip()}`. Sum of the runs\' wall times: {total_run_wall / 60:.1f} min '
-        f'({len({(r["key"], r["seed"]) for r in results})} runs).')
+        f'({len({(r["key"], r["seed"]) for r in results})} runs).' + (f' {args.note}' if args.note else ''))
     with open(out_md, 'w') as f:
         f.write(make_table(results, preamble=preamble))
     make_plot(results, out_png)
