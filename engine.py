@@ -4,12 +4,12 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from typing import Any, Callable, ContextManager, Dict, Iterable, Optional
+from typing import Callable, ContextManager, Dict, Iterable, Optional
 
 import torch
 from torch import nn
 
-from utils import NonFiniteLossError, ProgressPrinter, all_reduce_sum, format_seconds, get_world_size, log
+from utils import NonFiniteLossError, ProgressPrinter, all_reduce_sum, format_seconds, get_world_size, log, unwrap_model
 
 
 def autocast_context(device: torch.device, amp_dtype: Optional[torch.dtype]) -> Callable[[], ContextManager]:
@@ -82,7 +82,7 @@ def train_one_epoch(
                 torch.nn.utils.clip_grad_norm_(params, clip_grad)
             optimizer.step()
         if model_ema is not None:
-            model_ema.update(model.module if hasattr(model, 'module') else model)
+            model_ema.update(unwrap_model(model))
         n = images.shape[0]
         loss_sum += loss_mean * n
         count += n

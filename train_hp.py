@@ -25,7 +25,7 @@ import difflib
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -623,7 +623,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
     try:
         optimizer = create_optimizer_v2(model_without_ddp, opt=args.opt, lr=lr, weight_decay=args.weight_decay,
                                         momentum=args.momentum, **opt_kwargs)
-    except (ValueError, AssertionError) as e:
+    except ValueError as e:
         raise UsageError(f'--opt {args.opt}: {e}') from None
     scheduler = None
     if args.sched != 'none':
