@@ -174,12 +174,32 @@ def load_model(path: str, arch: Optional[str] = None, input_size: Optional[int] 
         model = timm.create_model(name, **kwargs)
     except (TypeError, ValueError) as e:
         raise VisualizeError(f'cannot build {name} with {kwargs}: {e}') from None
+    if isinstance(model, bvit_models.BViT):
+        sd = _fit_pos_embed(sd, model)
     try:
         bvit_models.check_state_dict(model, sd)
     except ValueError as e:
         raise VisualizeError(f'{path}: {e}') from None
     model.load_state_dict(sd)
     return model.eval(), dict(ckpt_args)
+
+
+def _fit_pos_embed(sd: Dict[str, Tensor], model: nn.Module) -> Dict[str, Tensor]:
+    """Resample the position table when the model is built for another input size than the
+    checkpoint's (``--input-size``), bicubically over the patch grid the checkpoint used."""
+    pos = sd.get('pos_embed')
+    want = model.pos_embed.shape
+    if pos is None or pos.ndim != 3 or tuple(pos.shape) == tuple(want) or pos.shape[2] != want[2]:
+        return sd
+    side = math.isqrt(pos.shape[1] - 1)
+    if side * side != pos.shape[1] - 1:
+        return sd
+    old_img = side * model.patch_size
+    stemmed = math.ceil(old_img / 2) if model.stem_type == 'conv' else old_img
+    old_grid = (stemmed // model.patch_size,) * 2
+    out = dict(sd)
+    out['pos_embed'] = bvit_models.resample_pos_embed(pos, old_grid, model.grid_size, num_rows=want[1])
+    return out
 
 
 def data_config(model: nn.Module, args: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:

@@ -149,3 +149,13 @@ def test_cli_digits_index(ckpt, tmp_path, capsys):
     assert msg.startswith('DIGITS val #3: predicted') and 'true ' in msg
     assert visualize.main(['--resume', str(path), '--image', '100000', '--out', str(out)]) == 2
     assert 'validation split has' in capsys.readouterr().err
+
+
+def test_input_size_override_resamples_the_position_table(ckpt):
+    path, ref = ckpt
+    model, _ = visualize.load_model(str(path), input_size=48)
+    assert model.img_size == (48, 48) and model.grid_size == (6, 6)
+    layers, broad, _ = visualize.class_token_maps(model, torch.randn(3, 48, 48))
+    assert broad.shape == (6, 6)
+    # The patch-grid part of the table is resampled; the class token's row is kept.
+    torch.testing.assert_close(model.pos_embed[0, 0], ref.pos_embed[0, 0])
