@@ -39,7 +39,7 @@ from utils import (
     CHECKPOINT_FORMAT, NonFiniteLossError, UsageError, append_log_line, args_to_dict, atomic_save,
     cleanup_distributed, environment_info, epoch_seed, format_seconds, init_distributed, is_main_process,
     load_finetune_weights, load_model_weights, log, model_state_from, read_checkpoint, resolve_device,
-    seed_everything, setup_determinism,
+    seed_everything, setup_determinism, write_line,
 )
 
 BVIT_NAMES = 'BViT-5, BViT-22 (also BViT_5, BViT-21, BViT_21, bvit_5m, bvit_22m)'
@@ -743,7 +743,7 @@ def _print_error(message: str) -> None:
     rank = os.environ.get('RANK', '0')
     tag = 'error' if rank in ('', '0') else f'error [rank {rank}]'
     message = ' '.join(message.split())  # one line
-    print(f'{tag}: {message}', file=sys.stderr, flush=True)
+    write_line(sys.stderr, f'{tag}: {message}')
 
 
 if __name__ == '__main__':

@@ -10,6 +10,7 @@ import math
 import os
 import platform
 import random
+import sys
 import time
 from collections import deque
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -139,7 +140,14 @@ def log(*items: Any, all_ranks: bool = False) -> None:
     if rank == 0 or all_ranks:
         if rank and all_ranks:
             items = (f'[rank {rank}]',) + items
-        print(*items, flush=True)
+        write_line(sys.stdout, ' '.join(str(i) for i in items))
+
+
+def write_line(stream: Any, text: str) -> None:
+    """``text`` and its newline in one write: lines of processes sharing a pipe (torchrun's
+    workers) then never interleave, even with PYTHONUNBUFFERED, where print() writes twice."""
+    stream.write(text + '\n')
+    stream.flush()
 
 
 def environment_info(args: Any) -> str:
@@ -454,7 +462,7 @@ def load_finetune_weights(model: nn.Module, path: str) -> List[str]:
 
 __all__ = [
     'UsageError', 'NonFiniteLossError', 'resolve_device', 'init_distributed', 'is_dist', 'get_world_size',
-    'get_rank', 'is_main_process', 'cleanup_distributed', 'all_reduce_sum', 'log', 'environment_info',
+    'get_rank', 'is_main_process', 'cleanup_distributed', 'all_reduce_sum', 'log', 'write_line', 'environment_info',
     'seed_everything', 'epoch_seed', 'setup_determinism', 'SmoothedValue', 'ProgressPrinter', 'plain',
     'args_to_dict', 'atomic_save', 'save_on_master', 'append_log_line', 'unwrap_model', 'read_checkpoint',
     'model_state_from', 'load_model_weights', 'bvit_grid', 'checkpoint_bvit_grid', 'head_keys',
