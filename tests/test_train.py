@@ -466,8 +466,8 @@ def test_two_process_run_one_checkpoint_ranks_agree_and_dist_eval_is_exact(tmp_p
     m = re.search(r'^\* top-1 ([\d.]+)%  top-5 ([\d.]+)%  loss ([\d.]+)  \((\d+) images\)', r.stdout, re.M)
     assert m and 'world size 2' in r.stdout
     assert int(m.group(4)) == 61
-    assert float(m.group(1)) == pytest.approx(one['acc1'], abs=0.005)
-    assert float(m.group(3)) == pytest.approx(one['loss'], abs=5e-5)
+    assert float(m.group(1)) == pytest.approx(one['acc1'], abs=0.0051)  # printed with 2 decimals
+    assert float(m.group(3)) == pytest.approx(one['loss'], abs=6e-5)  # 4 decimals; summed in another order
 
 
 # Loading weights -----------------------------------------------------------------------------------
