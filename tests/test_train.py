@@ -458,8 +458,11 @@ def test_two_process_run_one_checkpoint_ranks_agree_and_dist_eval_is_exact(tmp_p
     assert one['loss'] == pytest.approx(rows[0]['test_loss'], rel=1e-5)
 
     # ... and by two with --dist-eval (31 + 30 images, none padded or counted twice), under the
-    # legacy launcher (no --use_env: it passes --local-rank)
-    r = run_process([sys.executable, '-m', 'torch.distributed.launch', '--nproc_per_node=2',
+    # legacy launcher (no --use_env: it passes --local-rank), or torchrun where it is gone
+    import importlib.util
+    legacy = importlib.util.find_spec('torch.distributed.launch') is not None
+    r = run_process([sys.executable, '-m', 'torch.distributed.launch' if legacy else 'torch.distributed.run',
+                     '--nproc_per_node=2',
                      f'--master_port={free_port()}', 'train_hp.py', *TINY, '--eval', '--resume',
                      out / 'checkpoint.pth', '--dist-eval'])
     assert r.returncode == 0, r.stderr[-3000:]
