@@ -392,10 +392,13 @@ def resample_pos_embed(
     ``old_grid`` patch grid (row-major) to ``new_grid``, bicubically; prefix rows are kept.
 
     Rows past the used ones (the release sizes its table for the image without the stem) are
-    dropped; ``num_rows`` pads the result with zeros to a table of that many rows. Exactly a no-op
-    when the grids are equal.
+    dropped; ``num_rows`` pads the result with zeros to a table of that many rows. When the grids
+    are equal the table comes back unchanged (its first ``used`` rows, or all of it when
+    ``num_rows`` is its own row count).
     """
     used = num_prefix_tokens + old_grid[0] * old_grid[1]
+    if tuple(old_grid) == tuple(new_grid) and num_rows == pos_embed.shape[1]:
+        return pos_embed
     if pos_embed.shape[1] < used:
         raise ValueError(f'position table has {pos_embed.shape[1]} rows, fewer than the {used} of a {old_grid} grid')
     if tuple(old_grid) == tuple(new_grid):

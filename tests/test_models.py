@@ -420,6 +420,7 @@ def test_resample_pos_embed():
     pe = torch.randn(1, 1 + 4 * 6 + 5, 8)  # 4x6 grid used, 5 unused rows (as the release's stem leaves)
     same = M.resample_pos_embed(pe, (4, 6), (4, 6))
     assert torch.equal(same, pe[:, :25])
+    assert M.resample_pos_embed(pe, (4, 6), (4, 6), num_rows=pe.shape[1]) is pe
     big = M.resample_pos_embed(pe, (4, 6), (8, 3), num_rows=40)
     assert big.shape == (1, 40, 8)
     assert torch.equal(big[:, :1], pe[:, :1])  # class token kept
