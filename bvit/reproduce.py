@@ -109,10 +109,10 @@ def plan_runs(suites: Sequence[str], seeds: Sequence[int], scale_seeds: Sequence
                                            dict(arch=bvit_arch, stem='conv', broad=True, broad_scale=sc)))
         elif suite == 'wrapped':
             for seed in wrapped_seeds:
-                entries.append(RunSpec(f'{wrapped_arch}_broad0.4', f'{wrapped_arch} + broad 0.4', 'wrapped', seed,
+                entries.append(RunSpec(f'{wrapped_arch}_broad0.4', f'{wrapped_arch}, broad 0.4', 'wrapped', seed,
                                        ['--arch', wrapped_arch, '--broad', '--broad-scale', '0.4'],
                                        dict(arch=wrapped_arch, broad=True, broad_scale=0.4), ['stem']))
-                entries.append(RunSpec(f'{wrapped_arch}_plain', f'{wrapped_arch} (plain twin)', 'wrapped', seed,
+                entries.append(RunSpec(f'{wrapped_arch}_plain', f'{wrapped_arch}, plain (twin)', 'wrapped', seed,
                                        ['--arch', wrapped_arch], dict(arch=wrapped_arch, broad=False), ['stem']))
         else:
             raise ValueError(f'unknown suite {suite!r}; choose from {", ".join(SUITES)}')
@@ -276,12 +276,24 @@ def summarize(results: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:
 
 
 def paired_differences(results: Sequence[Mapping[str, Any]], a: str, b: str) -> Dict[str, Any]:
-    """Per-seed acc1(a) - acc1(b) over the seeds both variants have, with mean, std and wins."""
+    """Per-seed acc1(a) - acc1(b) over the seeds both variants have: the differences, wins / ties /
+    losses, and the paired t statistic with its two-sided p-value (n - 1 degrees of freedom;
+    None where undefined, or p without scipy)."""
     by = {(r['label'], r['seed']): float(r['acc1']) for r in results}
     seeds = sorted({s for (lab, s) in by if lab == a} & {s for (lab, s) in by if lab == b})
     diffs = [by[(a, s)] - by[(b, s)] for s in seeds]
+    t = p = None
+    if len(diffs) > 1:
+        m, sd = mean_std(diffs)
+        t = math.inf * (1 if m > 0 else -1 if m < 0 else 0) if sd == 0 else m / (sd / math.sqrt(len(diffs)))
+        if sd > 0:
+            try:
+                from scipy.stats import t as student_t
+                p = float(2 * student_t.sf(abs(t), len(diffs) - 1))
+            except ImportError:  # scipy comes with scikit-learn, but the table does not need it
+                p = None
     return dict(a=a, b=b, seeds=seeds, diffs=diffs, wins=sum(d > 0 for d in diffs),
-                ties=sum(d == 0 for d in diffs), losses=sum(d < 0 for d in diffs))
+                ties=sum(d == 0 for d in diffs), losses=sum(d < 0 for d in diffs), t=t, p=p)
 
 
 def default_pairs(results: Sequence[Mapping[str, Any]]) -> List[Tuple[str, str]]:
@@ -304,7 +316,7 @@ def default_pairs(results: Sequence[Mapping[str, Any]]) -> List[Tuple[str, str]]
 GROUP_TITLES = {
     'bvit': 'BViT vs the same network without broad attention',
     'scale': 'Sweep of broad_scale (conv stem)',
-    'wrapped': 'Broad attention added to a timm backbone',
+    'wrapped': 'Broad attention added to a timm backbone (bvit.broad; same recipe, the config without `stem`)',
 }
 
 
@@ -340,15 +352,20 @@ def make_table(results: Sequence[Mapping[str, Any]], pairs: Optional[Sequence[Tu
         pairs = default_pairs(results)
     if pairs:
         lines += ['## Paired differences (same seed), final-epoch top-1', '',
-                  '| broad variant − twin | seeds | mean ± std (points) | per seed | broad better / equal / worse |',
-                  '|---|---|---|---|---|']
+                  '| broad variant − twin | seeds | mean ± std (points) | per seed | broad better / equal / worse '
+                  '| paired t (p) |',
+                  '|---|---|---|---|---|---|']
         for a, b in pairs:
             d = paired_differences(results, a, b)
             if not d['seeds']:
                 continue
             per = ', '.join(f'{x:+.2f}' for x in d['diffs'])
+            if d['t'] is None:
+                tp = '–'
+            else:
+                tp = f'{d["t"]:.2f}' + (f' ({d["p"]:.2f})' if d['p'] is not None else '')
             lines.append(f'| {_short_pair(a, b)} | {len(d["seeds"])} | {_pm(d["diffs"])} | {per} '
-                         f'| {d["wins"]} / {d["ties"]} / {d["losses"]} |')
+                         f'| {d["wins"]} / {d["ties"]} / {d["losses"]} | {tp} |')
         lines.append('')
     return '\n'.join(lines).rstrip() + '\n'
 
@@ -364,6 +381,18 @@ def _short_pair(a: str, b: str) -> str:
     if n == 0:
         return f'{a} − {b}'
     return f'{", ".join(pa[:n])}: {", ".join(pa[n:])} − {", ".join(pb[n:])}'
+
+
+def _wrap_label(text: str, width: int = 15) -> str:
+    """Tick label on several lines: one per comma-separated part, long names cut after an '_'."""
+    out = []
+    for part in text.replace(': ', ':, ').replace(' − ', ', − ').split(', '):
+        while len(part) > width and '_' in part[4:width + 1]:
+            cut = part.rfind('_', 4, width + 1) + 1
+            out.append(part[:cut])
+            part = part[cut:]
+        out.append(part)
+    return '\n'.join(out)
 
 
 def make_plot(results: Sequence[Mapping[str, Any]], out_path: str, title: str = 'Reproduction on DIGITS') -> None:
@@ -401,7 +430,7 @@ def make_plot(results: Sequence[Mapping[str, Any]], out_path: str, title: str = 
                 ax.errorbar([i + 0.22], [m], yerr=[sd], fmt='o', color=color_of(row['meta']), capsize=4, ms=6, zorder=3)
                 ax.annotate(f'{m:.1f}', (i + 0.3, m), fontsize=7, va='center')
             ax.set_xticks(range(len(compare)))
-            ax.set_xticklabels([r['label'].replace(', ', '\n').replace(' + ', '\n+ ') for r in compare], fontsize=7)
+            ax.set_xticklabels([_wrap_label(r['label']) for r in compare], fontsize=7)
             ax.set_xlim(-0.5, len(compare) - 0.3)
             ax.set_ylabel('final-epoch top-1 (%)')
             ax.set_title('final top-1: each seed (dots), mean ± std; blue = broad attention', fontsize=9)
@@ -417,8 +446,7 @@ def make_plot(results: Sequence[Mapping[str, Any]], out_path: str, title: str = 
                 ax.annotate(f'{m:+.2f}', (i + 0.3, m), fontsize=7, va='center')
             ax.axhline(0, color='black', lw=0.8)
             ax.set_xticks(range(len(pairs)))
-            ax.set_xticklabels([_short_pair(a, b).replace(': ', ':\n').replace(' − ', '\n− ') for a, b in pairs],
-                               fontsize=7)
+            ax.set_xticklabels([_wrap_label(_short_pair(a, b), 22) for a, b in pairs], fontsize=7)
             ax.set_xlim(-0.5, len(pairs) - 0.3)
             ax.set_ylabel('top-1 difference (points), same seed')
             ax.set_title('broad − twin, per seed (dots), mean ± std', fontsize=9)

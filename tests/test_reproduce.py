@@ -44,14 +44,21 @@ def test_make_table_on_fabricated_results():
     assert '| scale 1.0 | 1 | 93.00 ± 0.00 |' in md
     # Paired over the three shared seeds: +1, 0, -1.
     pair = next(line for line in lines if line.startswith('| B conv − T conv |'))
-    assert pair == '| B conv − T conv | 3 | 0.00 ± 1.00 | +1.00, +0.00, -1.00 | 1 / 1 / 1 |'
+    assert pair == '| B conv − T conv | 3 | 0.00 ± 1.00 | +1.00, +0.00, -1.00 | 1 / 1 / 1 | 0.00 (1.00) |'
     # Group order follows the results; each group has its header.
     assert md.index(reproduce.GROUP_TITLES['bvit']) < md.index(reproduce.GROUP_TITLES['scale'])
 
 
 def test_paired_differences_explicit_pairs():
     d = reproduce.paired_differences(_fabricated(), 'B conv', 'T conv')
-    assert d['seeds'] == [0, 1, 2] and d['diffs'] == [1.0, 0.0, -1.0]
+    assert d['seeds'] == [0, 1, 2] and d['diffs'] == [1.0, 0.0, -1.0] and d['t'] == 0.0
+    res = [_result('g', 'a', s, acc, BROAD) for s, acc in enumerate([2.0, 3.0, 4.0])]
+    res += [_result('g', 'b', s, 0.0, TWIN) for s in range(3)]
+    d = reproduce.paired_differences(res, 'a', 'b')
+    # diffs 2, 3, 4: mean 3, std 1, t = 3 / (1 / sqrt 3); with 2 degrees of freedom Student's
+    # two-sided p has the closed form 1 - t / sqrt(2 + t^2).
+    t = 3 * 3 ** 0.5
+    assert d['t'] == pytest.approx(t) and d['p'] == pytest.approx(1 - t / (2 + t * t) ** 0.5)
     md = reproduce.make_table(_fabricated(), pairs=[])
     assert 'Paired' not in md
 
