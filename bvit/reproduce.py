@@ -8,19 +8,25 @@ only result read back. Suites (``--suite``, comma-separated):
   parameters, same initialisation for a seed), with the conv stem and without it, over
   ``--seeds`` (default 5 seeds).
 * ``scale``: BViT with ``broad_scale`` in ``--scales`` (default 0, 0.2, 0.4, 0.6, 1.0), conv stem,
-  over ``--scale-seeds``; the 0.4 runs are the ``bvit`` suite's own.
+  over ``--scale-seeds`` (default 3); the 0.4 runs are the ``bvit`` suite's own and 0 is the
+  ``--no-broad`` twin, which trains identically (bit for bit: 0 x broad adds exact zeros).
 * ``wrapped``: a timm backbone (``--wrapped-arch``, default ``deit_tiny_patch16_224`` at the
-  recipe's input size) with broad attention added (``--broad``) beside its plain twin, over
-  ``--wrapped-seeds``.
+  recipe's input and patch size) with broad attention added (``--broad``, :mod:`bvit.broad`)
+  beside its plain twin, over ``--wrapped-seeds`` (default 3); its runs use a copy of the config
+  without ``stem``, which train_hp.py accepts for BViT models only.
 
 Each run lives in ``RUNS_DIR/<variant>/seed<S>/``; one that finished (``reproduce.json`` marker
 with exit status 0 and a log) is not run again, so the study resumes where it stopped. Runs are
-sequential. The table (``--out-md``) gives mean ± std (over seeds) of the final-epoch top-1, the
-best epoch's, the parameters and seconds per epoch, and the per-seed paired differences; the plot
-(``--out-png``) shows the per-seed accuracies, the scale sweep and the mean test curves.
+sequential, each with OMP_NUM_THREADS=1 (``--threads``). The table (``--out-md``) gives mean ± std
+(over seeds) of the final-epoch top-1, the best epoch's, the parameters, seconds per epoch and
+training throughput, and the per-seed paired differences broad − twin with a paired t-test; the
+plot (``--out-png``) shows the per-seed accuracies, the paired differences, the scale sweep and
+the mean test curves.
 
-    python -m bvit.reproduce                       # the whole study, figs/reproduction.{md,png}
-    python -m bvit.reproduce --suite bvit --seeds 0,1 --epochs 2 --runs-dir /tmp/r --quick
+    python -m bvit.reproduce --epochs 6     # the study in figs/reproduction.{md,png}: 35 runs, ~40 min on 2 cores
+    python -m bvit.reproduce --quick        # smoke test: 1 epoch, 13 runs, output in runs/reproduce_quick
+    python -m bvit.reproduce --suite bvit --stems conv --seeds 0,1,2 --epochs 15   # the demo's full budget
+    python -m bvit.reproduce --epochs 6 --report-only   # rewrite table and plot from finished runs
 """
 from __future__ import annotations
 
@@ -166,17 +172,19 @@ def is_done(directory: str) -> bool:
     return ok and any('test_acc1' in r for r in read_log(log))
 
 
-def run_config(spec: RunSpec, directory: str, config: str) -> str:
+def run_config(spec: RunSpec, directory: str, config: str, write: bool = True) -> str:
     """The config file of a run: ``config`` itself, or, for a spec that drops keys (``stem`` for
     a timm backbone, which train_hp.py refuses it for), a copy without them in the run folder."""
     if not spec.drop_config_keys:
         return config
+    path = os.path.join(directory, 'config.yaml')
+    if not write:
+        return path
     import yaml
     with open(config) as f:
         data = yaml.safe_load(f) or {}
     drop = {k.replace('-', '_') for k in spec.drop_config_keys}
     data = {k: v for k, v in data.items() if str(k).replace('-', '_') not in drop}
-    path = os.path.join(directory, 'config.yaml')
     os.makedirs(directory, exist_ok=True)
     with open(path, 'w') as f:
         f.write(f'# {_show_path(config)} without {", ".join(sorted(drop))} (written by bvit.reproduce)\n')
@@ -184,8 +192,9 @@ def run_config(spec: RunSpec, directory: str, config: str) -> str:
     return path
 
 
-def train_command(spec: RunSpec, directory: str, config: str, extra: Sequence[str]) -> List[str]:
-    return [sys.executable, TRAIN_SCRIPT, '--config', run_config(spec, directory, config), '--seed', str(spec.seed),
+def train_command(spec: RunSpec, directory: str, config: str, extra: Sequence[str], write: bool = True) -> List[str]:
+    """The train_hp.py command line of a run (``write``: create its derived config file, if any)."""
+    return [sys.executable, TRAIN_SCRIPT, '--config', run_config(spec, directory, config, write), '--seed', str(spec.seed),
             '--output_dir', directory, *spec.args, *extra]
 
 
@@ -536,10 +545,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--train-arg', action='append', default=[], metavar='ARG',
                    help='extra argument for train_hp.py, repeatable (e.g. --train-arg=--batch-size --train-arg=64)')
     p.add_argument('--quick', action='store_true',
-                   help='tiny budget for smoke tests: 1 epoch, 2 seeds unless given, runs-dir runs/reproduce_quick')
+                   help='tiny budget for smoke tests: 1 epoch, seeds 0,1 (sweep and wrapped: 0) unless given; runs, '
+                        'table and plot in runs/reproduce_quick')
     p.add_argument('--runs-dir', default=None, help='where runs live (default runs/reproduce)')
-    p.add_argument('--out-md', default=None, help='markdown table (default figs/reproduction.md)')
-    p.add_argument('--out-png', default=None, help='plot (default figs/reproduction.png)')
+    p.add_argument('--out-md', default=None, help='markdown table (default figs/reproduction.md; with --quick in the runs dir)')
+    p.add_argument('--out-png', default=None, help='plot (default figs/reproduction.png; with --quick in the runs dir)')
     p.add_argument('--threads', type=int, default=1,
                    help='OMP_NUM_THREADS / MKL_NUM_THREADS of each run (default 1: on a busy 2-core CPU, '
                         "torch's 2-thread element-wise ops and optimizer steps ran ~100x slower than 1 thread)")
@@ -573,8 +583,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.epochs is None:
             args.epochs = 1
     runs_dir = args.runs_dir or os.path.join(REPO, 'runs', 'reproduce_quick' if args.quick else 'reproduce')
-    out_md = args.out_md or os.path.join(REPO, 'figs', 'reproduction.md')
-    out_png = args.out_png or os.path.join(REPO, 'figs', 'reproduction.png')
+    out_dir = runs_dir if args.quick else os.path.join(REPO, 'figs')  # --quick never overwrites figs/
+    out_md = args.out_md or os.path.join(out_dir, 'reproduction.md')
+    out_png = args.out_png or os.path.join(out_dir, 'reproduction.png')
     if not os.path.isfile(TRAIN_SCRIPT):
         print(f'error: {TRAIN_SCRIPT} not found', file=sys.stderr)
         return 2
@@ -595,7 +606,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f'(runs in {runs_dir})', flush=True)
     if args.dry_run:
         for s in todo:
-            print(' '.join(shlex.quote(c) for c in train_command(s, run_dir(runs_dir, s), config, extra)))
+            print(' '.join(shlex.quote(c) for c in train_command(s, run_dir(runs_dir, s), config, extra, write=False)))
         return 0
     t_start = time.time()
     failed = []
