@@ -154,6 +154,8 @@ class _BroadClassRow(torch.autograd.Function):
     def forward(ctx, num_heads: int, head_dim: int, scale: float, num_layers: int, *tensors: Tensor) -> Tensor:
         ys, weights, biases = tensors[:num_layers], tensors[num_layers:2 * num_layers], tensors[2 * num_layers:]
         H, d = num_heads, head_dim
+        # Attention is kept token-major, (B, N, H), so that every product with a (B, N, D) input
+        # reads it in its own layout (a transposed big operand would be copied by bmm).
         logits, q0s, rs = None, [], []
         for y, w, b in zip(ys, weights, biases or [None] * num_layers):
             wq, wk, _ = w.view(3, H, d, -1).unbind(0)
@@ -162,13 +164,15 @@ class _BroadClassRow(torch.autograd.Function):
                 q0 = q0 + b.view(3, H, d)[0]
             r = torch.einsum('bhj,hjc->bhc', q0, wk)                             # (B, H, D)
             # k's bias adds the same q0·b_k to every logit of a row: softmax ignores it.
-            logits = torch.baddbmm(logits, r, y.transpose(1, 2)) if logits is not None else r @ y.transpose(1, 2)
+            rt = r.transpose(1, 2).contiguous()                                  # (B, D, H), small
+            logits = torch.baddbmm(logits, y, rt) if logits is not None else y @ rt  # (B, N, H)
             q0s.append(q0)
             rs.append(r)
-        attn = (logits * scale).softmax(-1)                                     # (B, H, N)
+        attn = (logits * scale).softmax(1)                                      # (B, N, H)
+        attn_hn = attn.transpose(1, 2).contiguous()                             # (B, H, N), small
         outs, ybars = [], []
         for y, w, b in zip(ys, weights, biases or [None] * num_layers):
-            ybar = attn @ y                                                      # (B, H, D)
+            ybar = attn_hn @ y                                                   # (B, H, D)
             o = torch.einsum('bhc,hjc->bhj', ybar, w.view(3, H, d, -1)[2])
             if b is not None:
                 o = o + b.view(3, H, d)[2]                                       # rows of attn sum to 1
@@ -184,22 +188,23 @@ class _BroadClassRow(torch.autograd.Function):
         attn, rest = ctx.saved_tensors[0], ctx.saved_tensors[1:]
         ys, weights, q0s, rs, ybars = (rest[i * L:(i + 1) * L] for i in range(5))
         grad_out = grad_out.to(attn.dtype)
-        dattn = torch.zeros_like(attn)
+        dattn = torch.zeros_like(attn)                                           # (B, N, H)
         dybars, dws, dbs = [], [], []
         for l in range(L):
             wv = weights[l].view(3, H, d, -1)[2]
             go = grad_out[:, :, l]                                                # (B, H, d)
             dybar = torch.einsum('bhj,hjc->bhc', go, wv)                         # (B, H, D)
-            dattn.baddbmm_(dybar, ys[l].transpose(1, 2))
+            dattn.baddbmm_(ys[l], dybar.transpose(1, 2).contiguous())
             dybars.append(dybar)
             dws.append([None, None, torch.einsum('bhj,bhc->hjc', go, ybars[l])])
             dbs.append([None, None, go.sum(0)])
-        dlogits = attn * (dattn - (dattn * attn).sum(-1, keepdim=True)) * scale  # (B, H, N)
+        dlogits = attn * (dattn - (dattn * attn).sum(1, keepdim=True)) * scale   # (B, N, H)
+        dlogits_hn = dlogits.transpose(1, 2).contiguous()                        # (B, H, N), small
         dys = []
-        paths = torch.cat([dlogits, attn], 1).transpose(1, 2)                    # (B, N, 2H)
+        paths = torch.cat([dlogits, attn], 2)                                    # (B, N, 2H)
         for l in range(L):
             y, w = ys[l], weights[l].view(3, H, d, -1)
-            dr = dlogits @ y                                                     # (B, H, D)
+            dr = dlogits_hn @ y                                                  # (B, H, D)
             dws[l][1] = torch.einsum('bhj,bhc->hjc', q0s[l], dr)
             dq0 = torch.einsum('bhc,hjc->bhj', dr, w[1])                         # (B, H, d)
             dws[l][0] = torch.einsum('bhj,bc->hjc', dq0, y[:, 0])

@@ -12,8 +12,7 @@ only result read back. Suites (``--suite``, comma-separated):
   ``--no-broad`` twin, which trains identically (bit for bit: 0 x broad adds exact zeros).
 * ``wrapped``: a timm backbone (``--wrapped-arch``, default ``deit_tiny_patch16_224`` at the
   recipe's input and patch size) with broad attention added (``--broad``, :mod:`bvit.broad`)
-  beside its plain twin, over ``--wrapped-seeds`` (default 3); its runs use a copy of the config
-  without ``stem``, which train_hp.py accepts for BViT models only.
+  beside its plain twin, over ``--wrapped-seeds`` (default 3).
 
 Each run lives in ``RUNS_DIR/<variant>/seed<S>/``; one that finished (``reproduce.json`` marker
 with exit status 0 and a log) is not run again, so the study resumes where it stopped. Runs are
@@ -59,7 +58,6 @@ class RunSpec:
     seed: int
     args: List[str] = field(default_factory=list)
     meta: Dict[str, Any] = field(default_factory=dict)   # e.g. stem, broad, broad_scale
-    drop_config_keys: List[str] = field(default_factory=list)  # config keys that do not apply to this model
 
 
 # Study plan -------------------------------------------------------------------------------------
@@ -117,9 +115,9 @@ def plan_runs(suites: Sequence[str], seeds: Sequence[int], scale_seeds: Sequence
             for seed in wrapped_seeds:
                 entries.append(RunSpec(f'{wrapped_arch}_broad0.4', f'{wrapped_arch}, broad 0.4', 'wrapped', seed,
                                        ['--arch', wrapped_arch, '--broad', '--broad-scale', '0.4'],
-                                       dict(arch=wrapped_arch, broad=True, broad_scale=0.4), ['stem']))
+                                       dict(arch=wrapped_arch, broad=True, broad_scale=0.4)))
                 entries.append(RunSpec(f'{wrapped_arch}_plain', f'{wrapped_arch}, plain (twin)', 'wrapped', seed,
-                                       ['--arch', wrapped_arch], dict(arch=wrapped_arch, broad=False), ['stem']))
+                                       ['--arch', wrapped_arch], dict(arch=wrapped_arch, broad=False)))
         else:
             raise ValueError(f'unknown suite {suite!r}; choose from {", ".join(SUITES)}')
     return entries
@@ -172,29 +170,9 @@ def is_done(directory: str) -> bool:
     return ok and any('test_acc1' in r for r in read_log(log))
 
 
-def run_config(spec: RunSpec, directory: str, config: str, write: bool = True) -> str:
-    """The config file of a run: ``config`` itself, or, for a spec that drops keys (``stem`` for
-    a timm backbone, which train_hp.py refuses it for), a copy without them in the run folder."""
-    if not spec.drop_config_keys:
-        return config
-    path = os.path.join(directory, 'config.yaml')
-    if not write:
-        return path
-    import yaml
-    with open(config) as f:
-        data = yaml.safe_load(f) or {}
-    drop = {k.replace('-', '_') for k in spec.drop_config_keys}
-    data = {k: v for k, v in data.items() if str(k).replace('-', '_') not in drop}
-    os.makedirs(directory, exist_ok=True)
-    with open(path, 'w') as f:
-        f.write(f'# {_show_path(config)} without {", ".join(sorted(drop))} (written by bvit.reproduce)\n')
-        yaml.safe_dump(data, f, sort_keys=False)
-    return path
-
-
-def train_command(spec: RunSpec, directory: str, config: str, extra: Sequence[str], write: bool = True) -> List[str]:
-    """The train_hp.py command line of a run (``write``: create its derived config file, if any)."""
-    return [sys.executable, TRAIN_SCRIPT, '--config', run_config(spec, directory, config, write), '--seed', str(spec.seed),
+def train_command(spec: RunSpec, directory: str, config: str, extra: Sequence[str]) -> List[str]:
+    """The train_hp.py command line of a run."""
+    return [sys.executable, TRAIN_SCRIPT, '--config', config, '--seed', str(spec.seed),
             '--output_dir', directory, *spec.args, *extra]
 
 
@@ -325,7 +303,7 @@ def default_pairs(results: Sequence[Mapping[str, Any]]) -> List[Tuple[str, str]]
 GROUP_TITLES = {
     'bvit': 'BViT vs the same network without broad attention',
     'scale': 'Sweep of broad_scale (conv stem)',
-    'wrapped': 'Broad attention added to a timm backbone (bvit.broad; same recipe, the config without `stem`)',
+    'wrapped': 'Broad attention added to a timm backbone (bvit.broad; same recipe)',
 }
 
 
@@ -606,7 +584,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f'(runs in {runs_dir})', flush=True)
     if args.dry_run:
         for s in todo:
-            print(' '.join(shlex.quote(c) for c in train_command(s, run_dir(runs_dir, s), config, extra, write=False)))
+            print(' '.join(shlex.quote(c) for c in train_command(s, run_dir(runs_dir, s), config, extra)))
         return 0
     t_start = time.time()
     failed = []
