@@ -330,20 +330,11 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 def read_checkpoint(path: str) -> Any:
     """The object in a checkpoint file (``weights_only=True``), UsageError for a missing,
-    truncated or foreign file."""
-    import zipfile
+    truncated or foreign file (see ``bvit.models.read_checkpoint``)."""
     from bvit.models import read_checkpoint as _read
     try:
         return _read(path)
-    except FileNotFoundError as e:
-        raise UsageError(str(e)) from None
-    except ValueError as e:
-        if not zipfile.is_zipfile(path):
-            raise UsageError(f'{path} is not a readable PyTorch checkpoint (truncated, or not written by '
-                             'torch.save)') from None
-        if 'weights only load failed' in str(e).lower():
-            raise UsageError(f'{path} holds pickled Python objects besides tensors and plain data; refusing to '
-                             'load it (torch.load with weights_only=True)') from None
+    except (FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from None
 
 

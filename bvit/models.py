@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import zipfile
 from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -360,8 +361,14 @@ def read_checkpoint(path: Union[str, os.PathLike]) -> Any:
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # torch raises several types for bad files; all mean the same here
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f'{path} is not a readable PyTorch checkpoint: {reason[:200]}') from None
+        if not zipfile.is_zipfile(path):
+            reason = 'truncated, or not written by torch.save'
+        elif 'weights only load failed' in str(e).lower():
+            reason = ('it holds pickled Python objects besides tensors and plain data; refusing to load it '
+                      '(torch.load with weights_only=True)')
+        else:
+            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ValueError(f'{path} is not a readable PyTorch checkpoint: {reason}') from None
 
 
 def load_checkpoint(model: nn.Module, path: Union[str, os.PathLike], use_ema: bool = False) -> Any:
