@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import os
 import platform
 import random
@@ -359,11 +358,10 @@ def load_model_weights(model: nn.Module, obj: Any, path: str, use_ema: bool = Fa
 # --finetune: new head and resampled position embedding --------------------------------------------
 
 def bvit_grid(input_size: Any, patch_size: int, stem: str) -> Tuple[int, int]:
-    """The patch grid a BViT uses for ``input_size`` (int or (h, w))."""
-    h, w = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)[-2:]
-    if stem == 'conv':
-        h, w = math.ceil(h / 2), math.ceil(w / 2)
-    return h // patch_size, w // patch_size
+    """The patch grid a BViT uses for ``input_size`` (int or (h, w)): the model's own rule."""
+    from bvit.models import patch_grid
+    size = input_size if isinstance(input_size, int) else tuple(input_size)[-2:]
+    return patch_grid(size, patch_size, stem)
 
 
 def checkpoint_bvit_grid(obj: Any, state_dict: Mapping[str, Tensor]) -> Tuple[int, int]:
@@ -403,9 +401,7 @@ def interpolate_pos_embed(model: nn.Module, state_dict: Dict[str, Tensor], old_g
     pe = state_dict['pos_embed']
     target = model.pos_embed
     if isinstance(model, BViT):
-        assert old_grid is not None
-        if tuple(old_grid) == tuple(model.grid_size) and tuple(pe.shape) == tuple(target.shape):
-            return  # same grid, same table: exactly as saved (unused release rows included)
+        assert old_grid is not None  # at the same grid and row count the table comes back as saved
         state_dict['pos_embed'] = resample_pos_embed(
             pe.float(), old_grid, model.grid_size, num_rows=target.shape[1],
             num_prefix_tokens=model.num_prefix_tokens).to(pe.dtype)
@@ -431,7 +427,6 @@ def load_finetune_weights(model: nn.Module, path: str) -> List[str]:
         sd = convert_official_state_dict(obj)
     except ValueError as e:
         raise UsageError(f'{path}: {e}') from None
-    sd = {k: v for k, v in sd.items()}
     old_grid = checkpoint_bvit_grid(obj, sd) if isinstance(model, BViT) else None
     try:
         interpolate_pos_embed(model, sd, old_grid)

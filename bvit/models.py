@@ -31,6 +31,25 @@ def _pair(x: _int_or_pair) -> Tuple[int, int]:
     return (x, x) if isinstance(x, int) else (int(x[0]), int(x[1]))
 
 
+def patch_grid(img_size: _int_or_pair, patch_size: int, stem: str = 'conv') -> Tuple[int, int]:
+    """The (h, w) patch grid of a BViT for ``img_size``: the conv stem (7x7, stride 2, padding 3)
+    gives ceil(s / 2) pixels, then ``patch_size`` patches. ValueError when they do not divide."""
+    if stem not in ('conv', 'none'):
+        raise ValueError(f"stem must be 'conv' or 'none', got {stem!r}")
+    size = _pair(img_size)
+    stem_out = tuple(math.ceil(s / 2) for s in size) if stem == 'conv' else size
+    if any(s % patch_size for s in stem_out):
+        raise ValueError(
+            f'image size {size} gives {stem_out} after the {stem!r} stem, '
+            f'which is not divisible by patch size {patch_size}')
+    return stem_out[0] // patch_size, stem_out[1] // patch_size
+
+
+def _check_global_pool(global_pool: str) -> None:
+    if global_pool not in ('token', 'avg'):
+        raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+
+
 class AttentionMaps(NamedTuple):
     """Explicit attention probabilities of one forward pass (softmax rows, sum to 1).
 
@@ -91,10 +110,8 @@ class BViT(nn.Module):
             norm_eps: LayerNorm eps (PyTorch's default 1e-5, as released; timm's ViT uses 1e-6).
         """
         super().__init__()
-        if stem not in ('conv', 'none'):
-            raise ValueError(f"stem must be 'conv' or 'none', got {stem!r}")
-        if global_pool not in ('token', 'avg'):
-            raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+        _check_global_pool(global_pool)
+        self.grid_size: Tuple[int, int] = patch_grid(img_size, patch_size, stem)
         self.img_size = _pair(img_size)
         self.patch_size = patch_size
         self.in_chans = in_chans
@@ -110,17 +127,8 @@ class BViT(nn.Module):
         self.broad_scale = broad_scale
         self.grad_checkpointing = False
 
-        if stem == 'conv':
-            self.stem: nn.Module = nn.Conv2d(in_chans, in_chans, kernel_size=7, stride=2, padding=3)
-            stem_out = tuple(math.ceil(s / 2) for s in self.img_size)
-        else:
-            self.stem = nn.Identity()
-            stem_out = self.img_size
-        if any(s % patch_size for s in stem_out):
-            raise ValueError(
-                f'image size {self.img_size} gives {stem_out} after the {stem!r} stem, '
-                f'which is not divisible by patch size {patch_size}')
-        self.grid_size: Tuple[int, int] = (stem_out[0] // patch_size, stem_out[1] // patch_size)
+        self.stem: nn.Module = (nn.Conv2d(in_chans, in_chans, kernel_size=7, stride=2, padding=3)
+                                if stem == 'conv' else nn.Identity())
         self.num_patches = self.grid_size[0] * self.grid_size[1]
 
         # Linear(in_chans·p², D) on each patch, stored as the equivalent Conv2d (faster).
@@ -173,8 +181,7 @@ class BViT(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """Replace the head with a fresh Linear(D, num_classes) (Identity for 0)."""
         if global_pool is not None:
-            if global_pool not in ('token', 'avg'):
-                raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+            _check_global_pool(global_pool)
             self.global_pool = global_pool
         self.num_classes = num_classes
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -480,5 +487,5 @@ def bvit_22m(pretrained: bool = False, **kwargs: Any) -> BViT:
 __all__ = [
     'BViT', 'AttentionMaps', 'bvit_5m', 'bvit_22m', 'resolve_arch', 'unwrap_state_dict',
     'convert_official_state_dict', 'check_state_dict', 'read_checkpoint', 'load_checkpoint',
-    'resample_pos_embed', 'MODEL_ARGS',
+    'resample_pos_embed', 'patch_grid', 'MODEL_ARGS',
 ]

@@ -153,9 +153,8 @@ def test_vit_explicit_attention_path_is_exact():
         torch.testing.assert_close(model(x), explicit_vit(ref, x, 0.4)[1], rtol=1e-5, atol=1e-5)
 
 
-def test_vit_gradient_checkpointing_same_gradients():
-    model = add_broad_attention(tiny_vit(depth=3), scale=0.4).train()
-    x = torch.randn(2, 3, 32, 32)
+def assert_checkpointing_keeps_gradients(model: nn.Module, x: torch.Tensor) -> None:
+    model.train()
     model(x).square().sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
@@ -163,6 +162,10 @@ def test_vit_gradient_checkpointing_same_gradients():
     model(x).square().sum().backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_vit_gradient_checkpointing_same_gradients():
+    assert_checkpointing_keeps_gradients(add_broad_attention(tiny_vit(depth=3), scale=0.4), torch.randn(2, 3, 32, 32))
 
 
 def test_vit_train_backward_reaches_every_parameter():
@@ -313,15 +316,7 @@ def test_swin_stage_matches_explicit_broad_attention(img_size, window_size, rel_
 
 
 def test_swin_gradient_checkpointing_same_gradients():
-    model = add_broad_attention(tiny_swin(48, 5), scale=0.4).train()
-    x = torch.randn(2, 3, 48, 48)
-    model(x).square().sum().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
-    model.set_grad_checkpointing(True)
-    model(x).square().sum().backward()
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, grads[n], rtol=1e-5, atol=1e-6, msg=n)
+    assert_checkpointing_keeps_gradients(add_broad_attention(tiny_swin(48, 5), scale=0.4), torch.randn(2, 3, 48, 48))
 
 
 def test_swin_remove_restores_original():
