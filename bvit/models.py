@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import resample_abs_pos_embed, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import adapt_input_conv, build_model_with_cfg, generate_default_cfgs, register_model
 
 from .layers import QKV, Block, attention_probs, broad_attention, broad_attention_class_row, broad_attention_probs
 
@@ -379,7 +379,9 @@ def read_checkpoint(path: Union[str, os.PathLike]) -> Any:
 
 
 def load_checkpoint(model: nn.Module, path: Union[str, os.PathLike], use_ema: bool = False) -> Any:
-    """Load a released BViT file or one of this project's checkpoints into ``model``.
+    """Load a released BViT file or one of this project's checkpoints into ``model``, adapted by
+    :func:`checkpoint_filter_fn` (so a checkpoint of another input size loads, its position table
+    resampled).
 
     Returns the object read from the file (so a training script can restore the rest of its
     state). Raises FileNotFoundError or ValueError (see :func:`read_checkpoint`,
@@ -387,12 +389,71 @@ def load_checkpoint(model: nn.Module, path: Union[str, os.PathLike], use_ema: bo
     """
     obj = read_checkpoint(path)
     try:
-        sd = convert_official_state_dict(obj, use_ema)
+        sd = checkpoint_filter_fn(obj, model, use_ema)
     except ValueError as e:
         raise ValueError(f'{os.fspath(path)}: {e}') from None
     check_state_dict(model, sd)
     model.load_state_dict(sd)
     return obj
+
+
+def _saved_grid(obj: Any, sd: Mapping[str, Tensor]) -> Tuple[int, int]:
+    """The patch grid a checkpoint's position table was trained at: from this project's saved
+    arguments when present, else from the table itself (its rows are sized for the image without
+    the stem, (S/p)² + 1, as released), the patch size and whether the file has a stem."""
+    saved = obj.get('args') if isinstance(obj, Mapping) else None
+    if isinstance(saved, Mapping) and saved.get('input_size'):
+        size = saved['input_size']
+        size = size if isinstance(size, int) else tuple(size)[-2:]
+        return patch_grid(size, int(saved.get('patch_size') or 16), saved.get('stem') or 'conv')
+    rows = sd['pos_embed'].shape[1] - 1
+    side = math.isqrt(rows)
+    if side * side != rows:
+        raise ValueError(f'pos_embed has {rows + 1} rows: not 1 + a square grid, and the file holds no input size')
+    p = sd['patch_embed.weight'].shape[-1] if 'patch_embed.weight' in sd else 16
+    return patch_grid(side * p, p, 'conv' if 'stem.weight' in sd else 'none')
+
+
+def _adapt_in_chans(sd: Dict[str, Tensor], in_chans: int) -> None:
+    """Change the input channels of the first convs in place (timm's ``adapt_input_conv``).
+
+    Without the stem this is exact for a grey image repeated over the channels. The released
+    stem maps C -> C channels, so both of its sides change: its input side as timm adapts a
+    first conv, its output side by averaging the C filters for one channel (their mean feeds
+    the patch embedding, whose input side is summed) or repeating them: an approximation.
+    """
+    if 'stem.weight' in sd:
+        w, b = sd['stem.weight'], sd['stem.bias']
+        w = adapt_input_conv(in_chans, w, base_chans=w.shape[1])
+        pick = torch.arange(in_chans) % w.shape[0]
+        sd['stem.weight'] = w.float().mean(0, keepdim=True).to(w.dtype) if in_chans == 1 else w[pick]
+        sd['stem.bias'] = b.float().mean(0, keepdim=True).to(b.dtype) if in_chans == 1 else b[pick]
+    pe = sd['patch_embed.weight']
+    sd['patch_embed.weight'] = adapt_input_conv(in_chans, pe, base_chans=pe.shape[1])
+
+
+def checkpoint_filter_fn(state_dict: Any, model: nn.Module, use_ema: bool = False) -> Dict[str, Tensor]:
+    """Adapt a checkpoint to ``model``: the one place every loader goes through (timm's
+    ``pretrained_filter_fn``, :func:`load_checkpoint`, ``--finetune``, ``--eval --resume``, export).
+
+    ``state_dict``: what ``torch.load(path, weights_only=True)`` returned: a released BViT file, one
+    of this project's checkpoints (``use_ema`` picks ``model_ema``) or a bare state dict, with any
+    ``module.``/``_orig_mod.``/``model.`` prefixes. Done here: the release's key names, its Linear
+    patch embedding as a Conv2d kernel, the position table resampled (bicubic) from the
+    checkpoint's patch grid to the model's and sized to the model's table, and the first convs
+    adapted to the model's ``in_chans``. The classifier is left as saved. ValueError when the file
+    holds no state dict or a table that cannot be resampled.
+    """
+    sd = convert_official_state_dict(state_dict, use_ema)
+    if 'pos_embed' in sd and isinstance(model, BViT):
+        pe = sd['pos_embed']
+        sd['pos_embed'] = resample_pos_embed(
+            pe.float(), _saved_grid(state_dict, sd), model.grid_size, num_rows=model.pos_embed.shape[1],
+            num_prefix_tokens=model.num_prefix_tokens).to(pe.dtype)
+    in_chans = getattr(model, 'in_chans', None)
+    if in_chans is not None and 'patch_embed.weight' in sd and sd['patch_embed.weight'].shape[1] != in_chans:
+        _adapt_in_chans(sd, in_chans)
+    return sd
 
 
 def resample_pos_embed(
@@ -463,13 +524,9 @@ def _cfg(**kwargs: Any) -> Dict[str, Any]:
 default_cfgs = generate_default_cfgs({'bvit_5m': _cfg(), 'bvit_22m': _cfg()})
 
 
-def _pretrained_filter(state_dict: Dict[str, Tensor], model: nn.Module) -> Dict[str, Tensor]:
-    return convert_official_state_dict(state_dict)
-
-
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> BViT:
     args = {**MODEL_ARGS[variant], **kwargs}
-    return build_model_with_cfg(BViT, variant, pretrained, pretrained_filter_fn=_pretrained_filter, **args)
+    return build_model_with_cfg(BViT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **args)
 
 
 @register_model
@@ -486,6 +543,6 @@ def bvit_22m(pretrained: bool = False, **kwargs: Any) -> BViT:
 
 __all__ = [
     'BViT', 'AttentionMaps', 'bvit_5m', 'bvit_22m', 'resolve_arch', 'unwrap_state_dict',
-    'convert_official_state_dict', 'check_state_dict', 'read_checkpoint', 'load_checkpoint',
+    'convert_official_state_dict', 'checkpoint_filter_fn', 'check_state_dict', 'read_checkpoint', 'load_checkpoint',
     'resample_pos_embed', 'patch_grid', 'MODEL_ARGS',
 ]
