@@ -324,6 +324,7 @@ class BViT(nn.Module):
             if keep:
                 qkvs.append(qkv)
                 ys.append(y)
+            del qkv, y  # else the next block would run with this one's qkv output still alive
         return x, qkvs, ys
 
     def _broad(self, qkvs: List[QKV]) -> Tensor:
@@ -397,6 +398,7 @@ class BViT(nn.Module):
                 pieces.append(v @ class_row_pooling(i, self.head_dim, g, v.dtype, v.device))
             else:
                 qkvs.append((q[:, :, :1], k, v))
+            del qkv, q, k, v
         if g > 0:
             out = class_row_finish(logits, pieces, self.head_dim, g, self.embed_dim, self.head_dim ** -0.5, False)
         else:
@@ -421,7 +423,8 @@ class BViT(nn.Module):
         logits: Optional[Tensor] = None
         pieces: List[Tensor] = []
         for i, blk in enumerate(self.blocks):
-            x, _, y = blk(x)
+            x, qkv, y = blk(x)
+            del qkv
             w = blk.attn.qkv.weight.view(3, H, d, D)
             b = blk.attn.qkv.bias
             q0 = torch.einsum('bc,hjc->bhj', y[:, 0], w[0])
@@ -433,6 +436,7 @@ class BViT(nn.Module):
             u = torch.einsum('hjc,jw->hwc', w[2], pool).reshape(-1, D)            # (H·w, D)
             ub = (b.view(3, H, d)[2] @ pool).reshape(-1) if b is not None else None
             pieces.append(F.linear(y, u, ub).unflatten(-1, (H, -1)))              # (B, N, H, w)
+            del y
         assert logits is not None
         out = class_row_finish(logits, pieces, d, g, D, d ** -0.5, True)
         return x[:, :1] + self.broad_scale * out
