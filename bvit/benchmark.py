@@ -177,6 +177,55 @@ def ratios(res: Dict[str, Dict[str, float]], specs: List[Spec], modes: List[str]
     return out
 
 
+def head_share(name: str, kwargs: Dict, batch_size: int, img_size: int, repeats: int,
+               device: torch.device = torch.device('cpu')) -> Dict[str, float]:
+    """The class-row broad head's own time as a share of the whole call, alternating the two:
+
+    - 'infer': the streamed per-layer head ops (``BViT._stream_layer`` on each block's attention
+      input, then ``class_row_finish``) against ``model(x)`` in inference;
+    - 'train': forward and backward of ``broad_attention_class_row`` on the blocks' attention
+      inputs against a whole training step (forward, backward, AdamW).
+    """
+    from bvit.layers import broad_attention_class_row, class_row_finish
+    torch.manual_seed(0)
+    x = torch.randn(batch_size, 3, img_size, img_size, device=device)
+    model = timm.create_model(name, **kwargs).to(device).eval()
+    H, d, D, g = model.num_heads, model.head_dim, model.embed_dim, model._pool_group
+    with torch.inference_mode():
+        _, _, ys = model._run_blocks(model._embed(x), keep=True)
+
+    def head_infer() -> None:
+        with torch.inference_mode():
+            logits, pieces = None, []
+            for i, y in enumerate(ys):
+                logits = model._stream_layer(i, y, logits, pieces)
+            class_row_finish(logits, pieces, d, g, D, d ** -0.5, True)
+
+    weights = [blk.attn.qkv.weight for blk in model.blocks]
+    leaves = [y.clone().requires_grad_() for y in ys]
+
+    def head_train() -> None:
+        broad_attention_class_row(leaves, weights, None, H, d, D).sum().backward()
+
+    pairs = {'infer': (head_infer, _inference(model, x)),
+             'train': (head_train, _training(timm.create_model(name, **kwargs).to(device).train(), x))}
+    out = {}
+    for mode, (head, whole) in pairs.items():
+        head(), whole()
+        shares = []
+        for _ in range(repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            head()
+            _sync(device)
+            t1 = time.perf_counter()
+            whole()
+            _sync(device)
+            shares.append((t1 - t0) / (time.perf_counter() - t1))
+        out[mode] = statistics.median(shares)
+    return out
+
+
 def _spread(values: List[float]) -> str:
     if any(v != v for v in values):
         return f"{'-':>19s}"
@@ -199,6 +248,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument('--modes', default='infer,train', help="comma list of 'infer' and 'train'")
     parser.add_argument('--threads', type=int, default=0, help='torch threads (0: leave the default)')
     parser.add_argument('--device', default='cpu', help="'cpu' or 'cuda'")
+    parser.add_argument('--head-share', action='store_true', help="only measure the broad head's own share of "
+                        'each BViT call (inference and training), alternating head and whole call')
     parser.add_argument('--json', default='', help='also write the results to this JSON file')
     args = parser.parse_args(argv)
     if args.threads:
@@ -206,6 +257,14 @@ def main(argv: Optional[List[str]] = None) -> None:
     modes = [m for m in args.modes.split(',') if m]
     specs = SUITES[args.suite]
     device = torch.device(args.device)
+    if args.head_share:
+        print(f'# broad head share of each call, median of {args.repeats} alternating pairs, batch {args.batch_size} '
+              f'at {args.img_size}x{args.img_size}, {torch.get_num_threads()} threads, {args.device}')
+        for label, name, kwargs in specs:
+            if name.startswith('bvit') and kwargs.get('broad', True):
+                share = head_share(name, kwargs, args.batch_size, args.img_size, args.repeats, device)
+                print(f"{label:34s} inference {100 * share['infer']:5.2f}%   training step {100 * share['train']:5.2f}%")
+        return
     results = []
     for _ in range(args.runs):
         results.append(run(specs, args.batch_size, args.img_size, args.repeats, args.iters, args.warmup, modes,
