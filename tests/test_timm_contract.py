@@ -286,6 +286,17 @@ def test_torchscript_equals_eager(name):
             torch.testing.assert_close(scripted.forward_features(x), model.forward_features(x), **TOL)
 
 
+def test_dynamic_size_scripted_and_traced():
+    model = make(dynamic_img_size=True, dynamic_img_pad=True)
+    scripted, traced = torch.jit.script(model), torch.fx.symbolic_trace(model)
+    for size in (64, 96, 70):           # own grid, resampled table, padded to whole patches
+        x = images(size=size)
+        with torch.no_grad():
+            ref = model(x)
+            torch.testing.assert_close(scripted(x), ref, **TOL)
+            torch.testing.assert_close(traced(x), ref, **TOL)
+
+
 @pytest.mark.parametrize('name', NAMES)
 def test_fx_trace_forward_backward_and_script(name):
     model = make(name)
