@@ -210,7 +210,13 @@ def test_repeat_aug_sampler_shards(n, world, repeats):
     lists = [list(s) for s in shards]
     assert all(len(lst) == len(s) == -(-n // world) for lst, s in zip(lists, shards))
     everything = [i for lst in lists for i in lst]
-    assert set(everything) <= set(range(n))
+    assert all(0 <= i < n for i in everything)
+    # the ranks' positions together are the first W x ceil(n/W) of the repeated order: runs of
+    # `repeats` copies of distinct images, the last run possibly cut short
+    total = len(everything)
+    from collections import Counter
+    expected = [repeats] * (total // repeats) + ([total % repeats] if total % repeats else [])
+    assert sorted(Counter(everything).values(), reverse=True) == expected
     if repeats == 1:
         assert set(everything) == set(range(n))  # one pass covers the data set
     if repeats > 1 and world >= repeats:
@@ -226,7 +232,7 @@ def test_repeat_aug_sampler_reshuffles_every_epoch_with_one_process():
     for epoch in range(3):
         s.set_epoch(epoch)
         orders.append(list(s))
-    assert orders[0] != orders[1] != orders[2] and all(sorted(o) == list(range(50)) for o in orders)
+    assert len({tuple(o) for o in orders}) == 3 and all(sorted(o) == list(range(50)) for o in orders)
     s2 = RepeatAugSampler(range(50), 1, 0, seed=0, num_repeats=1)
     s2.set_epoch(1)
     assert list(s2) == orders[1]  # a resumed run draws the same order
