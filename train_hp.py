@@ -809,7 +809,7 @@ def _epochs(args: argparse.Namespace, device: torch.device, t: Dict[str, Any], s
     output_dir = args.output_dir
     start_time = time.time()
     test_stats: Dict[str, Any] = {}
-    bad_images = UnreadableImages(args.max_bad_images)
+    bad_images = t['evaluator'].bad_images  # one count of unreadable files per process, train and val
     for epoch in range(start_epoch, args.epochs):
         seed_everything(epoch_seed(args.seed, epoch, args.rank))
         resume = None

@@ -208,6 +208,10 @@ def _bad_cases(tmp: Path, trained: Path) -> Dict[str, Tuple[List[str], str]]:
         'yaml missing': (['--config', tmp / 'nope.yaml'], 'file not found'),
         'yaml bad value': (['--config', _write(tmp / 'v.yaml', 'epochs: many\n')], 'invalid value'),
         'stem on a cnn': (TINY + ['--arch', 'resnet18', '--patch-size', '0'], '--stem applies'),
+        'resume with another lr': (TINY + ['--resume', ckpt, '--lr', '5e-4'],
+                                   'was trained with --lr 0.001, this run has --lr 0.0005: --resume continues'),
+        'resume with another schedule': (TINY + ['--resume', ckpt, '--sched', 'step'], 'resume with --sched cosine'),
+        'resume with another min lr': (TINY + ['--resume', ckpt, '--min-lr', '0'], '--min-lr 1e-05'),
         'cuda forced without cuda': (TINY + ['--device', 'cuda'], 'CUDA') if not torch.cuda.is_available()
         else (TINY + ['--device', 'tpu'], '--device'),
     }
@@ -529,27 +533,45 @@ def test_state_dicts_load_with_prefixes_and_from_model_or_model_ema(tmp_path, tr
 
 
 def test_finetune_new_head_and_input_size_from_this_projects_and_released_files(tmp_path, trained, capsys):
+    """The weights a --finetune run starts from, read back from its checkpoint: lr 0 (no schedule)
+    leaves them exactly as loaded."""
     from PIL import Image
+    from timm.layers import resample_abs_pos_embed
     root = tmp_path / 'folder'
     for split in ('train', 'val'):
         for c in ('cat', 'dog', 'emu'):
             (root / split / c).mkdir(parents=True)
             for i in range(4 if split == 'train' else 1):
                 Image.new('RGB', (20, 20), (40 * i, 80, 120)).save(root / split / c / f'{i}.png')
-    folder = ['--data-set', 'FOLDER', '--data-path', root, '--train-subset', '12', '--batch-size', '4']
+    folder = ['--data-set', 'FOLDER', '--data-path', root, '--train-subset', '12', '--batch-size', '4',
+              '--lr', '0', '--sched', 'none', '--no-model-ema', '--epochs', '1']
+
+    def started_from(argv: List[Any], name: str) -> Dict[str, torch.Tensor]:
+        rc, out, err = run_cli(TINY + folder + argv + ['--output_dir', tmp_path / name], capsys)
+        assert rc == 0, err
+        assert 'new head.weight, head.bias' in out
+        return torch.load(tmp_path / name / 'checkpoint.pth', weights_only=True)['model']
+
     # this project's checkpoint: 16 px (2x2 grid), 10 classes -> 32 px (4x4 grid), 3 classes
-    rc, out, err = run_cli(TINY + folder + ['--input-size', '32', '--epochs', '1', '--finetune',
-                                            trained / 'checkpoint.pth'], capsys)
-    assert rc == 0, err
-    assert 'new head.weight, head.bias' in out
+    source = torch.load(trained / 'checkpoint.pth', weights_only=True)['model']
+    got = started_from(['--input-size', '32', '--finetune', trained / 'checkpoint.pth'], 'ours')
+    expected_pe = resample_abs_pos_embed(source['pos_embed'][:, :1 + 2 * 2], [4, 4], [2, 2], num_prefix_tokens=1)
+    torch.testing.assert_close(got['pos_embed'][:, :1 + 4 * 4], expected_pe, rtol=0, atol=1e-6)
+    assert got['head.weight'].shape == (3, 192)
+    for key in source:
+        if not key.startswith(('head.', 'pos_embed')):
+            assert torch.equal(got[key], source[key]), key
+
     # a released file: 224 px with the conv stem (7x7 grid), 1000 classes -> 64 px (2x2 grid), 3 classes
-    golden = torch.load(GOLDEN, weights_only=True)
+    golden = torch.load(GOLDEN, weights_only=True)['state_dict']
     released = tmp_path / 'released.pth'
-    torch.save({'state_dict': golden['state_dict']}, released)
-    rc, out, err = run_cli(TINY + folder + ['--input-size', '64', '--patch-size', '16', '--epochs', '1',
-                                            '--finetune', released], capsys)
-    assert rc == 0, err
-    assert 'new head.weight, head.bias' in out
+    torch.save({'state_dict': golden}, released)
+    got = started_from(['--input-size', '64', '--patch-size', '16', '--finetune', released], 'released')
+    expected_pe = resample_abs_pos_embed(golden['pos_embedding'][:, :1 + 7 * 7].float(), [2, 2], [7, 7],
+                                         num_prefix_tokens=1)
+    # the released table is float16, and the resampled one may be stored in float16 (relative step 2^-11)
+    torch.testing.assert_close(got['pos_embed'][:, :1 + 2 * 2], expected_pe, rtol=1e-3, atol=1e-5)
+    assert torch.equal(got['cls_token'], golden['cls_token'].float()) and got['head.weight'].shape == (3, 192)
 
 
 def test_pos_embed_interpolation_keeps_class_token_handles_non_square_and_is_a_no_op_at_same_size():
@@ -592,13 +614,30 @@ def test_pos_embed_interpolation_keeps_class_token_handles_non_square_and_is_a_n
 # Models other than BViT --------------------------------------------------------------------------
 
 def test_timm_model_with_broad_attention_and_no_broad_twin(tmp_path, capsys):
+    import timm
+    from bvit.broad import add_broad_attention
+    from datasets import build_dataset
     rc, out, err = run_cli(TINY + ['--arch', 'vit_tiny_patch16_224', '--broad', '--epochs', '1', '--train-subset', '64',
                                    '--stem', 'conv'], capsys)
     assert rc == 2 and '--stem applies to BViT' in err
     small = [a for a in TINY if a not in ('--stem', 'conv')]
-    rc, out, err = run_cli(small + ['--arch', 'vit_tiny_patch16_224', '--broad', '--epochs', '1', '--train-subset', '64'],
-                           capsys)
+    rc, out, err = run_cli(small + ['--arch', 'vit_tiny_patch16_224', '--broad', '--broad-scale', '3', '--epochs', '1',
+                                    '--train-subset', '64', '--output_dir', tmp_path / 'broad'], capsys)
     assert rc == 0, err
+    # the run trained and evaluated a broad-attention ViT: its logged test loss is that of the saved
+    # weights in add_broad_attention(ViT, 3), not in the plain ViT (a large scale makes them differ)
+    ckpt = torch.load(tmp_path / 'broad' / 'checkpoint.pth', weights_only=True)
+    logged = read_log(tmp_path / 'broad' / 'log.txt')[0]
+    val, _ = build_dataset(False, train_hp.parse_args(small))
+    images = torch.stack([val[i][0] for i in range(len(val))])
+    targets = torch.tensor([val[i][1] for i in range(len(val))])
+    plain_vit = timm.create_model('vit_tiny_patch16_224', num_classes=10, img_size=16, patch_size=4).eval()
+    plain_vit.load_state_dict(ckpt['model'])
+    with torch.no_grad():
+        plain_loss = F.cross_entropy(plain_vit(images), targets).item()
+        broad_loss = F.cross_entropy(add_broad_attention(plain_vit, scale=3.0)(images), targets).item()
+    assert broad_loss == pytest.approx(logged['test_loss'], rel=1e-6)
+    assert abs(plain_loss - logged['test_loss']) > 1e-4
     rc, out, err = run_cli(small + ['--arch', 'resnet18', '--broad', '--patch-size', '0'], capsys)
     assert rc == 2 and err.startswith('error: --broad') and len(err.strip().splitlines()) == 1
     rc, out, err = run_cli(TINY + ['--no-broad', '--epochs', '1', '--train-subset', '64', '--output_dir',
@@ -863,3 +902,162 @@ def test_training_loop_reduces_only_on_printing_steps(monkeypatch):
                             torch.device('cpu'), 0, print_freq=4)
     assert len(calls) == 3  # steps 4 and 8 print, and step 10 (the last): not one per step
     assert stats['stopped'] is None and math.isfinite(stats['loss'])
+
+
+# SLURM and multi-node launches ----------------------------------------------------------------------
+
+def test_slurm_nodelist_is_expanded_like_scontrol_show_hostnames():
+    expand = utils.expand_nodelist
+    assert expand('a,b') == ['a', 'b']
+    assert expand('node[01-03,07]') == ['node01', 'node02', 'node03', 'node07']
+    assert expand('gpu[1-2]-ib,cpu3') == ['gpu1-ib', 'gpu2-ib', 'cpu3']
+    assert expand('n[8-10]') == ['n8', 'n9', 'n10'] and expand('n[098-101]') == ['n098', 'n099', 'n100', 'n101']
+    assert expand('r[1-2]n[1,3]') == ['r1n1', 'r1n3', 'r2n1', 'r2n3']
+    with pytest.raises(utils.UsageError, match='unbalanced'):
+        expand('node[01-03')
+
+
+def test_slurm_variables_give_rank_world_and_rendezvous_when_torchrun_is_absent(monkeypatch):
+    for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv('SLURM_PROCID', '5')
+    monkeypatch.setenv('SLURM_NTASKS', '8')
+    monkeypatch.setenv('SLURM_LOCALID', '1')
+    monkeypatch.setenv('SLURM_JOB_NODELIST', 'gpu[07-08]-ib,cpu3')
+    monkeypatch.setenv('SLURM_JOB_ID', '123456')
+    assert utils.slurm_launch() == (5, 8, 1)
+    assert (os.environ['MASTER_ADDR'], os.environ['MASTER_PORT']) == ('gpu07-ib', str(10000 + 123456 % 20000))
+    assert (os.environ['RANK'], os.environ['WORLD_SIZE'], os.environ['LOCAL_RANK']) == ('5', '8', '1')
+    assert utils.slurm_launch() is None  # torchrun's variables (here: the ones just set) win
+    for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'):
+        monkeypatch.delenv(key)
+    monkeypatch.setenv('MASTER_ADDR', 'head')
+    monkeypatch.setenv('MASTER_PORT', '4242')
+    assert utils.slurm_launch() == (5, 8, 1) and (os.environ['MASTER_ADDR'], os.environ['MASTER_PORT']) == ('head', '4242')
+    monkeypatch.setenv('SLURM_NTASKS', '1')
+    for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'):
+        monkeypatch.delenv(key)
+    assert utils.slurm_launch() is None  # one task: a plain run
+
+
+def _slurm_job_with_free_port() -> int:
+    import random
+    rng = random.Random(os.getpid())
+    while True:
+        job = rng.randrange(1, 10 ** 6)
+        with socket.socket() as s:
+            try:
+                s.bind(('127.0.0.1', 10000 + job % 20000))
+                return job
+            except OSError:
+                continue
+
+
+def _two_processes(cmds: List[List[Any]], envs: List[Dict[str, str]]) -> List[Tuple[int, str, str]]:
+    procs = [subprocess.Popen([str(c) for c in cmd], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for cmd, env in zip(cmds, envs)]
+    outputs = [p.communicate() for p in procs]
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
+
+
+SMALL_RUN = TINY + ['--epochs', '1', '--train-subset', '64', '--no-model-ema']
+
+
+def test_srun_tasks_and_a_two_node_torchrun_train_as_one_run(tmp_path):
+    job = _slurm_job_with_free_port()
+    out = tmp_path / 'srun'
+    envs = []
+    for rank in range(2):
+        env = clean_env()
+        env.update(SLURM_PROCID=str(rank), SLURM_NTASKS='2', SLURM_LOCALID=str(rank), SLURM_JOB_ID=str(job),
+                   SLURM_JOB_NODELIST='localhost')
+        envs.append(env)
+    results = _two_processes([[sys.executable, 'train_hp.py', *SMALL_RUN, '--output_dir', out]] * 2, envs)
+    for rc, stdout, err in results:
+        assert rc == 0, err[-3000:]
+    assert f'SLURM task 0 of 2 (local 0): rendezvous at localhost:{10000 + job % 20000}' in results[0][1]
+    # every task names its rendezvous before it waits there (a hang is then diagnosable); then rank 0 logs
+    assert results[1][1] == f'SLURM task 1 of 2 (local 1): rendezvous at localhost:{10000 + job % 20000}\n'
+    assert 'world size 2' in results[0][1]
+    assert sorted(p.name for p in out.iterdir()) == ['best.pth', 'checkpoint.pth', 'log.txt']
+    assert torch.load(out / 'checkpoint.pth', weights_only=True)['args']['world_size'] == 2
+
+    out = tmp_path / 'nodes'
+    port = free_port()
+    cmds = [[sys.executable, '-m', 'torch.distributed.run', '--nnodes', '2', '--node_rank', str(node),
+             '--nproc_per_node', '1', '--master_addr', '127.0.0.1', '--master_port', str(port),
+             'train_hp.py', *SMALL_RUN, '--output_dir', out] for node in range(2)]
+    results = _two_processes(cmds, [clean_env(), clean_env()])
+    for rc, stdout, err in results:
+        assert rc == 0, err[-3000:]
+    assert 'world size 2' in results[0][1] and 'Accuracy of the network on the 61 test images' in results[0][1]
+    assert sorted(p.name for p in out.iterdir()) == ['best.pth', 'checkpoint.pth', 'log.txt']
+    assert len(read_log(out / 'log.txt')) == 1
+
+
+# Unreadable data -----------------------------------------------------------------------------------
+
+def _folder_with_truncated_images(root: Path) -> Tuple[Path, Path]:
+    from PIL import Image
+    for split, n in (('train', 6), ('val', 3)):
+        for c in ('a', 'b'):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.new('RGB', (16, 16), (40 * i, 90 * (c == 'a'), 120)).save(root / split / c / f'{i}.png')
+    bad_train, bad_val = root / 'train' / 'a' / '3.png', root / 'val' / 'b' / '1.png'
+    for path in (bad_train, bad_val):
+        path.write_bytes(path.read_bytes()[:60])  # the header survives, the pixel data is cut
+    return bad_train, bad_val
+
+
+def test_unreadable_images_are_skipped_named_counted_and_limited(tmp_path, capsys):
+    bad_train, bad_val = _folder_with_truncated_images(tmp_path / 'folder')
+    argv = TINY + ['--data-set', 'FOLDER', '--data-path', tmp_path / 'folder', '--batch-size', '4', '--num_workers', '2',
+                   '--no-repeated-aug', '--no-model-ema', '--epochs', '2']
+    rc, out, err = run_cli(argv + ['--output_dir', tmp_path / 'out'], capsys)
+    assert rc == 0 and 'Traceback' not in out + err, err
+    warnings = [line for line in out.splitlines() if line.startswith('warning:')]
+    assert warnings == [f'warning: skipped unreadable image {bad_train} (train split): OSError: image file is '
+                        'truncated', f'warning: skipped unreadable image {bad_val} (val split): OSError: image file '
+                        'is truncated'] * 2  # each file once per epoch, named with its split
+    rows = read_log(tmp_path / 'out' / 'log.txt')
+    assert [(r['train_skipped'], r['test_skipped'], r['test_images']) for r in rows] == [(1, 0 + 1, 5)] * 2
+    assert '(5 images, 1 unreadable skipped)' in out and 'Accuracy of the network on the 5 test images' in out
+    assert re.search(r'^Epoch \[0/1\] done in .*, 1 unreadable images skipped$', out, re.M)
+
+    rc, out, err = run_cli(argv + ['--max-bad-images', '1', '--output_dir', tmp_path / 'limited'], capsys)
+    assert rc == 2 and 'Traceback' not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: 2 unreadable images, more than --max-bad-images 1')
+    assert str(bad_val) in lines[0] and '(val split)' in lines[0]
+    assert not (tmp_path / 'limited' / 'checkpoint.pth').exists()
+
+
+# Flags that do what they say ------------------------------------------------------------------------
+
+def test_device_cuda_index_is_honoured_or_refused_under_a_launcher(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    assert utils.resolve_device('cuda:1') == torch.device('cuda', 1)
+    assert utils.resolve_device('cuda') == torch.device('cuda')
+    with pytest.raises(utils.UsageError, match=r'--device cuda:2: only 2 CUDA device\(s\) are visible'):
+        utils.resolve_device('cuda:2')
+    for key, value in (('RANK', '0'), ('WORLD_SIZE', '2'), ('LOCAL_RANK', '0')):
+        monkeypatch.setenv(key, value)
+    args = train_hp.parse_args(['--device', 'cuda:1'])
+    with pytest.raises(utils.UsageError, match='--device cuda:1 conflicts with the launcher'):
+        utils.init_distributed(args, torch.device('cuda', 1))
+
+
+def test_multistep_schedule_follows_decay_milestones():
+    args = train_hp.parse_args(['--sched', 'multistep', '--decay-milestones', '2', '4', '--decay-rate', '0.5',
+                                '--lr', '0.1', '--warmup-epochs', '0', '--epochs', '6'])
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = train_hp.build_scheduler(args, opt)
+    lrs = []
+    for epoch in range(6):
+        sched.step(epoch)
+        lrs.append(opt.param_groups[0]['lr'])
+    assert lrs == pytest.approx([0.1, 0.1, 0.05, 0.05, 0.025, 0.025])
+    with pytest.raises(utils.UsageError, match='--decay-milestones must increase'):
+        train_hp._check_flags(train_hp.parse_args(['--decay-milestones', '5', '3']))
