@@ -250,3 +250,41 @@ def test_sampler_arguments_are_checked():
         RepeatAugSampler(range(4), 2, 2)
     with pytest.raises(ValueError):
         ShardSampler(range(4), 0, 0)
+
+
+def test_repeat_aug_sampler_start_skips_the_batches_already_done():
+    s = RepeatAugSampler(range(30), 2, 1, seed=3, num_repeats=3)
+    s.set_epoch(4)
+    full = list(s)
+    s.set_epoch(4, start=6)
+    assert list(s) == full[6:] and len(s) == len(full) - 6
+    s.set_epoch(5)
+    assert len(s) == len(full) and s.start == 0  # the next epoch starts at its beginning
+    with pytest.raises(ValueError):
+        s.set_epoch(5, start=len(full) + 1)
+
+
+def test_unreadable_or_missing_images_become_records_left_out_of_the_batch(tmp_path):
+    root = _inat(tmp_path / 'inat18', 2018, with_categories_file=True)
+    missing = root / 'train_val2018' / 'Plantae' / '1' / 'train1.jpg'
+    missing.unlink()  # listed in train2018.json, not on disk
+    train, val, _ = datasets.build_datasets(make_args('--data-set', 'INAT', '--data-path', str(root),
+                                                      '--input-size', '16'))
+    record = train[1]
+    assert isinstance(record, datasets.UnreadableImage)
+    assert (record.path, record.split) == (str(missing), 'train') and record.reason.startswith('FileNotFoundError')
+    images, targets, bad = datasets.collate_skipping_unreadable([train[i] for i in range(4)])
+    assert images.shape == (3, 3, 16, 16) and targets.tolist() == [0, 2, 2] and bad == [record]
+    assert datasets.collate_skipping_unreadable([record]) == (None, None, [record])
+
+    folder = tmp_path / 'folder'
+    for split in ('train', 'val'):
+        (folder / split / 'x').mkdir(parents=True)
+        Image.new('RGB', (8, 8)).save(folder / split / 'x' / 'good.png')
+        (folder / split / 'x' / 'bad.png').write_bytes(b'\x89PNG\r\n\x1a\n not an image')
+    _, val, _ = datasets.build_datasets(make_args('--data-set', 'FOLDER', '--data-path', str(folder),
+                                                  '--input-size', '16'))
+    record = val[0]  # bad.png sorts first
+    assert isinstance(record, datasets.UnreadableImage) and record.split == 'val'
+    assert record.path == str(folder / 'val' / 'x' / 'bad.png') and 'UnidentifiedImageError' in record.reason
+    assert val[1][0].shape == (3, 16, 16)
