@@ -70,7 +70,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     """All flags. DeiT's main.py flags keep their names, spellings and meanings; the defaults are
     the BViT paper's ImageNet recipe (see configs/bvit_5m_imagenet.yaml)."""
     p = _Parser('train_hp.py', description='BViT training and evaluation script (DeiT-compatible flags).',
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                epilog='Exit status: 0 done; 1 non-finite loss (last checkpoint kept); 2 an error, printed on one '
+                       'line; 3 stopped by SIGTERM or SIGINT after a finished step, with a resumable checkpoint '
+                       '(continue with --resume OUTPUT_DIR/checkpoint.pth). Under srun, SLURM_PROCID, '
+                       'SLURM_NTASKS and SLURM_LOCALID give rank, world size and local rank.')
     p.add_argument('--config', default=None, metavar='YAML',
                    help='YAML file of defaults (keys: flag names, with - or _); flags on the command line win')
     p.add_argument('--batch-size', default=64, type=int, help='images per process and step (total = this x processes)')

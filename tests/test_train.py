@@ -124,8 +124,10 @@ def test_every_deit_flag_exists_and_every_flag_is_documented():
     assert not undocumented
     text = parser.format_help()
     for flag in ('--broad', '--no-broad', '--broad-scale', '--stem', '--patch-size', '--amp-dtype', '--config',
-                 '--deterministic', '--train-subset', '--val-subset', '--download', '--threads'):
+                 '--deterministic', '--train-subset', '--val-subset', '--download', '--threads', '--decay-milestones',
+                 '--max-bad-images'):
         assert flag in text
+    assert '3 stopped by SIGTERM or SIGINT' in ' '.join(text.split())  # the exit status of a preempted run
 
 
 def test_readme_command_parses_with_deit_spellings():
