@@ -553,13 +553,9 @@ def check_resume_schedule(obj: Any, args: argparse.Namespace, path: str) -> None
     if old_scaled is not None and abs(old_scaled - args.lr_scaled) > 1e-12 * max(abs(old_scaled), 1.0):
         log(f'note: the total batch differs from the checkpoint\'s; its learning-rate schedule (restored) keeps '
             f'its peak lr {old_scaled:.3g}, not {args.lr_scaled:.3g}')
-    if scheduler_epochs_changed(saved, args):
+    if args.sched != 'none' and saved.get('epochs') not in (None, args.epochs):
         log(f'note: the checkpoint was made for --epochs {saved["epochs"]}; its learning-rate schedule '
             f'(restored) still ends there, while this run trains to epoch {args.epochs - 1}')
-
-
-def scheduler_epochs_changed(saved: Dict[str, Any], args: argparse.Namespace) -> bool:
-    return args.sched != 'none' and saved.get('epochs') not in (None, args.epochs)
 
 
 def resume_position(obj: Any, args: argparse.Namespace, path: str) -> Optional[Dict[str, Any]]:

@@ -919,27 +919,29 @@ def test_slurm_nodelist_is_expanded_like_scontrol_show_hostnames():
         expand('node[01-03')
 
 
-def test_slurm_variables_give_rank_world_and_rendezvous_when_torchrun_is_absent(monkeypatch):
-    for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv('SLURM_PROCID', '5')
-    monkeypatch.setenv('SLURM_NTASKS', '8')
-    monkeypatch.setenv('SLURM_LOCALID', '1')
-    monkeypatch.setenv('SLURM_JOB_NODELIST', 'gpu[07-08]-ib,cpu3')
-    monkeypatch.setenv('SLURM_JOB_ID', '123456')
-    assert utils.slurm_launch() == (5, 8, 1)
-    assert (os.environ['MASTER_ADDR'], os.environ['MASTER_PORT']) == ('gpu07-ib', str(10000 + 123456 % 20000))
-    assert (os.environ['RANK'], os.environ['WORLD_SIZE'], os.environ['LOCAL_RANK']) == ('5', '8', '1')
-    assert utils.slurm_launch() is None  # torchrun's variables (here: the ones just set) win
-    for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'):
-        monkeypatch.delenv(key)
-    monkeypatch.setenv('MASTER_ADDR', 'head')
-    monkeypatch.setenv('MASTER_PORT', '4242')
-    assert utils.slurm_launch() == (5, 8, 1) and (os.environ['MASTER_ADDR'], os.environ['MASTER_PORT']) == ('head', '4242')
-    monkeypatch.setenv('SLURM_NTASKS', '1')
-    for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'):
-        monkeypatch.delenv(key)
-    assert utils.slurm_launch() is None  # one task: a plain run
+def test_slurm_variables_give_rank_world_and_rendezvous_when_torchrun_is_absent():
+    saved = dict(os.environ)  # slurm_launch sets RANK, WORLD_SIZE, ...: all of it goes back below
+    try:
+        for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
+            os.environ.pop(key, None)
+        os.environ.update(SLURM_PROCID='5', SLURM_NTASKS='8', SLURM_LOCALID='1', SLURM_JOB_ID='123456',
+                          SLURM_JOB_NODELIST='gpu[07-08]-ib,cpu3')
+        assert utils.slurm_launch() == (5, 8, 1)
+        assert (os.environ['MASTER_ADDR'], os.environ['MASTER_PORT']) == ('gpu07-ib', str(10000 + 123456 % 20000))
+        assert (os.environ['RANK'], os.environ['WORLD_SIZE'], os.environ['LOCAL_RANK']) == ('5', '8', '1')
+        assert utils.slurm_launch() is None  # torchrun's variables (here: the ones just set) win
+        for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'):
+            del os.environ[key]
+        os.environ.update(MASTER_ADDR='head', MASTER_PORT='4242')
+        assert utils.slurm_launch() == (5, 8, 1)
+        assert (os.environ['MASTER_ADDR'], os.environ['MASTER_PORT']) == ('head', '4242')
+        for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'):
+            del os.environ[key]
+        os.environ['SLURM_NTASKS'] = '1'
+        assert utils.slurm_launch() is None and 'RANK' not in os.environ  # one task: a plain run
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def _slurm_job_with_free_port() -> int:
