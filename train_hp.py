@@ -131,7 +131,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--patience-epochs', type=int, default=10, metavar='N',
                    help="patience of timm's plateau schedule (accepted for DeiT compatibility; plateau is not offered)")
     g.add_argument('--decay-milestones', type=int, nargs='+', default=[90, 180, 270], metavar='EPOCH',
-                   help="epochs at which 'multistep' multiplies the lr by --decay-rate (--decay-epochs is 'step''s)")
+                   help="epochs (numbered from 0, as in the logs) from which 'multistep' multiplies the lr by "
+                        "--decay-rate (--decay-epochs is the period of 'step')")
     g.add_argument('--decay-rate', '--dr', type=float, default=0.1, metavar='RATE', help="decay rate ('step', 'multistep')")
 
     g = p.add_argument_group('augmentation')
@@ -649,7 +650,9 @@ def build_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer) 
     try:
         scheduler, _ = create_scheduler_v2(
             optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
-            decay_milestones=list(args.decay_milestones), cooldown_epochs=args.cooldown_epochs,
+            # timm's multistep decays one epoch before each milestone (bisect on t + 1); + 1 makes the
+            # lr drop at the epochs named, as numbered in the logs, and agree with 'step'
+            decay_milestones=[m + 1 for m in args.decay_milestones], cooldown_epochs=args.cooldown_epochs,
             patience_epochs=args.patience_epochs, decay_rate=args.decay_rate, min_lr=args.min_lr,
             warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, noise=args.lr_noise,
             noise_pct=args.lr_noise_pct, noise_std=args.lr_noise_std, noise_seed=args.seed)

@@ -967,7 +967,7 @@ def _two_processes(cmds: List[List[Any]], envs: List[Dict[str, str]]) -> List[Tu
 SMALL_RUN = TINY + ['--epochs', '1', '--train-subset', '64', '--no-model-ema']
 
 
-def test_srun_tasks_and_a_two_node_torchrun_train_as_one_run(tmp_path):
+def test_srun_tasks_train_as_one_run(tmp_path):
     job = _slurm_job_with_free_port()
     out = tmp_path / 'srun'
     envs = []
@@ -986,6 +986,8 @@ def test_srun_tasks_and_a_two_node_torchrun_train_as_one_run(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ['best.pth', 'checkpoint.pth', 'log.txt']
     assert torch.load(out / 'checkpoint.pth', weights_only=True)['args']['world_size'] == 2
 
+
+def test_two_node_torchrun_trains_as_one_run(tmp_path):
     out = tmp_path / 'nodes'
     port = free_port()
     cmds = [[sys.executable, '-m', 'torch.distributed.run', '--nnodes', '2', '--node_rank', str(node),
