@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -29,6 +29,51 @@ FOLDER_LAYOUT = ('expected <data-path>/train/<class>/<image> and <data-path>/val
 # DIGITS: 1797 images of 8x8 pixels (values 0..16), split once with a fixed seed.
 DIGITS_VAL_SIZE = 357  # odd on purpose: --dist-eval must count every image once
 DIGITS_SPLIT_SEED = 0
+
+
+# Unreadable images --------------------------------------------------------------------------------
+
+class UnreadableImage(NamedTuple):
+    """What a file-based data set returns, instead of raising, for an image that cannot be read
+    (missing, truncated, not an image): :func:`collate_skipping_unreadable` leaves it out of the
+    batch and the training loop warns about it and counts it."""
+    path: str
+    split: str
+    reason: str
+
+
+READ_ERRORS = (OSError, SyntaxError)  # PIL: OSError (truncated, unidentified, missing), SyntaxError (broken PNG)
+
+
+def _unreadable(path: str, split: str, error: BaseException) -> UnreadableImage:
+    reason = ' '.join(str(error).split()) or type(error).__name__
+    return UnreadableImage(str(path), split, f'{type(error).__name__}: {reason}')
+
+
+def collate_skipping_unreadable(batch: Sequence[Any]) -> Tuple[Any, Any, List[UnreadableImage]]:
+    """``(images, targets, unreadable)``: the readable samples collated as usual (None, None when
+    there are none) and the :class:`UnreadableImage` records of the others."""
+    from torch.utils.data import default_collate
+    good = [s for s in batch if not isinstance(s, UnreadableImage)]
+    bad = [s for s in batch if isinstance(s, UnreadableImage)]
+    if not good:
+        return None, None, bad
+    images, targets = default_collate(good)
+    return images, targets, bad
+
+
+class _ImageFolder(tv_datasets.ImageFolder):
+    """torchvision's ImageFolder, returning an :class:`UnreadableImage` for a file it cannot read."""
+
+    def __init__(self, root: str, split: str, transform: Any) -> None:
+        super().__init__(root, transform=transform)
+        self.split = split
+
+    def __getitem__(self, index: int) -> Any:
+        try:
+            return super().__getitem__(index)
+        except READ_ERRORS as e:
+            return _unreadable(self.samples[index][0], self.split, e)
 
 
 # Transforms ---------------------------------------------------------------------------------------
@@ -159,6 +204,7 @@ class INatDataset(Dataset):
         self.root = root
         self.transform = transform
         split = 'train' if train else 'val'
+        self.split = split
         records = self._read(os.path.join(root, f'{split}{year}.json'))
         train_records = records if train else self._read(os.path.join(root, f'train{year}.json'))
         cat_path = os.path.join(root, 'categories.json')
@@ -210,7 +256,10 @@ class INatDataset(Dataset):
 
     def __getitem__(self, index: int) -> Tuple[Any, int]:
         path, target = self.samples[index]
-        img = Image.open(path).convert('RGB')
+        try:
+            img = Image.open(path).convert('RGB')
+        except READ_ERRORS as e:  # also a file listed in the json but missing
+            return _unreadable(path, self.split, e)
         if self.transform is not None:
             img = self.transform(img)
         return img, target
@@ -257,7 +306,7 @@ def _image_folder(root: str, split: str, transform: Any) -> tv_datasets.ImageFol
     if not os.path.isdir(folder):
         raise UsageError(f'{folder} not found; {FOLDER_LAYOUT}')
     try:
-        return tv_datasets.ImageFolder(folder, transform=transform)
+        return _ImageFolder(folder, split, transform)
     except (FileNotFoundError, RuntimeError) as e:
         raise UsageError(f'{folder}: {str(e).strip().splitlines()[0]}; {FOLDER_LAYOUT}') from None
 

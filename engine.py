@@ -4,19 +4,67 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from typing import Callable, ContextManager, Dict, Iterable, Optional
+from typing import Any, Callable, ContextManager, Dict, Iterable, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import nn
 
-from utils import NonFiniteLossError, ProgressPrinter, all_reduce_sum, format_seconds, get_world_size, log, unwrap_model
+from utils import (
+    NonFiniteLossError, ProgressPrinter, StopSignal, UsageError, all_reduce_sum, format_seconds, get_world_size,
+    is_dist, log, rng_state, set_rng_state, unwrap_model,
+)
 
 
 def autocast_context(device: torch.device, amp_dtype: Optional[torch.dtype]) -> Callable[[], ContextManager]:
-    """A factory of autocast contexts (a no-op one when ``amp_dtype`` is None)."""
+    """A factory of autocast contexts (a no-op one when ``amp_dtype`` is None); CUDA and CPU."""
     if amp_dtype is None:
         return contextlib.nullcontext
     return lambda: torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+class UnreadableImages:
+    """Unreadable images met by this process: each is skipped with one warning line naming the
+    file and the split; more than ``limit`` distinct files (``--max-bad-images``) stop the run
+    with one line (:class:`utils.UsageError`, exit status 2; the last checkpoint is kept)."""
+
+    def __init__(self, limit: int = 100) -> None:
+        self.limit = limit
+        self.files: Set[str] = set()
+
+    def skip(self, records: Sequence[Any]) -> int:
+        for r in records:
+            log(f'warning: skipped unreadable image {r.path} ({r.split} split): {r.reason}', all_ranks=True)
+            self.files.add(r.path)
+            if len(self.files) > self.limit:
+                raise UsageError(f'{len(self.files)} unreadable images, more than --max-bad-images {self.limit}; '
+                                 f'the last: {r.path} ({r.split} split): {r.reason}')
+        return len(records)
+
+
+def unpack_batch(batch: Sequence[Any], bad: Optional[UnreadableImages]) -> Tuple[Any, Any, int]:
+    """(images, targets, skipped) of a loader batch: ``(images, targets)``, or the
+    ``(images, targets, unreadable)`` of :func:`datasets.collate_skipping_unreadable`."""
+    if len(batch) < 3:
+        return batch[0], batch[1], 0
+    skipped = (bad or UnreadableImages()).skip(batch[2]) if batch[2] else 0
+    return batch[0], batch[1], skipped
+
+
+def _optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler],
+                    params: Sequence[torch.Tensor], clip_grad: Optional[float]) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None and scaler.is_enabled():
+        scaler.scale(loss).backward()
+        if clip_grad:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        if clip_grad:
+            torch.nn.utils.clip_grad_norm_(params, clip_grad)
+        optimizer.step()
 
 
 def train_one_epoch(
@@ -34,68 +82,90 @@ def train_one_epoch(
         set_training_mode: bool = True,
         print_freq: int = 10,
         num_epochs: Optional[int] = None,
-) -> Dict[str, float]:
+        stop: Optional[StopSignal] = None,
+        resume: Optional[Dict[str, Any]] = None,
+        bad_images: Optional[UnreadableImages] = None,
+) -> Dict[str, Any]:
     """Train ``model`` for one pass over ``data_loader``.
 
     ``criterion(images, outputs, targets)`` is a :class:`losses.DistillationLoss`-style loss.
     The learning rate is whatever the caller's scheduler set before the epoch; it is reported
-    as ``lr``. The loss is averaged over all ranks at every step; if it is NaN or infinite on
-    any rank, every rank raises :class:`utils.NonFiniteLossError` before the optimizer step.
-    Returns the epoch's mean loss over all ranks and images, its lr, and the throughput.
+    as ``lr``. As in DeiT, each step's loss is read locally (``loss.item()``, the only host sync)
+    and a NaN or infinite one raises :class:`utils.NonFiniteLossError` on that rank before the
+    optimizer step. No collective runs per step: the loss sums (and the stop flag of ``stop``,
+    set by SIGTERM / SIGINT) are summed over ranks only on the steps that print (every
+    ``print_freq``, and the last); a single process checks the flag after every step.
+
+    ``resume``: what a stopped epoch returned (``batches_done``, ``loss_sum``, ``count``,
+    ``rng``), for a loader that yields the rest of that epoch. Returns the epoch's mean loss over
+    all ranks and images, its lr, the throughput, the unreadable images skipped, and
+    ``stopped``: None, or the state to resume from (this rank's).
     """
     model.train(set_training_mode)
     world = get_world_size()
-    total = len(data_loader)  # type: ignore[arg-type]
+    first = int(resume['batches_done']) if resume else 0
+    total = first + len(data_loader)  # type: ignore[arg-type]
     header = f'Epoch [{epoch}]' if num_epochs is None else f'Epoch [{epoch}/{num_epochs - 1}]'
     batch_size = getattr(data_loader, 'batch_size', None) or 1
-    progress = ProgressPrinter(total, header, print_freq, batch_size * world)
-    loss_sum, count = 0.0, 0
+    progress = ProgressPrinter(total, header, print_freq, batch_size * world, start=first)
+    loss_sum, count = (float(resume['loss_sum']), int(resume['count'])) if resume else (0.0, 0)
+    skipped, done_here = 0, 0
     lr = max(group['lr'] for group in optimizer.param_groups)
     params = [p for group in optimizer.param_groups for p in group['params']]
+    iterator = iter(data_loader)  # draws the loader's base seed from torch's generator ...
+    if resume:
+        set_rng_state(resume['rng'])  # ... so the saved states go back after it, as they were
+    totals = [loss_sum, float(count), 0.0, 0.0]
+    stopped = None
     start = time.time()
-    for i, (images, targets) in enumerate(data_loader):
+    for i, batch in enumerate(iterator, start=first):
+        images, targets, n_bad = unpack_batch(batch, bad_images)
+        skipped += n_bad
+        if images is None:
+            raise UsageError(f'every image of training batch {i + 1} of epoch {epoch} was unreadable (see the warnings)')
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
+        if mixup_fn is not None and images.shape[0] % 2:  # mixup pairs images: an image skipped, one more left out
+            images, targets = images[:-1], targets[:-1]
         if mixup_fn is not None:
             images, targets = mixup_fn(images, targets)
         with autocast():
             outputs = model(images)
             loss = criterion(images, outputs, targets)
-        # the mean loss over ranks: logged, and checked on every rank alike
-        loss_mean = all_reduce_sum([loss.detach().float().item()], device)[0] / world
-        if not math.isfinite(loss_mean):
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
             raise NonFiniteLossError(
-                f'the training loss is {loss_mean} at epoch {epoch}, iteration {i + 1}/{total} '
+                f'the training loss is {loss_value} at epoch {epoch}, iteration {i + 1}/{total} '
                 f'(lr {lr:.3g}); stopping. The checkpoint of the last finished epoch is kept; '
                 'try a lower --lr, --clip-grad, or --amp-dtype bf16')
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None and scaler.is_enabled():
-            scaler.scale(loss).backward()
-            if clip_grad:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            if clip_grad:
-                torch.nn.utils.clip_grad_norm_(params, clip_grad)
-            optimizer.step()
+        _optimizer_step(loss, optimizer, scaler, params, clip_grad)
         if model_ema is not None:
             model_ema.update(unwrap_model(model))
         n = images.shape[0]
-        loss_sum += loss_mean * n
+        loss_sum += loss_value * n
         count += n
-        if device.type == 'cuda' and (i + 1) % max(1, print_freq) == 0:
-            torch.cuda.synchronize()
-        progress.step(i, lr=f'{lr:.6f}', loss=f'{loss_mean:.4f} ({loss_sum / count:.4f})')
+        done_here += n
+        asked = stop is not None and stop.requested
+        if progress.due(i) or (asked and not is_dist()):
+            totals = all_reduce_sum([loss_sum, count, float(asked), skipped], device)
+            progress.step(i, lr=f'{lr:.6f}', loss=f'{loss_value:.4f} ({totals[0] / max(totals[1], 1):.4f})')
+            if totals[2] > 0 and i + 1 < total:
+                stopped = {'batches_done': i + 1, 'batches_total': total, 'loss_sum': loss_sum, 'count': count,
+                           'rng': rng_state()}
+                break
     elapsed = time.time() - start
-    log(f'{header} done in {format_seconds(elapsed)}')
-    return {
-        'loss': loss_sum / max(count, 1),
+    stats = {
+        'loss': totals[0] / max(totals[1], 1),
         'lr': lr,
-        'images_per_sec': count * world / max(elapsed, 1e-9),
+        'images_per_sec': done_here * world / max(elapsed, 1e-9),
+        'skipped': int(totals[3]),
+        'stopped': stopped,
     }
+    if stopped is None:
+        log(f'{header} done in {format_seconds(elapsed)}: loss {stats["loss"]:.4f}, lr {lr:.3g}, '
+            f'{stats["images_per_sec"]:.1f} img/s' + (f', {stats["skipped"]} unreadable images skipped'
+                                                     if stats['skipped'] else ''))
+    return stats
 
 
 @torch.no_grad()
@@ -107,37 +177,42 @@ def evaluate(
         reduce: bool = False,
         print_freq: int = 50,
         header: str = 'Test',
+        bad_images: Optional[UnreadableImages] = None,
 ) -> Dict[str, float]:
     """Top-1 / top-5 accuracy (in %) and the mean cross-entropy loss over ``data_loader``.
 
     Sums of correct predictions, losses and images are kept per image; with ``reduce``
     (``--dist-eval``: each rank holds a disjoint shard) they are summed over ranks, so every
-    rank gets the metrics of the whole set, each image counted once.
+    rank gets the metrics of the whole set, each image counted once. Unreadable images are
+    skipped (not counted) and reported as ``skipped``.
     """
     was_training = model.training
     model.eval()
     total = len(data_loader)  # type: ignore[arg-type]
     batch_size = getattr(data_loader, 'batch_size', None) or 1
     progress = ProgressPrinter(total, header, print_freq, batch_size * (get_world_size() if reduce else 1))
-    loss_sum = correct1 = correct5 = count = 0.0
-    for i, (images, targets) in enumerate(data_loader):
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        with autocast():
-            outputs = model(images)
-        if isinstance(outputs, (tuple, list)):  # distilled models: average the two heads, as DeiT
-            outputs = (outputs[0] + outputs[1]) / 2
-        outputs = outputs.float()
-        loss_sum += torch.nn.functional.cross_entropy(outputs, targets, reduction='sum').item()
-        k = min(5, outputs.shape[1])
-        top = outputs.topk(k, dim=1).indices
-        hit = top.eq(targets.unsqueeze(1))
-        correct1 += hit[:, 0].sum().item()
-        correct5 += hit.any(dim=1).sum().item()
-        count += images.shape[0]
+    loss_sum = correct1 = correct5 = count = skipped = 0.0
+    for i, batch in enumerate(data_loader):
+        images, targets, n_bad = unpack_batch(batch, bad_images)
+        skipped += n_bad
+        if images is not None:
+            images = images.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            with autocast():
+                outputs = model(images)
+            if isinstance(outputs, (tuple, list)):  # distilled models: average the two heads, as DeiT
+                outputs = (outputs[0] + outputs[1]) / 2
+            outputs = outputs.float()
+            loss_sum += torch.nn.functional.cross_entropy(outputs, targets, reduction='sum').item()
+            k = min(5, outputs.shape[1])
+            hit = outputs.topk(k, dim=1).indices.eq(targets.unsqueeze(1))
+            correct1 += hit[:, 0].sum().item()
+            correct5 += hit.any(dim=1).sum().item()
+            count += images.shape[0]
         progress.step(i)
     if reduce:
-        loss_sum, correct1, correct5, count = all_reduce_sum([loss_sum, correct1, correct5, count], device)
+        loss_sum, correct1, correct5, count, skipped = all_reduce_sum(
+            [loss_sum, correct1, correct5, count, skipped], device)
     model.train(was_training)
     count = max(count, 1)
     return {
@@ -145,7 +220,8 @@ def evaluate(
         'acc5': 100.0 * correct5 / count,
         'loss': loss_sum / count,
         'images': int(count),
+        'skipped': int(skipped),
     }
 
 
-__all__ = ['autocast_context', 'train_one_epoch', 'evaluate']
+__all__ = ['autocast_context', 'train_one_epoch', 'evaluate', 'UnreadableImages', 'unpack_batch']

@@ -24,7 +24,7 @@ class RepeatAugSampler(Sampler[int]):
     ``1/num_repeats`` of the distinct images, as in DeiT). ``num_repeats=1`` is an ordinary
     shuffled shard (like ``DistributedSampler``). The order depends only on ``seed`` and the
     epoch given to :meth:`set_epoch`, which the training loop calls every epoch, also with one
-    process.
+    process; its ``start`` skips the first indices of the epoch (a run resumed mid-epoch).
     """
 
     def __init__(self, dataset: Sized, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
@@ -40,10 +40,14 @@ class RepeatAugSampler(Sampler[int]):
         self.seed = seed
         self.num_repeats = num_repeats
         self.epoch = 0
+        self.start = 0
         self.num_samples = math.ceil(self.dataset_len / num_replicas)  # per rank and epoch
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        if not 0 <= start <= self.num_samples:
+            raise ValueError(f'start {start} is not in [0, {self.num_samples}]')
         self.epoch = epoch
+        self.start = start
 
     def indices(self) -> List[int]:
         n = self.dataset_len
@@ -63,10 +67,10 @@ class RepeatAugSampler(Sampler[int]):
         return order[self.rank::self.num_replicas][:self.num_samples]
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.indices())
+        return iter(self.indices()[self.start:])
 
     def __len__(self) -> int:
-        return self.num_samples
+        return self.num_samples - self.start
 
 
 class ShardSampler(Sampler[int]):

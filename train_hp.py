@@ -14,9 +14,13 @@ Evaluation of this project's checkpoints or of released BViT files::
 
     python train_hp.py --eval --resume /path/to/weight --data-path /path/to/imagenet
 
-Expected problems (bad flags, data, configs or checkpoints) end with one ``error: ...`` line on
-stderr and exit status 2; a diverging run (NaN loss) ends with exit status 1 and keeps the last
-checkpoint.
+Under SLURM, ``srun python train_hp.py ...`` (one task per GPU) takes rank, world size and local
+rank from SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID (see README, "SLURM").
+
+Exit status: 0 done; 2 expected problems (bad flags, data, configs or checkpoints; more unreadable
+images than --max-bad-images), with one ``error: ...`` line on stderr; 1 a diverging run (NaN
+loss), the last checkpoint kept; 3 stopped by SIGTERM or SIGINT after a finished optimizer step,
+with a resumable checkpoint (``--resume OUTPUT_DIR/checkpoint.pth`` continues mid-epoch).
 """
 from __future__ import annotations
 
@@ -25,21 +29,22 @@ import difflib
 import os
 import sys
 import time
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from datasets import DATASETS, INAT_CATEGORIES, build_datasets, canonical_data_set
-from engine import autocast_context, evaluate, train_one_epoch
+from datasets import DATASETS, INAT_CATEGORIES, build_datasets, canonical_data_set, collate_skipping_unreadable
+from engine import UnreadableImages, autocast_context, evaluate, train_one_epoch
 from losses import DistillationLoss, build_base_criterion
 from samplers import RepeatAugSampler, ShardSampler
 from utils import (
-    CHECKPOINT_FORMAT, NonFiniteLossError, UsageError, append_log_line, args_to_dict, atomic_save,
-    cleanup_distributed, environment_info, epoch_seed, format_seconds, init_distributed, is_main_process,
-    load_finetune_weights, load_model_weights, log, model_state_from, read_checkpoint, resolve_device,
-    seed_everything, setup_determinism, write_line,
+    CHECKPOINT_FORMAT, STOP_EXIT_STATUS, NonFiniteLossError, RunStopped, StopSignal, UsageError, all_reduce_sum,
+    append_log_line, args_to_dict, atomic_save, cleanup_distributed, environment_info, epoch_seed, format_seconds,
+    gather_objects, ignore_stop_signals, init_distributed, is_main_process, load_finetune_weights,
+    load_model_weights, log, model_state_from, plain, read_checkpoint, resolve_device, seed_everything,
+    setup_determinism, write_line,
 )
 
 BVIT_NAMES = 'BViT-5, BViT-22 (also BViT_5, BViT-21, BViT_21, bvit_5m, bvit_22m)'
@@ -65,7 +70,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     """All flags. DeiT's main.py flags keep their names, spellings and meanings; the defaults are
     the BViT paper's ImageNet recipe (see configs/bvit_5m_imagenet.yaml)."""
     p = _Parser('train_hp.py', description='BViT training and evaluation script (DeiT-compatible flags).',
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                epilog='Exit status: 0 done; 1 non-finite loss (last checkpoint kept); 2 an error, printed on one '
+                       'line; 3 stopped by SIGTERM or SIGINT after a finished step, with a resumable checkpoint '
+                       '(continue with --resume OUTPUT_DIR/checkpoint.pth). Under srun, SLURM_PROCID, '
+                       'SLURM_NTASKS and SLURM_LOCALID give rank, world size and local rank.')
     p.add_argument('--config', default=None, metavar='YAML',
                    help='YAML file of defaults (keys: flag names, with - or _); flags on the command line win')
     p.add_argument('--batch-size', default=64, type=int, help='images per process and step (total = this x processes)')
@@ -121,6 +130,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='timm cooldown epochs at --min-lr; as in DeiT the run still ends after --epochs')
     g.add_argument('--patience-epochs', type=int, default=10, metavar='N',
                    help="patience of timm's plateau schedule (accepted for DeiT compatibility; plateau is not offered)")
+    g.add_argument('--decay-milestones', type=int, nargs='+', default=[90, 180, 270], metavar='EPOCH',
+                   help="epochs (numbered from 0, as in the logs) from which 'multistep' multiplies the lr by "
+                        "--decay-rate (--decay-epochs is the period of 'step')")
     g.add_argument('--decay-rate', '--dr', type=float, default=0.1, metavar='RATE', help="decay rate ('step', 'multistep')")
 
     g = p.add_argument_group('augmentation')
@@ -190,18 +202,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--val-subset', default=None, type=int, metavar='N',
                    help='evaluate on a fixed random subset of N validation images')
     g.add_argument('--num_workers', default=10, type=int, help='data loader worker processes per process')
+    g.add_argument('--max-bad-images', default=100, type=int, metavar='N',
+                   help='unreadable images (missing, truncated, not images) are skipped with a warning naming the '
+                        'file and split, and counted in the epoch summary and log.txt; more than N distinct ones '
+                        'stop the run (exit 2)')
     g.add_argument('--pin-mem', action='store_true', help='pin CPU memory in the data loader (GPU runs)')
     g.add_argument('--no-pin-mem', action='store_false', dest='pin_mem', help='do not pin memory')
     p.set_defaults(pin_mem=True)
 
     g = p.add_argument_group('run')
     g.add_argument('--output_dir', default='', help='folder for checkpoint.pth, best.pth and log.txt (empty: save nothing)')
-    g.add_argument('--device', default='auto', help="'auto' (CUDA if available, else CPU), 'cuda' or 'cpu'")
-    g.add_argument('--amp', action='store_true', help='mixed precision on CUDA (the default there; never on CPU)')
+    g.add_argument('--device', default='auto',
+                   help="'auto' (CUDA if available, else CPU), 'cpu', 'cuda' or 'cuda:N' (one process; under a "
+                        "launcher each process takes cuda:LOCAL_RANK and cuda:N is refused)")
+    g.add_argument('--amp', action='store_true', default=None,
+                   help='mixed precision (autocast, --amp-dtype): the default on CUDA; on the CPU only when given')
     g.add_argument('--no-amp', action='store_false', dest='amp', help='float32 on CUDA too')
-    p.set_defaults(amp=True)
     g.add_argument('--amp-dtype', default='fp16', choices=['fp16', 'bf16'],
-                   help='autocast dtype on CUDA; fp16 uses a gradient scaler')
+                   help='autocast dtype (CUDA and CPU); fp16 uses a gradient scaler')
     g.add_argument('--threads', default=0, type=int, metavar='N',
                    help="CPU threads per process for torch (0: torch's default; torchrun sets 1)")
     g.add_argument('--seed', default=0, type=int,
@@ -209,15 +227,18 @@ def get_args_parser() -> argparse.ArgumentParser:
                         'augmentation of each epoch depend on (seed, epoch, rank)')
     g.add_argument('--deterministic', action='store_true',
                    help='deterministic kernels, cuDNN benchmark off (slower on GPUs)')
-    g.add_argument('--resume', default='', help='continue from this checkpoint.pth (with --eval: evaluate '
-                   'these weights; released BViT files accepted)')
+    g.add_argument('--resume', default='', help='continue from this checkpoint.pth, also one written mid-epoch '
+                   'on SIGTERM/SIGINT (exit status 3); the learning-rate flags must be the checkpoint\'s '
+                   '(with --eval: evaluate these weights; released BViT files accepted)')
     g.add_argument('--start_epoch', default=0, type=int, metavar='N', help='first epoch (set by --resume)')
     g.add_argument('--eval', action='store_true', help='only evaluate (top-1, top-5, loss) and exit')
     g.add_argument('--eval-ema', action='store_true', help="with --eval: evaluate the checkpoint's EMA weights")
     g.add_argument('--eval-crop-ratio', default=0.875, type=float, help='center-crop ratio of evaluation')
     g.add_argument('--dist-eval', action='store_true',
                    help='split evaluation over the processes (exact: every image counted once)')
-    g.add_argument('--print-freq', default=10, type=int, help='progress line every N iterations')
+    g.add_argument('--print-freq', default=10, type=int,
+                   help='progress line every N iterations; with several processes the loss sums and the stop '
+                        'flag of SIGTERM/SIGINT are all-reduced on these iterations only')
     g.add_argument('--log-all-ranks', action='store_true',
                    help='print the per-epoch summary on every process, not only rank 0')
 
@@ -451,9 +472,12 @@ def check_saved_args(obj: Any, args: argparse.Namespace, path: str) -> None:
 
 def make_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                     scaler: torch.amp.GradScaler, model_ema: Optional[nn.Module], epoch: int,
-                    max_accuracy: float, args: argparse.Namespace) -> Dict[str, Any]:
+                    max_accuracy: float, args: argparse.Namespace,
+                    position: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """What ``checkpoint.pth`` holds: tensors, numbers, strings, lists and dicts only, so it loads
-    with ``torch.load(weights_only=True)``. Features that are off are stored as None."""
+    with ``torch.load(weights_only=True)``. Features that are off are stored as None. ``epoch`` is
+    the last finished epoch; ``position`` (a run stopped mid-epoch) where the next one stands:
+    its number, iterations done, and each rank's loss sums and generator states."""
     return {
         'format': CHECKPOINT_FORMAT,
         'model': model.state_dict(),
@@ -464,6 +488,7 @@ def make_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, schedule
         'epoch': int(epoch),
         'max_accuracy': float(max_accuracy),
         'args': args_to_dict(args),
+        'position': position,
     }
 
 
@@ -504,6 +529,49 @@ def restore_training_state(obj: Any, path: str, model: nn.Module, optimizer: tor
     return int(obj['epoch']) + 1, float(obj.get('max_accuracy', 0.0))
 
 
+# The flags that define the learning-rate schedule: restored from the checkpoint on --resume, so a
+# different value would be silently ignored; it is refused instead.
+SCHEDULE_FLAGS = {'sched': '--sched', 'lr': '--lr', 'min_lr': '--min-lr', 'warmup_lr': '--warmup-lr',
+                  'warmup_epochs': '--warmup-epochs', 'decay_epochs': '--decay-epochs',
+                  'decay_milestones': '--decay-milestones', 'decay_rate': '--decay-rate'}
+
+
+def check_resume_schedule(obj: Any, args: argparse.Namespace, path: str) -> None:
+    """``--resume`` restores the learning-rate schedule of the checkpoint: a schedule flag that
+    differs from the checkpoint's is refused (one line naming it), and a changed total batch
+    (hence scaled lr) gets a note."""
+    saved = obj.get('args') if isinstance(obj, dict) else None
+    if not isinstance(saved, dict):
+        return
+    for key, flag in SCHEDULE_FLAGS.items():
+        if key in saved and plain(getattr(args, key)) != saved[key]:
+            old = ' '.join(map(str, saved[key])) if isinstance(saved[key], list) else saved[key]
+            new = ' '.join(map(str, getattr(args, key))) if isinstance(saved[key], list) else getattr(args, key)
+            raise UsageError(f'{path} was trained with {flag} {old}, this run has {flag} {new}: --resume continues '
+                             f'the checkpoint\'s learning-rate schedule, which would ignore it; resume with {flag} '
+                             f'{old}, or start a new run from these weights with --finetune')
+    old_scaled = saved.get('lr_scaled')
+    if old_scaled is not None and abs(old_scaled - args.lr_scaled) > 1e-12 * max(abs(old_scaled), 1.0):
+        log(f'note: the total batch differs from the checkpoint\'s; its learning-rate schedule (restored) keeps '
+            f'its peak lr {old_scaled:.3g}, not {args.lr_scaled:.3g}')
+    if args.sched != 'none' and saved.get('epochs') not in (None, args.epochs):
+        log(f'note: the checkpoint was made for --epochs {saved["epochs"]}; its learning-rate schedule '
+            f'(restored) still ends there, while this run trains to epoch {args.epochs - 1}')
+
+
+def resume_position(obj: Any, args: argparse.Namespace, path: str) -> Optional[Dict[str, Any]]:
+    """Where a checkpoint written mid-epoch stopped (None for an end-of-epoch one). The rest of
+    that epoch is the same only with the same processes and batch size; others are refused."""
+    position = obj.get('position') if isinstance(obj, dict) else None
+    if not position:
+        return None
+    if (position['world_size'], position['batch_size']) != (args.world_size, args.batch_size):
+        raise UsageError(f'{path} was saved in the middle of epoch {position["epoch"]} by {position["world_size"]} '
+                         f'process(es) with --batch-size {position["batch_size"]}; resume it with the same '
+                         f'(this run: {args.world_size}, {args.batch_size})')
+    return position
+
+
 # Main ---------------------------------------------------------------------------------------------
 
 def _check_flags(args: argparse.Namespace) -> None:
@@ -515,8 +583,8 @@ def _check_flags(args: argparse.Namespace) -> None:
                         ('--print-freq', args.print_freq)):
         if value < 1:
             raise UsageError(f'{flag} must be at least 1, got {value}')
-    if args.epochs < 0 or args.num_workers < 0 or args.threads < 0:
-        raise UsageError('--epochs, --num_workers and --threads must not be negative')
+    if args.epochs < 0 or args.num_workers < 0 or args.threads < 0 or args.max_bad_images < 0:
+        raise UsageError('--epochs, --num_workers, --threads and --max-bad-images must not be negative')
     if not 0 < args.eval_crop_ratio <= 1:
         raise UsageError(f'--eval-crop-ratio must be in (0, 1], got {args.eval_crop_ratio}')
     for flag, value in (('--train-subset', args.train_subset), ('--val-subset', args.val_subset)):
@@ -524,17 +592,84 @@ def _check_flags(args: argparse.Namespace) -> None:
             raise UsageError(f'{flag} must be at least 1, got {value}')
     if args.eval_ema and not args.eval:
         raise UsageError('--eval-ema goes with --eval')
+    if list(args.decay_milestones) != sorted(set(args.decay_milestones)):
+        raise UsageError(f'--decay-milestones must increase, got {" ".join(map(str, args.decay_milestones))}')
 
 
 def _loader(dataset: Any, sampler: Any, batch_size: int, args: argparse.Namespace, device: torch.device,
             drop_last: bool) -> DataLoader:
     return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=args.num_workers,
-                      pin_memory=bool(args.pin_mem and device.type == 'cuda'), drop_last=drop_last)
+                      pin_memory=bool(args.pin_mem and device.type == 'cuda'), drop_last=drop_last,
+                      collate_fn=collate_skipping_unreadable,
+                      worker_init_fn=ignore_stop_signals if args.num_workers else None)
 
 
-def _summary(prefix: str, stats: Dict[str, float]) -> str:
-    return (f'{prefix}top-1 {stats["acc1"]:.2f}%  top-5 {stats["acc5"]:.2f}%  loss {stats["loss"]:.4f}  '
-            f'({stats["images"]} images)')
+def precision(args: argparse.Namespace, device: torch.device) -> Tuple[Optional[torch.dtype], str]:
+    """(autocast dtype or None, its description). ``--amp`` is the default on CUDA; on the CPU it
+    applies only when given (CPU autocast, a gradient scaler with fp16)."""
+    amp = args.amp if args.amp is not None else device.type == 'cuda'
+    if not amp:
+        return None, 'float32'
+    dtype = torch.bfloat16 if args.amp_dtype == 'bf16' else torch.float16
+    return dtype, (f'{args.amp_dtype} autocast on {device.type}' +
+                   (' with gradient scaler' if dtype == torch.float16 else ''))
+
+
+def eval_line(stats: Dict[str, Any], ema: bool = False) -> str:
+    """DeiT's line (``* Acc@1 81.800 Acc@5 95.594 loss 0.808``), then this script's fields."""
+    line = (f'*{" EMA" if ema else ""} Acc@1 {stats["acc1"]:.3f} Acc@5 {stats["acc5"]:.3f} loss {stats["loss"]:.3f}'
+            f'  ({stats["images"]} images')
+    return line + (f', {stats["skipped"]} unreadable skipped)' if stats.get('skipped') else ')')
+
+
+def accuracy_line(stats: Dict[str, Any]) -> str:
+    """DeiT's per-epoch line."""
+    return f'Accuracy of the network on the {stats["images"]} test images: {stats["acc1"]:.1f}%'
+
+
+def build_optimizer(args: argparse.Namespace, model: nn.Module) -> Tuple[torch.optim.Optimizer, float]:
+    from timm.optim import create_optimizer_v2
+    total_batch = args.batch_size * args.world_size
+    lr = args.lr if args.unscale_lr else args.lr * total_batch / 512.0
+    args.lr_scaled = lr
+    opt_kwargs: Dict[str, Any] = dict(eps=args.opt_eps)
+    if args.opt_betas:
+        opt_kwargs['betas'] = tuple(args.opt_betas)
+    try:
+        return create_optimizer_v2(model, opt=args.opt, lr=lr, weight_decay=args.weight_decay,
+                                   momentum=args.momentum, **opt_kwargs), lr
+    except ValueError as e:
+        raise UsageError(f'--opt {args.opt}: {e}') from None
+
+
+def build_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer) -> Any:
+    """timm's per-epoch scheduler for ``--sched`` (None for 'none')."""
+    if args.sched == 'none':
+        return None
+    from timm.scheduler import create_scheduler_v2
+    try:
+        scheduler, _ = create_scheduler_v2(
+            optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+            # timm's multistep decays one epoch before each milestone (bisect on t + 1); + 1 makes the
+            # lr drop at the epochs named, as numbered in the logs, and agree with 'step'
+            decay_milestones=[m + 1 for m in args.decay_milestones], cooldown_epochs=args.cooldown_epochs,
+            patience_epochs=args.patience_epochs, decay_rate=args.decay_rate, min_lr=args.min_lr,
+            warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, noise=args.lr_noise,
+            noise_pct=args.lr_noise_pct, noise_std=args.lr_noise_std, noise_seed=args.seed)
+    except ValueError as e:
+        raise UsageError(f'--sched {args.sched}: {e}') from None
+    return scheduler
+
+
+def build_mixup(args: argparse.Namespace, nb_classes: int) -> Optional[Callable]:
+    if not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
+        return None
+    if args.batch_size % 2:
+        raise UsageError(f'mixup/cutmix need an even --batch-size, got {args.batch_size}')
+    from timm.data import Mixup  # draws from NumPy's global generator (saved with a mid-epoch stop)
+    return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                 prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                 label_smoothing=args.smoothing, num_classes=nb_classes)
 
 
 def main(args: argparse.Namespace) -> Dict[str, Any]:
@@ -552,26 +687,22 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def _run(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
-    rank, world = args.rank, args.world_size
     if args.threads:
         torch.set_num_threads(args.threads)
     setup_determinism(args.deterministic)
     # the same seed on every rank: identical initial weights, so the EMA copy taken before DDP
     # broadcasts rank 0's weights is identical too (with seed + rank, as in DeiT, it is not)
     seed_everything(args.seed)
+    amp_dtype, args.precision = precision(args, device)
     log(environment_info(args))
 
-    # data ---------------------------------------------------------------------------------------
     dataset_train, dataset_val, nb_classes = build_datasets(args, need_train=not args.eval)
     args.nb_classes = nb_classes
-    if args.dist_eval and world > 1:
-        sampler_val: Any = ShardSampler(dataset_val, world, rank)
-    else:
-        sampler_val = torch.utils.data.SequentialSampler(dataset_val)
+    reduce_eval = bool(args.dist_eval and args.world_size > 1)
+    sampler_val = (ShardSampler(dataset_val, args.world_size, args.rank) if reduce_eval
+                   else torch.utils.data.SequentialSampler(dataset_val))
     loader_val = _loader(dataset_val, sampler_val, int(1.5 * args.batch_size), args, device, drop_last=False)
-    reduce_eval = bool(args.dist_eval and world > 1)
 
-    # model --------------------------------------------------------------------------------------
     model = build_model(args, nb_classes)
     if args.finetune:
         fresh = load_finetune_weights(model, args.finetune)
@@ -582,26 +713,42 @@ def _run(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
     if args.resume:
         resume_obj = read_checkpoint(args.resume)
         check_saved_args(resume_obj, args, args.resume)
-    amp_dtype = None
-    if device.type == 'cuda' and args.amp:
-        amp_dtype = torch.bfloat16 if args.amp_dtype == 'bf16' else torch.float16
-    autocast = autocast_context(device, amp_dtype)
-    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log(f'model {args.arch}: {n_parameters:,} trainable parameters, {nb_classes} classes, input {args.input_size}; '
-        f'data {args.data_set}: {len(dataset_train) if dataset_train is not None else "-"} train / '
-        f'{len(dataset_val)} val images; {world} process(es), precision '
-        f'{"float32" if amp_dtype is None else args.amp_dtype}')
-
+    args.n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f'model {args.arch}: {args.n_parameters:,} trainable parameters, {nb_classes} classes, input '
+        f'{args.input_size}; data {args.data_set}: {len(dataset_train) if dataset_train is not None else "-"} train / '
+        f'{len(dataset_val)} val images; {args.world_size} process(es), precision {args.precision}')
+    evaluator = Evaluator(loader_val, device, autocast_context(device, amp_dtype), reduce_eval, args)
     if args.eval:
         if resume_obj is not None:
             load_model_weights(model, resume_obj, args.resume, use_ema=args.eval_ema)
         model.to(device)
-        stats = evaluate(loader_val, model, device, autocast, reduce=reduce_eval, print_freq=args.print_freq * 5)
-        log(_summary('* ', stats), all_ranks=args.log_all_ranks)
-        log(f'Accuracy of the network on the {stats["images"]} test images: {stats["acc1"]:.2f}%')
+        return evaluator(model)
+    assert dataset_train is not None
+    return _train(args, device, model, dataset_train, evaluator, resume_obj, amp_dtype)
+
+
+class Evaluator:
+    """Evaluates a model on the validation loader and prints DeiT's lines."""
+
+    def __init__(self, loader: DataLoader, device: torch.device, autocast: Callable, reduce: bool,
+                 args: argparse.Namespace) -> None:
+        self.loader, self.device, self.autocast, self.reduce, self.args = loader, device, autocast, reduce, args
+        self.bad_images = UnreadableImages(args.max_bad_images)
+
+    def __call__(self, model: nn.Module, ema: bool = False) -> Dict[str, Any]:
+        device = next(model.parameters()).device
+        autocast = self.autocast if device == self.device else autocast_context(device, None)
+        stats = evaluate(self.loader, model, device, autocast, reduce=self.reduce,
+                         print_freq=self.args.print_freq * 5, header='Test (EMA)' if ema else 'Test',
+                         bad_images=self.bad_images)
+        log(eval_line(stats, ema), all_ranks=self.args.log_all_ranks)
+        if not ema:
+            log(accuracy_line(stats))
         return stats
 
-    assert dataset_train is not None
+
+def _train(args: argparse.Namespace, device: torch.device, model: nn.Module, dataset_train: Any,
+           evaluator: Evaluator, resume_obj: Any, amp_dtype: Optional[torch.dtype]) -> Dict[str, Any]:
     model.to(device)
     model_without_ddp = model
     model_ema = None
@@ -611,122 +758,139 @@ def _run(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
                                device=torch.device('cpu') if args.model_ema_force_cpu else None)
     if args.distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
-
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
-    total_batch = args.batch_size * world
-    lr = args.lr if args.unscale_lr else args.lr * total_batch / 512.0
-    args.lr_scaled = lr
-    opt_kwargs: Dict[str, Any] = dict(eps=args.opt_eps)
-    if args.opt_betas:
-        opt_kwargs['betas'] = tuple(args.opt_betas)
-    try:
-        optimizer = create_optimizer_v2(model_without_ddp, opt=args.opt, lr=lr, weight_decay=args.weight_decay,
-                                        momentum=args.momentum, **opt_kwargs)
-    except ValueError as e:
-        raise UsageError(f'--opt {args.opt}: {e}') from None
-    scheduler = None
-    if args.sched != 'none':
-        try:
-            scheduler, _ = create_scheduler_v2(
-                optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
-                cooldown_epochs=args.cooldown_epochs, patience_epochs=args.patience_epochs,
-                decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_lr=args.warmup_lr,
-                warmup_epochs=args.warmup_epochs, noise=args.lr_noise, noise_pct=args.lr_noise_pct,
-                noise_std=args.lr_noise_std, noise_seed=args.seed)
-        except ValueError as e:
-            raise UsageError(f'--sched {args.sched}: {e}') from None
+    optimizer, lr = build_optimizer(args, model_without_ddp)
+    scheduler = build_scheduler(args, optimizer)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    mixup_fn = build_mixup(args, args.nb_classes)
+    criterion = DistillationLoss(build_base_criterion(mixup_fn is not None, args.smoothing, args.bce_loss),
+                                 build_teacher(args, args.nb_classes, device), args.distillation_type,
+                                 args.distillation_alpha, args.distillation_tau)
 
-    mixup_fn = None
-    mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
-    if mixup_active:
-        if args.batch_size % 2:
-            raise UsageError(f'mixup/cutmix need an even --batch-size, got {args.batch_size}')
-        from timm.data import Mixup
-        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                         label_smoothing=args.smoothing, num_classes=nb_classes)
-    teacher = build_teacher(args, nb_classes, device)
-    criterion = DistillationLoss(build_base_criterion(mixup_active, args.smoothing, args.bce_loss), teacher,
-                                 args.distillation_type, args.distillation_alpha, args.distillation_tau)
-
-    start_epoch, max_accuracy = args.start_epoch, 0.0
+    start_epoch, max_accuracy, position = args.start_epoch, 0.0, None
     if resume_obj is not None:
+        check_resume_schedule(resume_obj, args, args.resume)
+        position = resume_position(resume_obj, args, args.resume)
         start_epoch, max_accuracy = restore_training_state(
             resume_obj, args.resume, model_without_ddp, optimizer, scheduler, scaler, model_ema)
-        log(f'resumed from {args.resume}: continuing at epoch {start_epoch}')
-        saved = resume_obj.get('args') or {}
-        if scheduler is not None and saved.get('epochs') not in (None, args.epochs):
-            log(f'note: the checkpoint was made for --epochs {saved["epochs"]}; its learning-rate schedule '
-                f'(restored) still ends there, while this run trains to epoch {args.epochs - 1}')
+        where = f', iteration {position["batches_done"] + 1}' if position else ''
+        log(f'resumed from {args.resume}: continuing at epoch {start_epoch}{where}')
 
-    sampler_train = RepeatAugSampler(dataset_train, world, rank, shuffle=True, seed=args.seed,
+    sampler_train = RepeatAugSampler(dataset_train, args.world_size, args.rank, shuffle=True, seed=args.seed,
                                      num_repeats=3 if args.repeated_aug else 1)
     if len(sampler_train) < args.batch_size:
         raise UsageError(f'{len(sampler_train)} training images per process, fewer than one batch of '
                          f'{args.batch_size}; lower --batch-size')
     loader_train = _loader(dataset_train, sampler_train, args.batch_size, args, device, drop_last=True)
+    _prepare_output_dir(args)
 
+    log(f'training epochs {start_epoch}..{args.epochs - 1}, lr {lr:.3g} (total batch {args.batch_size * args.world_size})')
+    objects = dict(model=model, model_without_ddp=model_without_ddp, model_ema=model_ema, optimizer=optimizer,
+                   scheduler=scheduler, scaler=scaler, mixup_fn=mixup_fn, criterion=criterion, amp_dtype=amp_dtype,
+                   sampler_train=sampler_train, loader_train=loader_train, evaluator=evaluator)
+    stop = StopSignal().install()
+    try:
+        return _epochs(args, device, objects, start_epoch, max_accuracy, position, stop)
+    finally:
+        stop.restore()
+
+
+def _prepare_output_dir(args: argparse.Namespace) -> None:
+    if not args.output_dir:
+        return
+    existing = os.path.join(args.output_dir, 'checkpoint.pth')
+    if os.path.exists(existing) and not (args.resume and os.path.exists(args.resume)
+                                         and os.path.samefile(existing, args.resume)):
+        raise UsageError(f'{args.output_dir} already holds a checkpoint.pth; continue it with --resume {existing}, '
+                         'or choose another --output_dir')
+    if is_main_process():
+        os.makedirs(args.output_dir, exist_ok=True)
+
+
+def _epochs(args: argparse.Namespace, device: torch.device, t: Dict[str, Any], start_epoch: int,
+            max_accuracy: float, position: Optional[Dict[str, Any]], stop: StopSignal) -> Dict[str, Any]:
+    """The epoch loop; ``t``: the training objects of :func:`_train`."""
     output_dir = args.output_dir
-    if output_dir:
-        existing = os.path.join(output_dir, 'checkpoint.pth')
-        if os.path.exists(existing) and not (args.resume and os.path.exists(args.resume)
-                                             and os.path.samefile(existing, args.resume)):
-            raise UsageError(f'{output_dir} already holds a checkpoint.pth; continue it with --resume {existing}, '
-                             'or choose another --output_dir')
-        if is_main_process():
-            os.makedirs(output_dir, exist_ok=True)
-
-    log(f'training epochs {start_epoch}..{args.epochs - 1}, lr {lr:.3g} (total batch {total_batch})')
     start_time = time.time()
     test_stats: Dict[str, Any] = {}
+    bad_images = t['evaluator'].bad_images  # one count of unreadable files per process, train and val
     for epoch in range(start_epoch, args.epochs):
-        seed_everything(epoch_seed(args.seed, epoch, rank))
-        sampler_train.set_epoch(epoch)
-        if scheduler is not None:
-            scheduler.step(epoch)  # this epoch's value, before its first step (DeiT applies it an epoch late)
+        seed_everything(epoch_seed(args.seed, epoch, args.rank))
+        resume = None
+        if position is not None and position['epoch'] == epoch:
+            resume = position['ranks'][args.rank]
+        t['sampler_train'].set_epoch(epoch, start=resume['batches_done'] * args.batch_size if resume else 0)
+        if t['scheduler'] is not None:
+            t['scheduler'].step(epoch)  # this epoch's value, before its first step (DeiT applies it an epoch late)
         train_stats = train_one_epoch(
-            model, criterion, loader_train, optimizer, device, epoch, scaler=scaler, autocast=autocast,
-            clip_grad=args.clip_grad, model_ema=model_ema, mixup_fn=mixup_fn, set_training_mode=args.train_mode,
-            print_freq=args.print_freq, num_epochs=args.epochs)
-        test_stats = evaluate(loader_val, model_without_ddp, device, autocast, reduce=reduce_eval,
-                              print_freq=args.print_freq * 5)
-        log(_summary(f'Epoch [{epoch}] * ', test_stats), all_ranks=args.log_all_ranks)
+            t['model'], t['criterion'], t['loader_train'], t['optimizer'], device, epoch, scaler=t['scaler'],
+            autocast=autocast_context(device, t['amp_dtype']), clip_grad=args.clip_grad, model_ema=t['model_ema'],
+            mixup_fn=t['mixup_fn'], set_training_mode=args.train_mode, print_freq=args.print_freq,
+            num_epochs=args.epochs, stop=stop, resume=resume, bad_images=bad_images)
+        if train_stats['stopped'] is not None:
+            _save_stopped(args, t, epoch, max_accuracy, train_stats['stopped'], stop)
+        test_stats = t['evaluator'](t['model_without_ddp'])
         ema_stats = None
-        if model_ema is not None and not (args.model_ema_force_cpu and device.type == 'cuda'):
-            ema_device = next(model_ema.module.parameters()).device
-            ema_stats = evaluate(loader_val, model_ema.module, ema_device, autocast if ema_device == device else
-                                 autocast_context(ema_device, None), reduce=reduce_eval,
-                                 print_freq=args.print_freq * 5, header='Test (EMA)')
-            log(_summary(f'Epoch [{epoch}] * EMA ', ema_stats), all_ranks=args.log_all_ranks)
+        if t['model_ema'] is not None and not (args.model_ema_force_cpu and device.type == 'cuda'):
+            ema_stats = t['evaluator'](t['model_ema'].module, ema=True)
         is_best = test_stats['acc1'] > max_accuracy or not os.path.exists(os.path.join(output_dir, 'best.pth'))
         max_accuracy = max(max_accuracy, test_stats['acc1'])
         log(f'Max accuracy: {max_accuracy:.2f}%')
         if output_dir and is_main_process():
-            ckpt = make_checkpoint(model_without_ddp, optimizer, scheduler, scaler, model_ema, epoch,
-                                   max_accuracy, args)
+            ckpt = make_checkpoint(t['model_without_ddp'], t['optimizer'], t['scheduler'], t['scaler'],
+                                   t['model_ema'], epoch, max_accuracy, args)
             atomic_save(ckpt, os.path.join(output_dir, 'checkpoint.pth'))
             if is_best:
                 atomic_save(ckpt, os.path.join(output_dir, 'best.pth'))
-        record: Dict[str, Any] = {**{f'train_{k}': v for k, v in train_stats.items()},
-                                  **{f'test_{k}': v for k, v in test_stats.items()}}
-        if ema_stats is not None:
-            record.update({f'test_ema_{k}': v for k, v in ema_stats.items()})
-        record.update(epoch=epoch, n_parameters=n_parameters, max_accuracy=max_accuracy)
-        append_log_line(output_dir, record)
-    elapsed = time.time() - start_time
+        _append_epoch_log(args, epoch, train_stats, test_stats, ema_stats, max_accuracy)
+        if all_reduce_sum([float(stop.requested)], device)[0] > 0 and epoch + 1 < args.epochs:
+            _stop_run(args, stop, f'after epoch {epoch}', 'checkpoint.pth of that epoch')
     if test_stats:
-        log(f'Training time {format_seconds(elapsed)}; ' + _summary('final ', test_stats) +
-            f'; best top-1 {max_accuracy:.2f}%')
+        log(f'Training time {format_seconds(time.time() - start_time)}; final top-1 {test_stats["acc1"]:.2f}%, '
+            f'best top-1 {max_accuracy:.2f}%')
     else:
         log(f'nothing to train: the run is at epoch {start_epoch} of {args.epochs}')
     return test_stats
 
 
+def _append_epoch_log(args: argparse.Namespace, epoch: int, train_stats: Dict[str, Any], test_stats: Dict[str, Any],
+                      ema_stats: Optional[Dict[str, Any]], max_accuracy: float) -> None:
+    record: Dict[str, Any] = {**{f'train_{k}': v for k, v in train_stats.items() if k != 'stopped'},
+                              **{f'test_{k}': v for k, v in test_stats.items()}}
+    if ema_stats is not None:
+        record.update({f'test_ema_{k}': v for k, v in ema_stats.items()})
+    record.update(epoch=epoch, n_parameters=args.n_parameters, max_accuracy=max_accuracy)
+    append_log_line(args.output_dir, record)
+
+
+def _save_stopped(args: argparse.Namespace, t: Dict[str, Any], epoch: int, max_accuracy: float,
+                  state: Dict[str, Any], stop: StopSignal) -> None:
+    """A stop agreed in the middle of ``epoch``: rank 0 saves where every rank is (iterations
+    done, its loss sums, its random states), then the run ends with :class:`RunStopped`."""
+    ranks = gather_objects(state)  # every rank's own generator states and loss sums
+    position = {'epoch': epoch, 'batches_done': state['batches_done'], 'batch_size': args.batch_size,
+                'world_size': args.world_size, 'ranks': ranks}
+    if args.output_dir and is_main_process():
+        ckpt = make_checkpoint(t['model_without_ddp'], t['optimizer'], t['scheduler'], t['scaler'], t['model_ema'],
+                               epoch - 1, max_accuracy, args, position=position)
+        atomic_save(ckpt, os.path.join(args.output_dir, 'checkpoint.pth'))  # further signals only set the flag
+    _stop_run(args, stop, f'at epoch {epoch}, iteration {state["batches_done"]}/{state["batches_total"]}',
+                  'a resumable checkpoint.pth')
+
+
+def _stop_run(args: argparse.Namespace, stop: StopSignal, where: str, what: str) -> None:
+    """Logs the one line of a stopped run and raises :class:`RunStopped`."""
+    if args.output_dir:
+        path = os.path.join(args.output_dir, 'checkpoint.pth')
+        log(f'stopped by {stop.name} {where}: {what} is in {path}; continue with --resume {path} '
+            f'(exit status {STOP_EXIT_STATUS})')
+    else:
+        log(f'stopped by {stop.name} {where}: nothing saved (no --output_dir) (exit status {STOP_EXIT_STATUS})')
+    raise RunStopped(where)
+
+
 def cli(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point: exit status 0, 2 for expected problems (one ``error:`` line on stderr), 1 for
-    a non-finite loss."""
+    a non-finite loss, 3 when SIGTERM / SIGINT stopped the training (resumable checkpoint)."""
     try:
         args = parse_args(argv)
         main(args)
@@ -736,6 +900,8 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
     except NonFiniteLossError as e:
         _print_error(str(e))
         return 1
+    except RunStopped:
+        return STOP_EXIT_STATUS
     return 0
 
 

@@ -9,7 +9,9 @@ import json
 import os
 import platform
 import random
+import signal
 import sys
+import threading
 import time
 from collections import deque
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -23,6 +25,14 @@ from torch import Tensor, nn
 class UsageError(Exception):
     """A problem with the command line, the configuration, the data or a checkpoint file: the
     script prints ``error: <message>`` on one line and exits with status 2, without a traceback."""
+
+
+class RunStopped(Exception):
+    """SIGTERM or SIGINT stopped the training after a finished optimizer step; a resumable
+    checkpoint was written (with ``--output_dir``). The script exits with :data:`STOP_EXIT_STATUS`."""
+
+
+STOP_EXIT_STATUS = 3
 
 
 class NonFiniteLossError(RuntimeError):
@@ -44,39 +54,114 @@ def env_int(name: str) -> Optional[int]:
 
 
 def resolve_device(name: Optional[str]) -> torch.device:
-    """``auto`` (or None): CUDA when available, else CPU. ``cpu``/``cuda`` force one."""
+    """``auto`` (or None): CUDA when available, else CPU. ``cpu``, ``cuda`` or ``cuda:N`` force one."""
     name = (name or 'auto').lower()
     if name == 'auto':
         return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    if name.startswith('cuda'):
+    if name == 'cuda' or name.startswith('cuda:'):
         if not torch.cuda.is_available():
             raise UsageError(f'--device {name}: CUDA is not available on this machine (use --device cpu or auto)')
-        return torch.device('cuda')
+        if name == 'cuda':
+            return torch.device('cuda')
+        index = name[len('cuda:'):]
+        if not index.isdigit():
+            raise UsageError(f"--device {name}: expected 'cuda:N' with N a device number")
+        count = torch.cuda.device_count()
+        if int(index) >= count:
+            raise UsageError(f'--device {name}: only {count} CUDA device(s) are visible (0..{count - 1})')
+        return torch.device('cuda', int(index))
     if name == 'cpu':
         return torch.device('cpu')
-    raise UsageError(f"--device must be 'auto', 'cpu' or 'cuda', got {name!r}")
+    raise UsageError(f"--device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}")
+
+
+def expand_nodelist(nodelist: str) -> List[str]:
+    """The host names of a SLURM node list, in order, as ``scontrol show hostnames`` prints them:
+    ``a,b``, ``node[01-03,07]`` (zero padding kept), ``gpu[1-2]-ib,cpu3``, ``r[1-2]n[1-2]``."""
+    hosts: List[str] = []
+    depth, item = 0, ''
+    for ch in nodelist.strip() + ',':
+        depth += (ch == '[') - (ch == ']')
+        if ch == ',' and depth == 0:
+            if item.strip():
+                hosts += _expand_host(item.strip())
+            item = ''
+        else:
+            item += ch
+    if depth:
+        raise UsageError(f'SLURM_JOB_NODELIST={nodelist!r}: unbalanced brackets')
+    return hosts
+
+
+def _expand_host(item: str) -> List[str]:
+    start = item.find('[')
+    if start < 0:
+        return [item]
+    end = item.index(']', start)
+    values: List[str] = []
+    for part in item[start + 1:end].split(','):
+        lo, _, hi = part.partition('-')
+        if not lo.isdigit() or (hi and not hi.isdigit()):
+            raise UsageError(f'SLURM_JOB_NODELIST: cannot expand {item!r}')
+        values += [str(n).zfill(len(lo)) for n in range(int(lo), int(hi or lo) + 1)]
+    return [item[:start] + v + rest for v in values for rest in _expand_host(item[end + 1:])]
+
+
+def slurm_launch() -> Optional[Tuple[int, int, int]]:
+    """(rank, world size, local rank) of a task started by ``srun`` (SLURM_PROCID, SLURM_NTASKS,
+    SLURM_LOCALID), when no torchrun variable is set. Sets RANK, WORLD_SIZE, LOCAL_RANK and, unless
+    set, MASTER_ADDR (first host of SLURM_JOB_NODELIST) and MASTER_PORT (10000 + SLURM_JOB_ID %
+    20000), which the ``env://`` rendezvous reads. None otherwise, and for a single task."""
+    if any(os.environ.get(k) for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')):
+        return None
+    rank, world = env_int('SLURM_PROCID'), env_int('SLURM_NTASKS')
+    if rank is None or world is None:
+        return None
+    if world <= 1:
+        return None  # one task (e.g. the batch script itself): a plain single-process run
+    local_rank = env_int('SLURM_LOCALID')
+    local_rank = rank if local_rank is None else local_rank
+    if not os.environ.get('MASTER_ADDR'):
+        nodelist = os.environ.get('SLURM_JOB_NODELIST') or os.environ.get('SLURM_NODELIST')
+        if not nodelist:
+            raise UsageError('SLURM_PROCID/SLURM_NTASKS are set but neither MASTER_ADDR nor SLURM_JOB_NODELIST')
+        os.environ['MASTER_ADDR'] = expand_nodelist(nodelist)[0]
+    if not os.environ.get('MASTER_PORT'):
+        job = env_int('SLURM_JOB_ID')
+        os.environ['MASTER_PORT'] = str(29500 if job is None else 10000 + job % 20000)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))
+    return rank, world, local_rank
 
 
 def init_distributed(args: Any, device: torch.device) -> torch.device:
-    """Start the process group when launched by torchrun or ``torch.distributed.launch``.
+    """Start the process group when launched by torchrun, ``torch.distributed.launch`` or ``srun``.
 
     Reads ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` from the environment (``--local-rank`` of
-    the legacy launcher when ``LOCAL_RANK`` is unset). Without ``WORLD_SIZE`` (or with 1) the run
-    is single-process. Sets ``args.rank``, ``args.world_size``, ``args.local_rank`` and
-    ``args.distributed``; returns the device of this process (``cuda:LOCAL_RANK`` on GPUs).
-    The backend is NCCL on CUDA and gloo on CPU.
+    the legacy launcher when ``LOCAL_RANK`` is unset); without them, SLURM's ``SLURM_PROCID``,
+    ``SLURM_NTASKS`` and ``SLURM_LOCALID`` (see :func:`slurm_launch`). Without a world size (or
+    with 1) the run is single-process. Sets ``args.rank``, ``args.world_size``,
+    ``args.local_rank`` and ``args.distributed``; returns the device of this process
+    (``cuda:LOCAL_RANK`` on GPUs, or the ``--device cuda:N`` of a single process). The backend
+    is NCCL on CUDA and gloo on CPU.
     """
+    slurm = slurm_launch()
     world_size = env_int('WORLD_SIZE')
     rank = env_int('RANK')
     local_rank = env_int('LOCAL_RANK')
+    if slurm is not None:
+        rank, world_size, local_rank = slurm
     if local_rank is None:
         local_rank = getattr(args, 'local_rank', None)
+    if device.type == 'cuda' and device.index is not None and (local_rank is not None or (world_size or 1) > 1):
+        raise UsageError(f'--device {device} conflicts with the launcher, which gives each process '
+                         f'cuda:LOCAL_RANK (here {local_rank}); use --device cuda, or CUDA_VISIBLE_DEVICES')
     if world_size is None or world_size <= 1:
         args.rank, args.world_size, args.distributed = 0, 1, False
         args.local_rank = 0 if local_rank is None else local_rank
         if device.type == 'cuda':
-            torch.cuda.set_device(args.local_rank)
-            return torch.device('cuda', args.local_rank)
+            index = device.index if device.index is not None else args.local_rank
+            torch.cuda.set_device(index)
+            return torch.device('cuda', index)
         return device
     if rank is None:
         raise UsageError('WORLD_SIZE is set but RANK is not: launch with torchrun or '
@@ -84,11 +169,17 @@ def init_distributed(args: Any, device: torch.device) -> torch.device:
     if local_rank is None:
         local_rank = rank
     args.rank, args.world_size, args.local_rank, args.distributed = rank, world_size, local_rank, True
+    if slurm is not None:
+        log(f'SLURM task {rank} of {world_size} (local {local_rank}): rendezvous at '
+            f'{os.environ["MASTER_ADDR"]}:{os.environ["MASTER_PORT"]}')
     if device.type == 'cuda':
-        if local_rank >= torch.cuda.device_count():
-            raise UsageError(f'LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA device(s) are visible')
-        torch.cuda.set_device(local_rank)
-        device = torch.device('cuda', local_rank)
+        count = torch.cuda.device_count()
+        # srun --gpus-per-task=1 shows each task one GPU: its local rank then wraps to 0
+        index = local_rank % count if slurm is not None else local_rank
+        if index >= count:
+            raise UsageError(f'LOCAL_RANK {local_rank} but only {count} CUDA device(s) are visible')
+        torch.cuda.set_device(index)
+        device = torch.device('cuda', index)
         backend = 'nccl'
     else:
         backend = 'gloo'
@@ -150,11 +241,12 @@ def write_line(stream: Any, text: str) -> None:
 
 
 def environment_info(args: Any) -> str:
-    """One line with what a run's numbers depend on: seed, world size, device and versions."""
+    """One line with what a run's numbers depend on: seed, world size, device, precision, versions."""
     import timm
     import torchvision
     parts = [
         f'seed {args.seed}', f'world size {args.world_size}', f'device {args.device_resolved}',
+        f'precision {getattr(args, "precision", "float32")}',
         f'deterministic {bool(args.deterministic)}', f'python {platform.python_version()}',
         f'torch {torch.__version__}', f'torchvision {torchvision.__version__}', f'timm {timm.__version__}',
         f'numpy {np.__version__}',
@@ -190,6 +282,89 @@ def setup_determinism(deterministic: bool) -> None:
     if deterministic:
         os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
         torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+# Preemption: signals, random states ---------------------------------------------------------------
+
+class StopSignal:
+    """While installed, SIGTERM and SIGINT only record that a stop was asked for: the training
+    loop finishes its optimizer step, the ranks agree, rank 0 saves, and the run exits with
+    :data:`STOP_EXIT_STATUS`. Further signals (also during the save) change nothing; SIGKILL
+    still stops at once. Installed from the main thread only (Python's rule for handlers)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self._previous: Dict[int, Any] = {}
+
+    def install(self) -> 'StopSignal':
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is None:
+            self.signum = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else 'a signal'
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """``worker_init_fn`` of the data loaders: SLURM and a terminal's Ctrl-C signal the whole
+    process group, and a loader worker killed by them would end the step the main process is
+    finishing; the main process stops its workers itself."""
+    for sig in StopSignal.SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def rng_state() -> Dict[str, Any]:
+    """Python's, NumPy's (also mixup's) and torch's (CPU and CUDA) generator states as plain
+    data (tensors, numbers), so that a checkpoint holding them loads with ``weights_only=True``."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    return {
+        'torch': torch.get_rng_state(),
+        'cuda': list(cuda),
+        'numpy': {'keys': torch.from_numpy(np_state[1].astype(np.int64)), 'pos': int(np_state[2]),
+                  'has_gauss': int(np_state[3]), 'cached_gaussian': float(np_state[4])},
+        'python': {'version': int(py_state[0]), 'state': torch.tensor(py_state[1], dtype=torch.int64),
+                   'gauss': py_state[2]},
+    }
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state['torch'])
+    if state['cuda'] and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state['cuda'])
+    n = state['numpy']
+    np.random.set_state(('MT19937', n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'],
+                         n['cached_gaussian']))
+    p = state['python']
+    random.setstate((p['version'], tuple(int(v) for v in p['state'].tolist()), p['gauss']))
+
+
+def gather_objects(obj: Any) -> List[Any]:
+    """``obj`` of every rank, in rank order (one collective; used once, when a run stops)."""
+    if not is_dist():
+        return [obj]
+    out: List[Any] = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 # Metric logging -----------------------------------------------------------------------------------
@@ -234,27 +409,28 @@ def format_seconds(seconds: float) -> str:
 
 class ProgressPrinter:
     """Prints ``header [ i/N] eta .. lr .. loss .. img/s ..`` every ``print_freq`` iterations
-    (and at the last one) on rank 0."""
+    (and at the last one) on rank 0. ``start``: iterations already done (a resumed epoch)."""
 
-    def __init__(self, total: int, header: str, print_freq: int, images_per_iter: int) -> None:
+    def __init__(self, total: int, header: str, print_freq: int, images_per_iter: int, start: int = 0) -> None:
         self.total = total
         self.header = header
         self.print_freq = max(1, int(print_freq))
         self.images_per_iter = images_per_iter
+        self.begin = start
         self.start = time.time()
-        self.last = self.start
-        self.iter_time = SmoothedValue(fmt='{avg:.4f}')
         self.width = len(str(total))
 
+    def due(self, i: int) -> bool:
+        """Whether iteration ``i`` (0-based) prints."""
+        return (i + 1) % self.print_freq == 0 or i + 1 == self.total
+
     def step(self, i: int, **values: Any) -> None:
-        now = time.time()
-        self.iter_time.update(now - self.last)
-        self.last = now
-        if (i + 1) % self.print_freq and i + 1 != self.total:
+        if not self.due(i):
             return
-        elapsed = now - self.start
-        eta = elapsed / (i + 1) * (self.total - i - 1)
-        rate = self.images_per_iter * (i + 1) / max(elapsed, 1e-9)
+        elapsed = time.time() - self.start
+        done = max(i + 1 - self.begin, 1)
+        eta = elapsed / done * (self.total - i - 1)
+        rate = self.images_per_iter * done / max(elapsed, 1e-9)
         parts = [f'{self.header} [{i + 1:>{self.width}}/{self.total}]', f'eta {format_seconds(eta)}']
         for key, value in values.items():
             parts.append(f'{key} {value}')

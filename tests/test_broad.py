@@ -168,10 +168,23 @@ def test_vit_gradient_checkpointing_same_gradients():
     assert_checkpointing_keeps_gradients(add_broad_attention(tiny_vit(depth=3), scale=0.4), torch.randn(2, 3, 32, 32))
 
 
-def test_vit_train_backward_reaches_every_parameter():
-    model = add_broad_attention(tiny_vit(qkv_bias=True, qk_norm=True, drop_path_rate=0.1), scale=0.4).train()
-    model(torch.randn(2, 3, 32, 32)).logsumexp(-1).sum().backward()
-    assert all(p.grad is not None for p in model.parameters())
+def assert_same_gradients(model: nn.Module, ref: nn.Module, loss, ref_loss) -> None:
+    """The gradients of ``loss`` (the model's) equal those of ``ref_loss`` (the written-out reference,
+    computed with ``ref``, an unconverted copy with the same parameter names), and none is zero."""
+    loss.backward()
+    ref_loss.backward()
+    ref_params = dict(ref.named_parameters())
+    for n, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, n
+        torch.testing.assert_close(p.grad, ref_params[n].grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_vit_train_backward_matches_the_explicit_reference_for_every_parameter():
+    model = tiny_vit(qkv_bias=True, qk_norm=True).train()
+    ref = copy.deepcopy(model)
+    add_broad_attention(model, scale=0.4)
+    x = torch.randn(2, 3, 32, 32)
+    assert_same_gradients(model, ref, model(x).logsumexp(-1).sum(), explicit_vit(ref, x, 0.4)[1].logsumexp(-1).sum())
 
 
 def test_distilled_training_head():
@@ -227,10 +240,10 @@ def test_swin_224_window7_forward_backward():
         assert torch.equal(model(x), ref(x))
     model.broad_scale = 0.4
     model.train()
+    ref.train()
     out = model(x)
     assert out.shape == (1, 7) and torch.isfinite(out).all()
-    out.sum().backward()
-    assert all(p.grad is not None for p in model.parameters())
+    assert_same_gradients(model, ref, out.sum(), explicit_swin(ref, x, 0.4).sum())
 
 
 @pytest.mark.parametrize('img_size,window_size', [(64, 4), (48, 5)])  # (48, 5): padded, shifted windows
@@ -251,9 +264,8 @@ def test_swin_small_scale0_and_forward_backward(img_size, window_size):
         assert torch.equal(model(x), ref(x))
     model.broad_scale = 0.4
     model.train()
-    out = model(x)
-    out.square().sum().backward()
-    assert all(p.grad is not None for p in model.parameters())
+    ref.train()
+    assert_same_gradients(model, ref, model(x).square().sum(), explicit_swin(ref, x, 0.4).square().sum())
 
 
 def _window_split(t, ws):
@@ -297,6 +309,14 @@ def explicit_swin_stage(stage, x, scale, rel_pos_bias):
     o = o.permute(0, 2, 1, 3, 4).reshape(o.shape[0], N, -1)
     broad = _window_merge(F.adaptive_avg_pool1d(o, C), ws, B, Hp, Wp)[:, :H, :W]
     return x + scale * broad
+
+
+def explicit_swin(ref, x, scale):
+    """Logits of an unconverted Swin with broad attention written out stage by stage."""
+    t = ref.patch_embed(x)
+    for stage in ref.layers:
+        t = explicit_swin_stage(stage, t, scale, rel_pos_bias=True)
+    return ref.forward_head(ref.norm(t))
 
 
 @pytest.mark.parametrize('rel_pos_bias', [True, False])

@@ -210,7 +210,13 @@ def test_repeat_aug_sampler_shards(n, world, repeats):
     lists = [list(s) for s in shards]
     assert all(len(lst) == len(s) == -(-n // world) for lst, s in zip(lists, shards))
     everything = [i for lst in lists for i in lst]
-    assert set(everything) <= set(range(n))
+    assert all(0 <= i < n for i in everything)
+    # the ranks' positions together are the first W x ceil(n/W) of the repeated order: runs of
+    # `repeats` copies of distinct images, the last run possibly cut short
+    total = len(everything)
+    from collections import Counter
+    expected = [repeats] * (total // repeats) + ([total % repeats] if total % repeats else [])
+    assert sorted(Counter(everything).values(), reverse=True) == expected
     if repeats == 1:
         assert set(everything) == set(range(n))  # one pass covers the data set
     if repeats > 1 and world >= repeats:
@@ -226,7 +232,7 @@ def test_repeat_aug_sampler_reshuffles_every_epoch_with_one_process():
     for epoch in range(3):
         s.set_epoch(epoch)
         orders.append(list(s))
-    assert orders[0] != orders[1] != orders[2] and all(sorted(o) == list(range(50)) for o in orders)
+    assert len({tuple(o) for o in orders}) == 3 and all(sorted(o) == list(range(50)) for o in orders)
     s2 = RepeatAugSampler(range(50), 1, 0, seed=0, num_repeats=1)
     s2.set_epoch(1)
     assert list(s2) == orders[1]  # a resumed run draws the same order
@@ -244,3 +250,41 @@ def test_sampler_arguments_are_checked():
         RepeatAugSampler(range(4), 2, 2)
     with pytest.raises(ValueError):
         ShardSampler(range(4), 0, 0)
+
+
+def test_repeat_aug_sampler_start_skips_the_batches_already_done():
+    s = RepeatAugSampler(range(30), 2, 1, seed=3, num_repeats=3)
+    s.set_epoch(4)
+    full = list(s)
+    s.set_epoch(4, start=6)
+    assert list(s) == full[6:] and len(s) == len(full) - 6
+    s.set_epoch(5)
+    assert len(s) == len(full) and s.start == 0  # the next epoch starts at its beginning
+    with pytest.raises(ValueError):
+        s.set_epoch(5, start=len(full) + 1)
+
+
+def test_unreadable_or_missing_images_become_records_left_out_of_the_batch(tmp_path):
+    root = _inat(tmp_path / 'inat18', 2018, with_categories_file=True)
+    missing = root / 'train_val2018' / 'Plantae' / '1' / 'train1.jpg'
+    missing.unlink()  # listed in train2018.json, not on disk
+    train, val, _ = datasets.build_datasets(make_args('--data-set', 'INAT', '--data-path', str(root),
+                                                      '--input-size', '16'))
+    record = train[1]
+    assert isinstance(record, datasets.UnreadableImage)
+    assert (record.path, record.split) == (str(missing), 'train') and record.reason.startswith('FileNotFoundError')
+    images, targets, bad = datasets.collate_skipping_unreadable([train[i] for i in range(4)])
+    assert images.shape == (3, 3, 16, 16) and targets.tolist() == [0, 2, 2] and bad == [record]
+    assert datasets.collate_skipping_unreadable([record]) == (None, None, [record])
+
+    folder = tmp_path / 'folder'
+    for split in ('train', 'val'):
+        (folder / split / 'x').mkdir(parents=True)
+        Image.new('RGB', (8, 8)).save(folder / split / 'x' / 'good.png')
+        (folder / split / 'x' / 'bad.png').write_bytes(b'\x89PNG\r\n\x1a\n not an image')
+    _, val, _ = datasets.build_datasets(make_args('--data-set', 'FOLDER', '--data-path', str(folder),
+                                                  '--input-size', '16'))
+    record = val[0]  # bad.png sorts first
+    assert isinstance(record, datasets.UnreadableImage) and record.split == 'val'
+    assert record.path == str(folder / 'val' / 'x' / 'bad.png') and 'UnidentifiedImageError' in record.reason
+    assert val[1][0].shape == (3, 16, 16)
