@@ -1,6 +1,6 @@
 """Parameters and FLOPs of the registered BViT models, counted with ``torch.utils.flop_counter``.
 
-    python -m bvit.profile [--img-size 224] [--num-classes 1000]
+    python -m bvit.flops [--img-size 224] [--num-classes 1000]
 
 One line per model and stem, for the classification forward ``model(x)`` of one image.
 ``GFLOPs`` counts a multiply-add as 2 (flop_counter's convention); ``GMACs`` is half of it, the
