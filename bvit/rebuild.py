@@ -125,19 +125,22 @@ def model_settings(ckpt_args: Optional[Mapping[str, Any]], state_dict: Mapping[s
     return arch, kwargs
 
 
-def build_from_checkpoint(obj: Any, overrides: Optional[Mapping[str, Any]] = None, use_ema: bool = False
-                          ) -> Tuple[nn.Module, Dict[str, Any]]:
+def build_from_checkpoint(obj: Any, overrides: Optional[Mapping[str, Any]] = None, use_ema: bool = False,
+                          bvit_only: bool = False) -> Tuple[nn.Module, Dict[str, Any]]:
     """The model a loaded checkpoint (what :func:`bvit.models.read_checkpoint` returned) holds,
     built with ``timm.create_model`` (so its factory arguments are recorded, as timm's hub export
     needs) and loaded through :func:`bvit.models.checkpoint_filter_fn`; eval mode, CPU.
 
     Returns (model, the checkpoint's ``args`` or {}). ValueError (one line) when the file holds
-    no state dict, names no known model, or its weights do not fit.
+    no state dict, names no known model (or, with ``bvit_only``, another model than a BViT), or
+    its weights do not fit.
     """
     sd = bvit_models.convert_official_state_dict(obj, use_ema)  # key names, to read the architecture off
     ckpt_args = obj.get('args') if isinstance(obj, Mapping) else None
     ckpt_args = dict(ckpt_args) if isinstance(ckpt_args, Mapping) else {}
     name, kwargs = model_settings(ckpt_args, sd, overrides)
+    if bvit_only and name not in bvit_models.MODEL_ARGS:
+        raise ValueError(f'it holds a {name} model, not a BViT')
     try:
         model = timm.create_model(name, **kwargs)
     except (TypeError, ValueError) as e:
