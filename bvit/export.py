@@ -65,14 +65,27 @@ def _check_out_dir(out_dir: str, force: bool) -> None:
         raise ExportError(f'{out_dir} already holds an export ({", ".join(entries)}); pass --force to replace it')
 
 
-def _data_config(ckpt_args: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+def bvit_model_args(model: nn.Module) -> Dict[str, Any]:
+    """Every argument that rebuilds ``model`` (a BViT) with ``timm.create_model``, read off the
+    model itself, for config.json's ``model_args`` (dropout rates are training settings: left out)."""
+    block = model.blocks[0]
+    return dict(
+        img_size=list(model.img_size), patch_size=model.patch_size, in_chans=model.in_chans,
+        num_classes=model.num_classes, global_pool=model.global_pool, embed_dim=model.embed_dim,
+        depth=len(model.blocks), num_heads=model.num_heads, head_dim=model.head_dim,
+        mlp_ratio=block.mlp.fc1.out_features / model.embed_dim, qkv_bias=block.attn.qkv.bias is not None,
+        stem=model.stem_type, broad=model.broad, broad_scale=model.broad_scale, norm_eps=model.norm.eps,
+    )
+
+
+def _preprocessing(ckpt_args: Dict[str, Any]) -> Dict[str, Any]:
     """The preprocessing a train_hp.py checkpoint was evaluated with (mean, std, crop ratio)."""
     cfg: Dict[str, Any] = {}
     if ckpt_args.get('mean') is not None and ckpt_args.get('std') is not None:
         cfg['mean'], cfg['std'] = tuple(ckpt_args['mean']), tuple(ckpt_args['std'])
     if ckpt_args.get('eval_crop_ratio'):
         cfg['crop_pct'] = float(ckpt_args['eval_crop_ratio'])
-    return cfg or None
+    return cfg
 
 
 def export_onnx(model: nn.Module, path: str, example: Tensor) -> None:
@@ -102,7 +115,8 @@ def timm_reload_logits(folder: str, x: Tensor) -> Tensor:
 def _write(model: nn.Module, folder: str, ckpt_args: Dict[str, Any]) -> Dict[str, float]:
     """All three files into ``folder``, then the checks; returns the largest logit differences."""
     from timm.models import save_for_hf
-    save_for_hf(model, folder, safe_serialization=True, data_config=_data_config(ckpt_args))
+    model.pretrained_cfg = {**model.pretrained_cfg, **_preprocessing(ckpt_args)}
+    save_for_hf(model, folder, model_args=bvit_model_args(model), safe_serialization=True)
     c, h, w = model.in_chans, *model.img_size
     gen = torch.Generator().manual_seed(0)
     export_onnx(model, os.path.join(folder, 'model.onnx'), torch.randn(2, c, h, w, generator=gen))
@@ -212,7 +226,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-__all__: List[str] = ['export', 'export_onnx', 'onnx_logits', 'timm_reload_logits', 'ExportError', 'ExportCheckError',
+__all__: List[str] = ['export', 'bvit_model_args', 'export_onnx', 'onnx_logits', 'timm_reload_logits', 'ExportError', 'ExportCheckError',
                        'main']
 
 if __name__ == '__main__':

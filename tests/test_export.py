@@ -76,6 +76,8 @@ def test_training_checkpoint_round_trips_through_timm_and_onnx(tmp_path, flags, 
     assert cfg['architecture'] == 'bvit_5m' and cfg['num_classes'] == 10
     margs = cfg['model_args']
     assert margs['img_size'] == [32, 32] and margs['depth'] == 2 and margs['num_classes'] == 10
+    assert (margs['embed_dim'], margs['num_heads'], margs['head_dim'], margs['mlp_ratio']) == (192, 3, 64, 4.0)
+    assert (margs['qkv_bias'], margs['norm_eps'], margs['in_chans'], margs['global_pool']) == (False, 1e-5, 3, 'token')
     for key, value in kwargs.items():
         assert margs[key] == value, key
     if kwargs:
