@@ -32,14 +32,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-import matplotlib
-
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib import patheffects  # noqa: E402
-
-from . import models as bvit_models  # noqa: E402  (registers bvit_5m / bvit_22m)
-from .rebuild import build_from_checkpoint  # noqa: E402
+from . import models as bvit_models  # (registers bvit_5m / bvit_22m)
+from .rebuild import build_from_checkpoint
 
 ImageLike = Union[np.ndarray, Tensor]
 
@@ -283,9 +277,15 @@ def plot_attention(
     patches hold the rest), or, with ``head='max'``, the map's maximum.
 
     Returns:
-        dict with ``figure`` (closed matplotlib Figure), ``size`` (width, height) in pixels,
+        dict with ``figure`` (a matplotlib Figure, made without pyplot: no backend is changed and
+        no window opens), ``size`` (width, height) in pixels,
         ``layers`` (L arrays), ``broad`` (array), ``pred`` (int), ``prob`` (float).
     """
+    try:
+        from matplotlib import patheffects
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise VisualizeError('drawing needs matplotlib: pip install matplotlib (or pip install "bvit[visualize]")') from None
     layers, broad, logits = class_token_maps(model, image_tensor, head)
     if raw_image is None:
         cfg = data_config(model)
@@ -304,7 +304,7 @@ def plot_attention(
     nrows = math.ceil(panels / ncols)
     title_in = 0.55
     fig_w, fig_h = ncols * panel_inches, nrows * panel_inches + title_in
-    fig = plt.figure(figsize=(fig_w, fig_h), dpi=dpi)
+    fig = Figure(figsize=(fig_w, fig_h), dpi=dpi)
     top = 1 - title_in / fig_h
     right = 0.93 if shared_scale else 0.995
     grid = fig.add_gridspec(nrows, ncols, left=0.005, right=right, bottom=0.005, top=top,
@@ -384,7 +384,6 @@ def plot_attention(
         parent = os.path.dirname(os.path.abspath(out_path))
         os.makedirs(parent, exist_ok=True)
         fig.savefig(out_path, dpi=dpi)
-    plt.close(fig)
     return dict(figure=fig, size=size, layers=layers, broad=broad, pred=pred, prob=float(probs[pred]))
 
 

@@ -1,5 +1,6 @@
 """bvit is a self-contained, installable package: built from pyproject.toml, every module under
-bvit/ imports from another folder with only the installed copy on the path, and nothing in it
+bvit/ imports from another folder with only the installed copy on the path (its optional
+dependencies, matplotlib, scikit-learn, onnx, onnxruntime, only where used), and nothing in it
 imports the training scripts at the repository root (which import bvit: no loop)."""
 from __future__ import annotations
 
@@ -87,8 +88,9 @@ def test_installed_copy_imports_from_another_folder(tmp_path):
         'model = timm.create_model("bvit_5m", img_size=32, patch_size=4, depth=1, num_classes=3)\n'
         'out = model(torch.zeros(1, 3, 32, 32))\n'
         'roots = sorted(m for m in ' + repr(ROOT_MODULES) + ' if m in sys.modules)\n'
+        'extras = sorted(m for m in ("matplotlib", "sklearn", "onnx", "onnxruntime") if m in sys.modules)\n'
         'print(json.dumps({"files": {n: m.__file__ for n, m in mods.items()}, "shape": list(out.shape), '
-        '"roots": roots}))\n'
+        '"roots": roots, "extras": extras}))\n'
     )
     env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
     env.update(PYTHONPATH=str(target), OMP_NUM_THREADS='1', PYTHONNOUSERSITE='1')
@@ -97,5 +99,6 @@ def test_installed_copy_imports_from_another_folder(tmp_path):
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got['shape'] == [1, 3]
     assert got['roots'] == []  # no training script was imported along the way
+    assert got['extras'] == []  # optional dependencies are imported where used: plain `pip install .` suffices
     for name, file in got['files'].items():
         assert Path(file).resolve().parent == (target / 'bvit').resolve(), (name, file)
