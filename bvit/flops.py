@@ -26,6 +26,9 @@ if _cpu_sdpa not in torch.utils.flop_counter.flop_registry:
     def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
         return sdpa_flop_count(query_shape, key_shape, value_shape)
 
+    # torch < 2.4 files the formula under each overload, but FlopCounterMode looks it up by packet
+    torch.utils.flop_counter.flop_registry.setdefault(_cpu_sdpa, _cpu_sdpa_flop)
+
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
