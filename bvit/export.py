@@ -23,6 +23,7 @@ Exit status 0; 2 with one ``error: ...`` line for a bad checkpoint or OUT_DIR; 1
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import shutil
 import sys
@@ -89,12 +90,16 @@ def _preprocessing(ckpt_args: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def export_onnx(model: nn.Module, path: str, example: Tensor) -> None:
-    """``model`` as ONNX at ``path`` (TorchScript-based exporter), batch axis dynamic."""
+    """``model`` as ONNX at ``path`` (TorchScript-based exporter, which needs no onnxscript), batch
+    axis dynamic."""
+    kwargs: Dict[str, Any] = {}
+    if 'dynamo' in inspect.signature(torch.onnx.export).parameters:  # torch >= 2.5; the default from 2.9
+        kwargs['dynamo'] = False
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')  # the exporter's deprecation notice and tracer warnings
-        torch.onnx.export(model, (example,), path, dynamo=False, opset_version=ONNX_OPSET,
-                          input_names=['input'], output_names=['logits'],
-                          dynamic_axes={'input': {0: 'batch'}, 'logits': {0: 'batch'}})
+        torch.onnx.export(model, (example,), path, opset_version=ONNX_OPSET, input_names=['input'],
+                          output_names=['logits'], dynamic_axes={'input': {0: 'batch'}, 'logits': {0: 'batch'}},
+                          **kwargs)
 
 
 def onnx_logits(path: str, x: Tensor) -> Tensor:
