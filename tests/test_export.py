@@ -192,3 +192,18 @@ def test_command_line_as_a_process_outside_the_repository(tmp_path):
     r = subprocess.run([sys.executable, '-m', 'bvit.export', 'c.pth', 'out'], cwd=tmp_path, env=env,
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith('error: ') and r.stderr.count('\n') == 1
+
+
+def test_local_dir_export_loads_at_another_size_and_class_count(tmp_path):
+    """timm's own overrides on a local-dir export: img_size resamples the table through
+    checkpoint_filter_fn (timm's resample_abs_pos_embed of the used rows), num_classes a fresh head."""
+    from timm.layers import resample_abs_pos_embed
+    src = _tiny()
+    torch.save({'model': src.state_dict(), 'args': _train_args()}, tmp_path / 'c.pth')
+    E.export(str(tmp_path / 'c.pth'), str(tmp_path / 'out'), log=lambda *a: None)
+    big = timm.create_model(f'local-dir:{tmp_path / "out"}', pretrained=True, img_size=48)
+    want = resample_abs_pos_embed(src.pos_embed.detach()[:, :17], [6, 6], [4, 4], num_prefix_tokens=1)
+    assert big.grid_size == (6, 6) and torch.equal(big.pos_embed.detach()[:, :37], want)
+    assert torch.equal(big.blocks[1].attn.qkv.weight, src.blocks[1].attn.qkv.weight)
+    other = timm.create_model(f'local-dir:{tmp_path / "out"}', pretrained=True, num_classes=3)
+    assert other.head.weight.shape == (3, 192) and torch.equal(other.blocks[0].mlp.fc1.weight, src.blocks[0].mlp.fc1.weight)
