@@ -2,13 +2,13 @@
 
 Shapes use B (batch), N (tokens, class token included), H (heads), d (head dim), L (layers).
 """
-from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from timm.layers import DropPath, Mlp
 
 QKV = Tuple[Tensor, Tensor, Tensor]
@@ -73,9 +73,20 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.grad_checkpointing = False
 
     def forward(self, x: Tensor) -> Tuple[Tensor, QKV, Tensor]:
-        """x: (B, N, D) -> (x (B, N, D), (q, k, v) each (B, H, N, d), attention input (B, N, D))."""
+        """x: (B, N, D) -> (x (B, N, D), (q, k, v) each (B, H, N, d), attention input (B, N, D)).
+        With ``grad_checkpointing`` set, activations are recomputed in the backward pass."""
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            return self._checkpointed(x)
+        return self._forward(x)
+
+    @torch.jit.unused
+    def _checkpointed(self, x: Tensor) -> Tuple[Tensor, QKV, Tensor]:
+        return checkpoint(self._forward, x, use_reentrant=False)
+
+    def _forward(self, x: Tensor) -> Tuple[Tensor, QKV, Tensor]:
         y = self.norm1(x)
         out, qkv = self.attn(y)
         x = x + self.drop_path1(out)
@@ -93,9 +104,9 @@ def _pool_groups(width: int, out_dim: int, head_width: int) -> Optional[int]:
 
 
 def broad_attention(
-        q: Sequence[Tensor],
-        k: Sequence[Tensor],
-        v: Sequence[Tensor],
+        q: List[Tensor],
+        k: List[Tensor],
+        v: List[Tensor],
         out_dim: int,
         scale: Optional[float] = None,
         attn_mask: Optional[Tensor] = None,
@@ -134,7 +145,7 @@ def broad_attention(
         attn = (logits * scale).softmax(-1)
         out = torch.cat([attn @ vi for vi in v], -1).transpose(1, 2).reshape(B, Nq, -1)
         return F.adaptive_avg_pool1d(out, out_dim)
-    Q, K, V = torch.cat(list(q), -1), torch.cat(list(k), -1), torch.cat(list(v), -1)
+    Q, K, V = torch.cat(q, -1), torch.cat(k, -1), torch.cat(v, -1)
     E = V.shape[-1]
     g = _pool_groups(H * E, out_dim, E)
     if g is not None and g > 1:
@@ -252,6 +263,63 @@ def broad_attention_class_row(
     return F.adaptive_avg_pool1d(out.reshape(B, 1, -1).to(ys[0].dtype), out_dim)
 
 
+# Streaming class row: what each layer leaves for the head ------------------------------------------
+#
+# The class row's output is pool(concat_l A v_l), with one map A for all layers. Pooling is linear
+# and (when its groups stay inside a head: always for the released configurations) each pooled
+# column of a head reads at most two adjacent layers. So each layer can hand over, as soon as it
+# has run, its logits (added into one running sum) and its values already pooled to the few
+# columns it reaches (v_l S_l, w = c1 - c0 ≈ d/g + 1 wide per head): a tenth of a layer's input
+# for the released models, instead of the whole (B, N, D) input kept alive until the last layer.
+
+
+def class_row_columns(layer: int, head_dim: int, group: int) -> Tuple[int, int]:
+    """The columns [c0, c1) of one head's pooled output that layer ``layer``'s values reach,
+    when the pooling averages runs of ``group`` values of the (layer, channel) axis."""
+    return layer * head_dim // group, ((layer + 1) * head_dim - 1) // group + 1
+
+
+def class_row_pooling(layer: int, head_dim: int, group: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(d, c1 - c0): the pooling restricted to layer ``layer``: column c averages the channels
+    j of this layer with (layer·d + j) // group == c0 + c, weight 1/group."""
+    c0, c1 = class_row_columns(layer, head_dim, group)
+    cols = torch.div(torch.arange(head_dim, device=device) + layer * head_dim, group, rounding_mode='floor') - c0
+    return (cols.unsqueeze(1) == torch.arange(c1 - c0, device=device).unsqueeze(0)).to(dtype) / group
+
+
+def class_row_finish(
+        logits: Tensor,
+        pieces: List[Tensor],
+        head_dim: int,
+        group: int,
+        out_dim: int,
+        scale: float,
+        token_major: bool,
+) -> Tensor:
+    """The class row's pooled broad output (B, 1, out_dim) from the summed logits and the
+    layers' pooled values.
+
+    Head-major: logits (B, H, N), pieces[l] (B, H, N, w_l). Token-major: logits (B, N, H),
+    pieces[l] (B, N, H, w_l).
+    """
+    H = logits.shape[2] if token_major else logits.shape[1]
+    attn = (logits * scale).softmax(1 if token_major else 2)
+    vals = torch.cat(pieces, -1)
+    if token_major:
+        red = torch.einsum('bnh,bnhw->bhw', attn, vals)
+    else:
+        red = (attn.unsqueeze(2) @ vals).squeeze(2)                              # (B, H, W)
+    cols = out_dim // H
+    outs: List[Tensor] = []
+    start = 0
+    for layer in range(len(pieces)):
+        c0, c1 = class_row_columns(layer, head_dim, group)
+        outs.append(F.pad(red[..., start:start + c1 - c0], (c0, cols - c1)))
+        start += c1 - c0
+    out = torch.stack(outs, 0).sum(0)                                            # (B, H, cols)
+    return out.reshape(out.shape[0], 1, out_dim)
+
+
 def attention_probs(q: Tensor, k: Tensor, scale: float) -> Tensor:
     """Explicit softmax(q kᵀ·scale): (B, H, Nq, d), (B, H, N, d) -> (B, H, Nq, N)."""
     return (q @ k.transpose(-2, -1) * scale).softmax(-1)
@@ -265,4 +333,4 @@ def broad_attention_probs(q: Sequence[Tensor], k: Sequence[Tensor], scale: float
 
 __all__: List[str] = [
     'Attention', 'Block', 'broad_attention', 'broad_attention_class_row', 'attention_probs',
-    'broad_attention_probs']
+    'broad_attention_probs', 'class_row_columns', 'class_row_pooling', 'class_row_finish']

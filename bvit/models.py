@@ -6,7 +6,6 @@ released architecture (see README, "The released model"): a 7x7 stride-2 conv st
 patch embedding (stored as a Conv2d), no qkv bias, LayerNorm eps 1e-5, and the broad attention
 output, scaled by 0.4 and pooled to the embedding width, added to every token of the last layer.
 """
-from __future__ import annotations
 
 import math
 import os
@@ -15,16 +14,30 @@ import zipfile
 from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import resample_abs_pos_embed, trunc_normal_
+from timm.layers import register_notrace_function, resample_abs_pos_embed, resample_patch_embed, trunc_normal_
 from timm.models import adapt_input_conv, build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+try:  # torch >= 2.6 tells symbolic tracing apart from torch.export
+    from torch.fx._symbolic_trace import is_fx_symbolic_tracing as _fx_tracing
+except ImportError:  # pragma: no cover
+    from torch.fx._symbolic_trace import is_fx_tracing as _fx_tracing
 
-from .layers import QKV, Block, attention_probs, broad_attention, broad_attention_class_row, broad_attention_probs
+from .layers import (
+    QKV, Block, _pool_groups, attention_probs, broad_attention, broad_attention_class_row, broad_attention_probs,
+    class_row_finish, class_row_pooling,
+)
 
 _int_or_pair = Union[int, Tuple[int, int]]
+
+# Leaves for torch.fx.symbolic_trace (and so torchvision's create_feature_extractor): these branch
+# on shapes, so a trace records a call to them instead of tracing through. timm's own FX tracer
+# learns the same from ``register_notrace_function`` below.
+for _leaf in ('broad_attention', 'class_row_pooling', 'class_row_finish'):
+    torch.fx.wrap(_leaf)
 
 
 def _pair(x: _int_or_pair) -> Tuple[int, int]:
@@ -46,8 +59,55 @@ def patch_grid(img_size: _int_or_pair, patch_size: int, stem: str = 'conv') -> T
 
 
 def _check_global_pool(global_pool: str) -> None:
-    if global_pool not in ('token', 'avg'):
-        raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+    if global_pool not in ('', 'token', 'avg'):
+        raise ValueError(f"global_pool must be '', 'token' or 'avg', got {global_pool!r}")
+
+
+@register_notrace_function
+def _check_image(x: Tensor, in_chans: int, img_size: Tuple[int, int], patch_size: int, conv_stem: bool,
+                 dynamic: bool, pad: bool) -> None:
+    """ValueError unless ``x`` is (B, in_chans, H, W) with H, W the model's size or, with a
+    dynamic size, any size whose patch grid fits (or is padded to fit)."""
+    h, w = x.shape[-2], x.shape[-1]
+    fits = x.dim() == 4 and x.shape[1] == in_chans
+    if dynamic:
+        sh, sw = ((h + 1) // 2, (w + 1) // 2) if conv_stem else (h, w)
+        fits = fits and (pad or (sh % patch_size == 0 and sw % patch_size == 0))
+    else:
+        fits = fits and h == img_size[0] and w == img_size[1]
+    if not fits:
+        if dynamic:
+            raise ValueError(f'BViT expects images of shape (B, {in_chans}, H, W) whose size after the stem is '
+                             f'divisible by the patch size {patch_size}, got {list(x.shape)}')
+        raise ValueError(f'BViT expects images of shape (B, {in_chans}, {img_size[0]}, {img_size[1]}), got '
+                         f'{list(x.shape)}; build the model with img_size/in_chans to match, or with '
+                         f'dynamic_img_size=True')
+
+
+torch.fx.wrap('_check_image')
+
+
+@register_notrace_function
+def _pad_to_patch(x: Tensor, patch_size: int) -> Tensor:
+    """Zero-pad (B, C, H, W) on the bottom/right to multiples of ``patch_size``."""
+    ph, pw = (-x.shape[-2]) % patch_size, (-x.shape[-1]) % patch_size
+    return F.pad(x, (0, pw, 0, ph)) if ph or pw else x
+
+
+torch.fx.wrap('_pad_to_patch')
+
+
+@register_notrace_function
+def _pos_for_grid(pos_embed: Tensor, grid: Tuple[int, int], h: int, w: int, num_prefix: int) -> Tensor:
+    """The position rows for an (h, w) patch grid: the table's own rows at its grid, else those
+    rows resampled bicubically (timm's ``resample_abs_pos_embed``), prefix rows kept."""
+    used = pos_embed[:, :num_prefix + grid[0] * grid[1]]
+    if h == grid[0] and w == grid[1]:
+        return used
+    return resample_abs_pos_embed(used, [h, w], [grid[0], grid[1]], num_prefix_tokens=num_prefix)
+
+
+torch.fx.wrap('_pos_for_grid')
 
 
 class AttentionMaps(NamedTuple):
@@ -90,14 +150,17 @@ class BViT(nn.Module):
             attn_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
             norm_eps: float = 1e-5,
+            dynamic_img_size: bool = False,
+            dynamic_img_pad: bool = False,
     ) -> None:
         """
         Args:
-            img_size: input size (int or (h, w)); inputs must have exactly this size.
+            img_size: input size (int or (h, w)); the position table is sized for it.
             patch_size: side p of the square patches (after the stem).
             in_chans: image channels.
-            num_classes: classes of the head; 0 makes ``forward`` return the normed class token.
-            global_pool: 'token' (class token, as released) or 'avg' (mean of the patch tokens).
+            num_classes: classes of the head; 0 makes ``forward`` return the pooled features.
+            global_pool: 'token' (class token, as released), 'avg' (mean of the patch tokens) or
+                '' (no pooling: the head sees every token).
             embed_dim, depth, num_heads, head_dim, mlp_ratio, qkv_bias: transformer width D,
                 layers L, heads H, head dim d, MLP hidden D·mlp_ratio, bias of the qkv projection.
             stem: 'conv' (released: 7x7 stride-2 conv, in_chans -> in_chans, so 224 gives 7x7
@@ -108,11 +171,14 @@ class BViT(nn.Module):
             attn_drop_rate: dropout on attention probabilities of the blocks.
             drop_path_rate: stochastic depth, linearly increasing to this value over the blocks.
             norm_eps: LayerNorm eps (PyTorch's default 1e-5, as released; timm's ViT uses 1e-6).
+            dynamic_img_size: accept any input whose patch grid fits, the position table
+                resampled on the fly (default False: exactly ``img_size``, as released).
+            dynamic_img_pad: with a dynamic size, zero-pad the stem's output to whole patches.
         """
         super().__init__()
         _check_global_pool(global_pool)
         self.grid_size: Tuple[int, int] = patch_grid(img_size, patch_size, stem)
-        self.img_size = _pair(img_size)
+        self.img_size: Tuple[int, int] = _pair(img_size)
         self.patch_size = patch_size
         self.in_chans = in_chans
         self.num_classes = num_classes
@@ -125,6 +191,8 @@ class BViT(nn.Module):
         self.stem_type = stem
         self.broad = broad
         self.broad_scale = broad_scale
+        self.dynamic_img_size = dynamic_img_size
+        self.dynamic_img_pad = dynamic_img_pad
         self.grad_checkpointing = False
 
         self.stem: nn.Module = (nn.Conv2d(in_chans, in_chans, kernel_size=7, stride=2, padding=3)
@@ -137,8 +205,7 @@ class BViT(nn.Module):
         # As released, the table is sized for the image without the stem ((224/16)² + 1 = 197
         # rows) and only its first N+1 rows are used; keeping it makes the parameter count and
         # the checkpoint layout those of the release.
-        rows = (self.img_size[0] // patch_size) * (self.img_size[1] // patch_size) + 1
-        self.pos_embed = nn.Parameter(torch.zeros(1, rows, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self._table_rows(self.img_size, patch_size), embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
 
         dpr = [r.item() for r in torch.linspace(0, drop_path_rate, depth)]
@@ -146,10 +213,24 @@ class BViT(nn.Module):
             Block(embed_dim, num_heads, head_dim, mlp_ratio, qkv_bias, proj_drop=drop_rate,
                   attn_drop=attn_drop_rate, drop_path=dpr[i], norm_eps=norm_eps)
             for i in range(depth)])
+        self._pool_group = self._class_row_group()
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
         self.head_drop = nn.Dropout(drop_rate)
         self.head: nn.Module = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        reduction = patch_size * (2 if stem == 'conv' else 1)
+        self.feature_info = [dict(module=f'blocks.{i}', num_chs=embed_dim, reduction=reduction) for i in range(depth)]
+        self._traits = {'first_conv': 'stem' if stem == 'conv' else 'patch_embed'}
         self.init_weights()
+
+    @staticmethod
+    def _table_rows(img_size: Tuple[int, int], patch_size: int) -> int:
+        return (img_size[0] // patch_size) * (img_size[1] // patch_size) + 1
+
+    def _class_row_group(self) -> int:
+        """Pooling group g of the broad output when its runs stay inside a head (so the class row
+        can be streamed layer by layer, see :func:`bvit.layers.class_row_pooling`), else 0."""
+        width = self.num_heads * len(self.blocks) * self.head_dim
+        return _pool_groups(width, self.embed_dim, width // self.num_heads) or 0
 
     def init_weights(self) -> None:
         trunc_normal_(self.pos_embed, std=.02)
@@ -173,33 +254,65 @@ class BViT(nn.Module):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
+        for blk in self.blocks:
+            blk.grad_checkpointing = enable
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """Replace the head with a fresh Linear(D, num_classes) (Identity for 0)."""
+        """Replace the head with a fresh Linear(D, num_classes) (Identity for 0); ``global_pool``
+        as in the constructor ('' keeps every token)."""
         if global_pool is not None:
             _check_global_pool(global_pool)
             self.global_pool = global_pool
         self.num_classes = num_classes
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
-    # forward ----------------------------------------------------------------------------------
+    @torch.jit.ignore
+    def set_input_size(self, img_size: Optional[_int_or_pair] = None, patch_size: Optional[int] = None) -> None:
+        """Rebuild for another input size and/or patch size: the position table is resampled to
+        the new grid (timm's ``resample_abs_pos_embed``), the patch kernel with timm's
+        ``resample_patch_embed`` (FlexiViT). The model then expects exactly that size."""
+        size = _pair(img_size) if img_size is not None else self.img_size
+        patch = patch_size or self.patch_size
+        grid = patch_grid(size, patch, self.stem_type)
+        with torch.no_grad():
+            if patch != self.patch_size:
+                kernel = resample_patch_embed(self.patch_embed.weight, [patch, patch])
+                conv = nn.Conv2d(self.in_chans, self.embed_dim, kernel_size=patch, stride=patch)
+                conv.weight.copy_(kernel)
+                conv.bias.copy_(self.patch_embed.bias)
+                self.patch_embed = conv.to(self.patch_embed.weight.device)
+            table = resample_pos_embed(self.pos_embed.detach(), self.grid_size, grid,
+                                       num_rows=self._table_rows(size, patch), num_prefix_tokens=self.num_prefix_tokens)
+            self.pos_embed = nn.Parameter(table.clone())
+        reduction = patch * (2 if self.stem_type == 'conv' else 1)
+        for info in self.feature_info:
+            info['reduction'] = reduction
+        self.img_size, self.patch_size, self.grid_size = size, patch, grid
+        self.num_patches = grid[0] * grid[1]
+        if hasattr(self, '_traits'):
+            self._traits['img_size'] = size
 
-    def _check_input(self, x: Tensor) -> None:
-        if x.ndim != 4 or x.shape[1] != self.in_chans or tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(
-                f'{type(self).__name__} expects images of shape (B, {self.in_chans}, {self.img_size[0]}, '
-                f'{self.img_size[1]}), got {tuple(x.shape)}; build the model with img_size/in_chans to match')
+    # forward ----------------------------------------------------------------------------------
 
     def _embed(self, x: Tensor) -> Tensor:
         """(B, C, H, W) -> tokens (B, N+1, D), class token first."""
-        self._check_input(x)
-        x = self.patch_embed(self.stem(x)).flatten(2).transpose(1, 2)
+        _check_image(x, self.in_chans, self.img_size, self.patch_size, self.stem_type == 'conv',
+                     self.dynamic_img_size, self.dynamic_img_pad)
+        x = self.stem(x)
+        if self.dynamic_img_pad:
+            x = _pad_to_patch(x, self.patch_size)
+        x = self.patch_embed(x)                                                   # (B, D, h, w)
+        if self.dynamic_img_size:
+            pos = _pos_for_grid(self.pos_embed, self.grid_size, x.shape[-2], x.shape[-1], self.num_prefix_tokens)
+        else:
+            pos = self.pos_embed[:, :self.num_patches + self.num_prefix_tokens]
+        x = x.flatten(2).transpose(1, 2)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        return self.pos_drop(x + self.pos_embed[:, :x.shape[1]])
+        return self.pos_drop(x + pos)
 
     def _run_blocks(self, x: Tensor, keep: bool) -> Tuple[Tensor, List[QKV], List[Tensor]]:
         """Tokens through the blocks -> (tokens, each block's (q, k, v), each block's attention
@@ -207,26 +320,37 @@ class BViT(nn.Module):
         qkvs: List[QKV] = []
         ys: List[Tensor] = []
         for blk in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-                x, qkv, y = checkpoint(blk, x, use_reentrant=False)
-            else:
-                x, qkv, y = blk(x)
+            x, qkv, y = blk(x)
             if keep:
                 qkvs.append(qkv)
                 ys.append(y)
         return x, qkvs, ys
 
+    def _broad(self, qkvs: List[QKV]) -> Tensor:
+        """The pooled broad output (B, N+1, D) of every token, before ``broad_scale``."""
+        return broad_attention([t[0] for t in qkvs], [t[1] for t in qkvs], [t[2] for t in qkvs], self.embed_dim)
+
     def forward_features(self, x: Tensor) -> Tensor:
         """Images (B, C, H, W) -> normed tokens (B, N+1, D), broad output added on every token."""
         x, qkvs, _ = self._run_blocks(self._embed(x), keep=self.broad)
         if self.broad:
-            q, k, v = zip(*qkvs)
-            x = x + self.broad_scale * broad_attention(q, k, v, self.embed_dim)
+            x = x + self.broad_scale * self._broad(qkvs)
         return self.norm(x)
 
+    @torch.jit.ignore
+    def forward_broad(self, x: Tensor) -> Tensor:
+        """Images -> the broad attention's pooled output (B, N+1, D), before ``broad_scale``:
+        ``forward_features(x) == norm(x_L + broad_scale * forward_broad(x))``."""
+        _, qkvs, _ = self._run_blocks(self._embed(x), keep=True)
+        return self._broad(qkvs)
+
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """Tokens (B, N+1, D) -> logits (B, classes), or pooled features (B, D) with pre_logits."""
-        x = x[:, self.num_prefix_tokens:].mean(1) if self.global_pool == 'avg' else x[:, 0]
+        """Tokens (B, N+1, D) -> logits (B, classes), or pooled features (B, D) with pre_logits;
+        with ``global_pool=''`` every token goes through the head: (B, N+1, classes or D)."""
+        if self.global_pool == 'avg':
+            x = x[:, self.num_prefix_tokens:].mean(1)
+        elif self.global_pool == 'token':
+            x = x[:, 0]
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
@@ -234,19 +358,165 @@ class BViT(nn.Module):
         """Images (B, C, H, W) -> logits (B, num_classes), or (B, D) features if num_classes == 0.
 
         Equal to ``forward_head(forward_features(x))``. With the class-token head only the class
-        token's row of the broad attention reaches the output, so only that row is computed, from
-        the blocks' attention inputs (see :func:`bvit.layers.broad_attention_class_row`).
+        token's row of the broad attention reaches the output, so only that row is computed:
+        streamed layer by layer (each layer leaves its logits and its values pooled to the
+        columns it reaches), or, in eager training with plain ``nn.Linear`` qkv projections,
+        from the blocks' attention inputs with a hand-written backward
+        (:func:`bvit.layers.broad_attention_class_row`). Every path gives the same logits.
         """
-        if self.global_pool != 'token':
+        if not self.broad or self.global_pool != 'token':
             return self.forward_head(self.forward_features(x))
-        x, _, ys = self._run_blocks(self._embed(x), keep=self.broad)
-        x = x[:, :1]
-        if self.broad:
-            attns = [blk.attn for blk in self.blocks]
-            biases = [a.qkv.bias for a in attns] if attns[0].qkv.bias is not None else None
-            x = x + self.broad_scale * broad_attention_class_row(
-                ys, [a.qkv.weight for a in attns], biases, self.num_heads, self.head_dim, self.embed_dim)
+        x = self._embed(x)
+        if not torch.jit.is_scripting() and self._eager_fast_path():
+            x = self._class_row_fast(x)
+        else:
+            x = self._class_row_modules(x)
         return self.forward_head(self.norm(x))
+
+    @torch.jit.unused
+    def _eager_fast_path(self) -> bool:
+        """The class-row fast paths read the qkv weights directly: only in eager mode, and only
+        when every ``qkv`` is a plain ``nn.Linear`` (not wrapped by LoRA, quantization, FSDP...)."""
+        if torch.jit.is_tracing() or _fx_tracing():
+            return False
+        return all(type(blk.attn.qkv) is nn.Linear for blk in self.blocks)
+
+    def _class_row_modules(self, x: Tensor) -> Tensor:
+        """Class token (B, 1, D) after the blocks plus its broad output, from the blocks' own
+        q, k, v (so any ``qkv`` module is honoured); scriptable and traceable."""
+        g = self._pool_group
+        logits = x.new_empty(0)
+        pieces: List[Tensor] = []
+        qkvs: List[QKV] = []
+        for i, blk in enumerate(self.blocks):
+            x, qkv, _ = blk(x)
+            q, k, v = qkv
+            if g > 0:
+                s = (q[:, :, :1] @ k.transpose(-2, -1)).squeeze(2)                # (B, H, N)
+                logits = s if i == 0 else logits + s
+                pieces.append(v @ class_row_pooling(i, self.head_dim, g, v.dtype, v.device))
+            else:
+                qkvs.append((q[:, :, :1], k, v))
+        if g > 0:
+            out = class_row_finish(logits, pieces, self.head_dim, g, self.embed_dim, self.head_dim ** -0.5, False)
+        else:
+            out = self._broad(qkvs)
+        return x[:, :1] + self.broad_scale * out
+
+    @torch.jit.unused
+    def _class_row_fast(self, x: Tensor) -> Tensor:
+        """Eager class row from the attention inputs y_l (B, N, D) and the qkv weights.
+
+        Training (gradients on): all y_l kept for the hand-written backward. Inference: each
+        layer's logits, q_cls·k_lᵀ = (q_cls W_k) y_lᵀ, and its pooled values, y_l (W_v S_l), are
+        taken while y_l is fresh, and y_l is let go: the head keeps (B, N, H·(d/g + 1)) per
+        layer instead of (B, N, D)."""
+        H, d, D, g = self.num_heads, self.head_dim, self.embed_dim, self._pool_group
+        attns = [blk.attn for blk in self.blocks]
+        if torch.is_grad_enabled() or g == 0:
+            x, _, ys = self._run_blocks(x, keep=True)
+            biases = [a.qkv.bias for a in attns] if attns[0].qkv.bias is not None else None
+            return x[:, :1] + self.broad_scale * broad_attention_class_row(
+                ys, [a.qkv.weight for a in attns], biases, H, d, D)
+        logits: Optional[Tensor] = None
+        pieces: List[Tensor] = []
+        for i, blk in enumerate(self.blocks):
+            x, _, y = blk(x)
+            w = blk.attn.qkv.weight.view(3, H, d, D)
+            b = blk.attn.qkv.bias
+            q0 = torch.einsum('bc,hjc->bhj', y[:, 0], w[0])
+            if b is not None:
+                q0 = q0 + b.view(3, H, d)[0]
+            rt = torch.einsum('bhj,hjc->bch', q0, w[1])                           # (B, D, H)
+            logits = y @ rt if logits is None else torch.baddbmm(logits, y, rt)    # (B, N, H)
+            pool = class_row_pooling(i, d, g, y.dtype, y.device)                  # (d, w)
+            u = torch.einsum('hjc,jw->hwc', w[2], pool).reshape(-1, D)            # (H·w, D)
+            ub = (b.view(3, H, d)[2] @ pool).reshape(-1) if b is not None else None
+            pieces.append(F.linear(y, u, ub).unflatten(-1, (H, -1)))              # (B, N, H, w)
+        assert logits is not None
+        out = class_row_finish(logits, pieces, d, g, D, d ** -0.5, True)
+        return x[:, :1] + self.broad_scale * out
+    @torch.jit.ignore
+    def forward_intermediates(
+            self,
+            x: Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            return_prefix_tokens: bool = False,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[Any], Tuple[Tensor, List[Any]]]:
+        """Block outputs for feature extraction, as timm's ViTs give them.
+
+        Args:
+            indices: the last n blocks (int), the blocks listed (negative from the end), or all (None).
+            return_prefix_tokens: each intermediate becomes (patch tokens, class token (B, 1, D)).
+            norm: pass the intermediates through the final norm.
+            stop_early: with ``intermediates_only``, stop after the last block wanted.
+            output_fmt: 'NCHW' -> (B, D, h, w) patch maps; 'NLC' -> (B, h·w, D).
+            intermediates_only: return only the list.
+        Returns:
+            (final features (B, N+1, D) as ``forward_features`` gives them, broad output
+            included, intermediates), or the intermediates alone. The intermediates are the
+            blocks' outputs x_l, before any broad attention (it joins only the last layer's
+            tokens); ``forward_broad`` gives the broad output itself.
+        """
+        if output_fmt not in ('NCHW', 'NLC'):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take, last = feature_take_indices(len(self.blocks), indices)
+        B, _, height, width = x.shape
+        x = self._embed(x)
+        grid_h, grid_w = self._grid_of(height, width)
+        blocks = self.blocks[:last + 1] if stop_early and intermediates_only else self.blocks
+        keep = self.broad and not intermediates_only
+        taken: List[Tensor] = []
+        qkvs: List[QKV] = []
+        for i, blk in enumerate(blocks):
+            x, qkv, _ = blk(x)
+            if keep:
+                qkvs.append(qkv)
+            if i in take:
+                taken.append(self.norm(x) if norm else x)
+        out: List[Any] = []
+        for t in taken:
+            patches = t[:, self.num_prefix_tokens:]
+            if output_fmt == 'NCHW':
+                patches = patches.reshape(B, grid_h, grid_w, -1).permute(0, 3, 1, 2).contiguous()
+            out.append((patches, t[:, :self.num_prefix_tokens]) if return_prefix_tokens else patches)
+        if intermediates_only:
+            return out
+        if self.broad:
+            x = x + self.broad_scale * self._broad(qkvs)
+        return self.norm(x), out
+
+    def _grid_of(self, height: int, width: int) -> Tuple[int, int]:
+        """Patch grid of an input of this size (the model's own, or any with a dynamic size)."""
+        if not self.dynamic_img_size:
+            return self.grid_size
+        h, w = ((height + 1) // 2, (width + 1) // 2) if self.stem_type == 'conv' else (height, width)
+        p = self.patch_size
+        return (h + p - 1) // p, (w + p - 1) // p
+
+    @torch.jit.ignore
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the blocks after the last one in ``indices`` (and the head, and with
+        ``prune_norm`` the final norm), for a feature extractor. Returns the kept indices.
+        The broad attention of a pruned model spans the blocks that remain."""
+        take, last = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:last + 1]
+        self.feature_info = self.feature_info[:last + 1]
+        self._pool_group = self._class_row_group()
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take
 
     def attention_maps(self, x: Tensor) -> AttentionMaps:
         """Explicit attention maps of every layer and of the broad attention, for inspection.
@@ -255,10 +525,11 @@ class BViT(nn.Module):
         ``torch.no_grad()`` unless gradients through the maps are wanted.
         """
         _, qkvs, _ = self._run_blocks(self._embed(x), keep=True)
-        qs, ks, _ = zip(*qkvs)
+        qs, ks = [t[0] for t in qkvs], [t[1] for t in qkvs]
         scale = self.head_dim ** -0.5
         layers = [attention_probs(q, k, scale) for q, k in zip(qs, ks)]
-        return AttentionMaps(layers, broad_attention_probs(qs, ks, scale), self.grid_size)
+        grid = self._grid_of(x.shape[-2], x.shape[-1])
+        return AttentionMaps(layers, broad_attention_probs(qs, ks, scale), grid)
 
 
 # Released checkpoints ---------------------------------------------------------------------------
@@ -515,7 +786,7 @@ def _cfg(**kwargs: Any) -> Dict[str, Any]:
         'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None,
         'crop_pct': 0.875, 'interpolation': 'bicubic', 'fixed_input_size': True,
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'patch_embed', 'classifier': 'head',
+        'first_conv': 'stem', 'classifier': 'head',
         'paper_ids': 'arXiv:2202.06268', 'paper_name': 'BViT: Broad Attention based Vision Transformer',
         'license': 'apache-2.0', **kwargs,
     }
@@ -525,8 +796,13 @@ default_cfgs = generate_default_cfgs({'bvit_5m': _cfg(), 'bvit_22m': _cfg()})
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> BViT:
+    out_indices = kwargs.pop('out_indices', 3)
     args = {**MODEL_ARGS[variant], **kwargs}
-    return build_model_with_cfg(BViT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **args)
+    # features_only goes through timm's FeatureGetterNet, i.e. forward_intermediates: the last 3
+    # blocks by default, as for timm's ViTs.
+    return build_model_with_cfg(
+        BViT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'), **args)
 
 
 @register_model

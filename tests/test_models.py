@@ -284,7 +284,7 @@ def test_broad_false_twin_and_scale():
     import bvit.models as mod
     calls = []
     saved = {}
-    for name in ('broad_attention', 'broad_attention_class_row'):
+    for name in ('broad_attention', 'broad_attention_class_row', 'class_row_finish'):
         saved[name] = orig = getattr(mod, name)
         setattr(mod, name, lambda *a, _orig=orig, **k: calls.append(1) or _orig(*a, **k))
     try:
