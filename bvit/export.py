@@ -76,6 +76,7 @@ def bvit_model_args(model: nn.Module) -> Dict[str, Any]:
         depth=len(model.blocks), num_heads=model.num_heads, head_dim=model.head_dim,
         mlp_ratio=block.mlp.fc1.out_features / model.embed_dim, qkv_bias=block.attn.qkv.bias is not None,
         stem=model.stem_type, broad=model.broad, broad_scale=model.broad_scale, norm_eps=model.norm.eps,
+        **{k: getattr(model, k) for k in ('dynamic_img_size', 'dynamic_img_pad') if getattr(model, k, False)},
     )
 
 

@@ -207,3 +207,14 @@ def test_local_dir_export_loads_at_another_size_and_class_count(tmp_path):
     assert torch.equal(big.blocks[1].attn.qkv.weight, src.blocks[1].attn.qkv.weight)
     other = timm.create_model(f'local-dir:{tmp_path / "out"}', pretrained=True, num_classes=3)
     assert other.head.weight.shape == (3, 192) and torch.equal(other.blocks[0].mlp.fc1.weight, src.blocks[0].mlp.fc1.weight)
+
+
+def test_dynamic_size_model_round_trips(tmp_path):
+    """A model built with dynamic_img_size keeps it through config.json (bvit_model_args)."""
+    from timm.models import save_for_hf
+    src = _tiny(dynamic_img_size=True)
+    save_for_hf(src, tmp_path / 'out', model_args=E.bvit_model_args(src), safe_serialization=True)
+    reloaded = timm.create_model(f'local-dir:{tmp_path / "out"}', pretrained=True).eval()
+    assert reloaded.dynamic_img_size
+    x = torch.randn(2, 3, 48, 40)
+    assert torch.equal(_logits(reloaded, x), _logits(src, x))
