@@ -324,6 +324,7 @@ class BViT(nn.Module):
             if keep:
                 qkvs.append(qkv)
                 ys.append(y)
+            del qkv, y  # else the next block would run with this one's qkv output still alive
         return x, qkvs, ys
 
     def _broad(self, qkvs: List[QKV]) -> Tensor:
@@ -397,6 +398,7 @@ class BViT(nn.Module):
                 pieces.append(v @ class_row_pooling(i, self.head_dim, g, v.dtype, v.device))
             else:
                 qkvs.append((q[:, :, :1], k, v))
+            del qkv, q, k, v
         if g > 0:
             out = class_row_finish(logits, pieces, self.head_dim, g, self.embed_dim, self.head_dim ** -0.5, False)
         else:
@@ -421,21 +423,31 @@ class BViT(nn.Module):
         logits: Optional[Tensor] = None
         pieces: List[Tensor] = []
         for i, blk in enumerate(self.blocks):
-            x, _, y = blk(x)
-            w = blk.attn.qkv.weight.view(3, H, d, D)
-            b = blk.attn.qkv.bias
-            q0 = torch.einsum('bc,hjc->bhj', y[:, 0], w[0])
-            if b is not None:
-                q0 = q0 + b.view(3, H, d)[0]
-            rt = torch.einsum('bhj,hjc->bch', q0, w[1])                           # (B, D, H)
-            logits = y @ rt if logits is None else torch.baddbmm(logits, y, rt)    # (B, N, H)
-            pool = class_row_pooling(i, d, g, y.dtype, y.device)                  # (d, w)
-            u = torch.einsum('hjc,jw->hwc', w[2], pool).reshape(-1, D)            # (H·w, D)
-            ub = (b.view(3, H, d)[2] @ pool).reshape(-1) if b is not None else None
-            pieces.append(F.linear(y, u, ub).unflatten(-1, (H, -1)))              # (B, N, H, w)
+            x, qkv, y = blk(x)
+            del qkv
+            logits = self._stream_layer(i, y, logits, pieces)
+            del y
         assert logits is not None
         out = class_row_finish(logits, pieces, d, g, D, d ** -0.5, True)
         return x[:, :1] + self.broad_scale * out
+
+    @torch.jit.unused
+    def _stream_layer(self, i: int, y: Tensor, logits: Optional[Tensor], pieces: List[Tensor]) -> Tensor:
+        """Layer i's share of the class row in inference, from its attention input y (B, N, D):
+        returns the running logits (B, N, H) and appends its pooled values (B, N, H, w)."""
+        H, d, D, g = self.num_heads, self.head_dim, self.embed_dim, self._pool_group
+        qkv = self.blocks[i].attn.qkv
+        w = qkv.weight.view(3, H, d, D)
+        b = qkv.bias
+        q0 = torch.einsum('bc,hjc->bhj', y[:, 0], w[0])
+        if b is not None:
+            q0 = q0 + b.view(3, H, d)[0]
+        rt = torch.einsum('bhj,hjc->bch', q0, w[1])                               # (B, D, H)
+        pool = class_row_pooling(i, d, g, y.dtype, y.device)                      # (d, w)
+        u = torch.einsum('hjc,jw->hwc', w[2], pool).reshape(-1, D)                # (H·w, D)
+        ub = (b.view(3, H, d)[2] @ pool).reshape(-1) if b is not None else None
+        pieces.append(F.linear(y, u, ub).unflatten(-1, (H, -1)))
+        return y @ rt if logits is None else torch.baddbmm(logits, y, rt)
     @torch.jit.ignore
     def forward_intermediates(
             self,
