@@ -35,6 +35,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from bvit.broad import add_broad_attention
+from bvit.models import resolve_arch
 from datasets import DATASETS, INAT_CATEGORIES, build_datasets, canonical_data_set, collate_skipping_unreadable
 from engine import UnreadableImages, autocast_context, evaluate, train_one_epoch
 from losses import DistillationLoss, build_base_criterion
@@ -350,7 +352,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def resolve_model_name(name: str) -> Tuple[str, str]:
     """('bvit', registered name) for BViT names, ('timm', name) for other timm models."""
     import timm
-    from bvit.models import resolve_arch
     try:
         return 'bvit', resolve_arch(name)
     except ValueError:
@@ -362,7 +363,6 @@ def resolve_model_name(name: str) -> Tuple[str, str]:
 
 def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
     import timm
-    import bvit.models  # noqa: F401  (registers bvit_5m / bvit_22m with timm)
     kind, name = resolve_model_name(args.arch)
     if kind == 'bvit':
         if args.broad:
@@ -392,10 +392,6 @@ def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
             raise UsageError(f'--patch-size: timm model {name} does not take a patch size') from None
         model = timm.create_model(name, **kwargs)  # convolutional models take any input size
     if args.broad:
-        try:
-            from bvit.broad import add_broad_attention
-        except ImportError as e:
-            raise UsageError(f'--broad needs bvit.broad.add_broad_attention, which cannot be imported ({e})') from None
         try:
             model = add_broad_attention(model, scale=args.broad_scale)
         except (TypeError, ValueError) as e:
@@ -449,7 +445,8 @@ _IDENTITY_FLAGS = {'arch': '--arch', 'stem': '--stem', 'patch_size': '--patch-si
 
 def check_saved_args(obj: Any, args: argparse.Namespace, path: str) -> None:
     """A checkpoint of this script made with another model is refused, naming the flag to fix;
-    this includes broad attention on/off and its scale, which change no parameter shape."""
+    this includes broad attention on/off and its scale, which change no parameter shape. The
+    input size may differ with --eval (the position table is resampled), not when resuming."""
     saved = obj.get('args') if isinstance(obj, dict) else None
     if not isinstance(saved, dict) or 'arch' not in saved:
         return
@@ -468,6 +465,12 @@ def check_saved_args(obj: Any, args: argparse.Namespace, path: str) -> None:
             flag = _IDENTITY_FLAGS[key]
             raise UsageError(f'{path} is a checkpoint of a model with {flag} {old.get(key)}, but this run has '
                              f'{flag} {new.get(key)}; pass the same value')
+    size = saved.get('input_size')
+    if not getattr(args, 'eval', False) and size is not None and size != args.input_size:
+        # --eval takes any size (the position table is resampled); training state is per size
+        raise UsageError(f'{path} was trained with --input-size {size}, but this run has --input-size '
+                         f'{args.input_size}; resume with the same size, or start a new run from these weights '
+                         'with --finetune')
 
 
 def make_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
@@ -524,8 +527,8 @@ def restore_training_state(obj: Any, path: str, model: nn.Module, optimizer: tor
     if scaler.is_enabled():
         scaler.load_state_dict(need('scaler', 'a gradient scaler (fp16 AMP)'))
     if model_ema is not None:
-        ema_sd = model_state_from(need('model_ema', '--model-ema'), model_ema.module, path)
-        model_ema.module.load_state_dict(ema_sd)
+        need('model_ema', '--model-ema')
+        model_ema.module.load_state_dict(model_state_from(obj, model_ema.module, path, use_ema=True))
     return int(obj['epoch']) + 1, float(obj.get('max_accuracy', 0.0))
 
 

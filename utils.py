@@ -19,7 +19,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.distributed as dist
+from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
+
+import bvit.models as bvit_models
 
 
 class UsageError(Exception):
@@ -506,21 +509,20 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 def read_checkpoint(path: str) -> Any:
     """The object in a checkpoint file (``weights_only=True``), UsageError for a missing,
     truncated or foreign file (see ``bvit.models.read_checkpoint``)."""
-    from bvit.models import read_checkpoint as _read
     try:
-        return _read(path)
+        return bvit_models.read_checkpoint(path)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from None
 
 
 def model_state_from(obj: Any, model: nn.Module, path: str, use_ema: bool = False) -> Dict[str, Tensor]:
-    """The state dict for ``model`` in a loaded checkpoint: this project's (``model`` or, with
-    ``use_ema``, ``model_ema``), a bare state dict, or a released BViT file; wrapper prefixes
-    removed, released key names converted. UsageError when it does not fit ``model``."""
-    from bvit.models import check_state_dict, convert_official_state_dict
+    """The state dict for ``model`` in a loaded checkpoint (this project's ``model`` or, with
+    ``use_ema``, ``model_ema``; a bare state dict; a released BViT file), adapted to ``model`` by
+    ``bvit.models.checkpoint_filter_fn`` (so a BViT checkpoint of another input size fits, its
+    position table resampled). UsageError when it does not fit ``model``."""
     try:
-        sd = convert_official_state_dict(obj, use_ema=use_ema)
-        check_state_dict(model, sd)
+        sd = bvit_models.checkpoint_filter_fn(obj, model, use_ema)
+        bvit_models.check_state_dict(model, sd)
     except ValueError as e:
         raise UsageError(f'{path}: {e}') from None
     return sd
@@ -532,25 +534,6 @@ def load_model_weights(model: nn.Module, obj: Any, path: str, use_ema: bool = Fa
 
 
 # --finetune: new head and resampled position embedding --------------------------------------------
-
-def bvit_grid(input_size: Any, patch_size: int, stem: str) -> Tuple[int, int]:
-    """The patch grid a BViT uses for ``input_size`` (int or (h, w)): the model's own rule."""
-    from bvit.models import patch_grid
-    size = input_size if isinstance(input_size, int) else tuple(input_size)[-2:]
-    return patch_grid(size, patch_size, stem)
-
-
-def checkpoint_bvit_grid(obj: Any, state_dict: Mapping[str, Tensor]) -> Tuple[int, int]:
-    """Grid of the position embedding saved in a BViT checkpoint: from the saved arguments of
-    this project's checkpoints, else the 224-input grid of a released file (7x7 with the conv
-    stem, 14x14 without)."""
-    saved = obj.get('args') if isinstance(obj, Mapping) else None
-    if isinstance(saved, Mapping) and 'input_size' in saved:
-        stem = saved.get('stem') or 'conv'
-        patch = saved.get('patch_size') or 16
-        return bvit_grid(saved['input_size'], int(patch), stem)
-    return (7, 7) if 'stem.weight' in state_dict else (14, 14)
-
 
 def head_keys(model: nn.Module) -> List[str]:
     """State-dict keys of the classifier of ``model`` (timm's ``get_classifier``)."""
@@ -564,27 +547,17 @@ def head_keys(model: nn.Module) -> List[str]:
     return [f'{prefix}.{k}' for k in classifier.state_dict()]
 
 
-def interpolate_pos_embed(model: nn.Module, state_dict: Dict[str, Tensor], old_grid: Optional[Tuple[int, int]]) -> None:
-    """Resample ``state_dict['pos_embed']`` in place to ``model``'s grid. Prefix (class) tokens
-    are kept; non-square grids are handled; at the same grid the values are unchanged.
-
-    BViT: ``old_grid`` is the checkpoint's grid (see :func:`checkpoint_bvit_grid`); other timm
-    models: the checkpoint's grid is taken as square, as timm does.
-    """
-    if 'pos_embed' not in state_dict or not hasattr(model, 'pos_embed'):
+def interpolate_pos_embed(model: nn.Module, state_dict: Dict[str, Tensor]) -> None:
+    """Timm models other than BViT: resample ``state_dict['pos_embed']`` in place to ``model``'s
+    grid with timm's ``resample_abs_pos_embed`` (the checkpoint's grid taken as square, as timm
+    does; prefix tokens kept). A no-op at the same shape. (A BViT's table is resampled by
+    ``bvit.models.checkpoint_filter_fn``.)"""
+    if 'pos_embed' not in state_dict or not hasattr(model, 'pos_embed') or isinstance(model, bvit_models.BViT):
         return
-    from bvit.models import BViT, resample_pos_embed
     pe = state_dict['pos_embed']
     target = model.pos_embed
-    if isinstance(model, BViT):
-        assert old_grid is not None  # at the same grid and row count the table comes back as saved
-        state_dict['pos_embed'] = resample_pos_embed(
-            pe.float(), old_grid, model.grid_size, num_rows=target.shape[1],
-            num_prefix_tokens=model.num_prefix_tokens).to(pe.dtype)
-        return
     if tuple(pe.shape) == tuple(target.shape):
         return
-    from timm.layers import resample_abs_pos_embed
     grid = getattr(getattr(model, 'patch_embed', None), 'grid_size', None)
     if grid is None:
         raise UsageError(f'cannot resample pos_embed {tuple(pe.shape)} to {tuple(target.shape)} for this model')
@@ -595,19 +568,15 @@ def interpolate_pos_embed(model: nn.Module, state_dict: Dict[str, Tensor], old_g
 def load_finetune_weights(model: nn.Module, path: str) -> List[str]:
     """``--finetune``: load a checkpoint (this project's, released BViT, or any state dict for the
     same architecture) into ``model`` with a fresh head where the class count differs and the
-    position embedding resampled to the model's input size. Returns the keys left at their
-    fresh initialisation (the head's, when replaced)."""
-    from bvit.models import BViT, check_state_dict, convert_official_state_dict
+    position embedding resampled to the model's input size (``bvit.models.checkpoint_filter_fn``
+    for a BViT, :func:`interpolate_pos_embed` for other timm models). Returns the keys left at
+    their fresh initialisation (the head's, when replaced)."""
     obj = read_checkpoint(path)
     try:
-        sd = convert_official_state_dict(obj)
+        sd = bvit_models.checkpoint_filter_fn(obj, model)
     except ValueError as e:
         raise UsageError(f'{path}: {e}') from None
-    old_grid = checkpoint_bvit_grid(obj, sd) if isinstance(model, BViT) else None
-    try:
-        interpolate_pos_embed(model, sd, old_grid)
-    except ValueError as e:
-        raise UsageError(f'{path}: {e}') from None
+    interpolate_pos_embed(model, sd)
     own = model.state_dict()
     fresh: List[str] = []
     for key in head_keys(model):
@@ -615,7 +584,7 @@ def load_finetune_weights(model: nn.Module, path: str) -> List[str]:
             sd[key] = own[key]
             fresh.append(key)
     try:
-        check_state_dict(model, sd)
+        bvit_models.check_state_dict(model, sd)
     except ValueError as e:
         raise UsageError(f'{path}: {e}') from None
     model.load_state_dict(sd)
@@ -627,6 +596,5 @@ __all__ = [
     'get_rank', 'is_main_process', 'cleanup_distributed', 'all_reduce_sum', 'log', 'write_line', 'environment_info',
     'seed_everything', 'epoch_seed', 'setup_determinism', 'SmoothedValue', 'ProgressPrinter', 'plain',
     'args_to_dict', 'atomic_save', 'save_on_master', 'append_log_line', 'unwrap_model', 'read_checkpoint',
-    'model_state_from', 'load_model_weights', 'bvit_grid', 'checkpoint_bvit_grid', 'head_keys',
-    'interpolate_pos_embed', 'load_finetune_weights',
+    'model_state_from', 'load_model_weights', 'head_keys', 'interpolate_pos_embed', 'load_finetune_weights',
 ]

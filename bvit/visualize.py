@@ -32,28 +32,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-import matplotlib
-
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib import patheffects  # noqa: E402
-
-import timm  # noqa: E402
-
-from . import models as bvit_models  # noqa: E402  (registers bvit_5m / bvit_22m)
+from . import models as bvit_models  # (registers bvit_5m / bvit_22m)
+from .rebuild import build_from_checkpoint
 
 ImageLike = Union[np.ndarray, Tensor]
 
-# Names under which a training script may have stored each model setting in its ``args``.
-_ARG_ALIASES: Dict[str, Tuple[str, ...]] = {
-    'arch': ('arch', 'model'),
-    'input_size': ('input_size', 'img_size'),
-    'patch_size': ('patch_size',),
-    'stem': ('stem',),
-    'num_classes': ('nb_classes', 'num_classes'),
-    'broad_scale': ('broad_scale',),
-    'global_pool': ('global_pool',),
-}
+# The DIGITS split of the training script (datasets.DigitsDataset): scikit-learn's 1797 8x8 digits,
+# 357 held out, stratified, seed 0. tests/test_visualize.py checks the two agree image for image.
+DIGITS_VAL_SIZE = 357
+DIGITS_SPLIT_SEED = 0
 
 
 class VisualizeError(Exception):
@@ -62,144 +49,26 @@ class VisualizeError(Exception):
 
 # Model ------------------------------------------------------------------------------------------
 
-def infer_bvit_config(state_dict: Mapping[str, Tensor]) -> Dict[str, Any]:
-    """Architecture of a BViT state dict (this module's key layout), as model kwargs.
-
-    Finds embed_dim, depth, num_heads (head dim 64 assumed unless the qkv width says otherwise is
-    impossible to tell, so 64), patch_size, stem, num_classes, qkv_bias and the input size the
-    position table was sized for. Keys that are absent are left out.
-    """
-    cfg: Dict[str, Any] = {}
-    pe = state_dict.get('patch_embed.weight')
-    if pe is not None and pe.ndim == 4:
-        cfg['embed_dim'] = int(pe.shape[0])
-        cfg['in_chans'] = int(pe.shape[1])
-        cfg['patch_size'] = int(pe.shape[-1])
-    depth = 0
-    while f'blocks.{depth}.attn.qkv.weight' in state_dict:
-        depth += 1
-    if depth:
-        cfg['depth'] = depth
-        qkv = state_dict['blocks.0.attn.qkv.weight']
-        inner = qkv.shape[0] // 3
-        cfg['head_dim'] = 64
-        if inner % 64 == 0:
-            cfg['num_heads'] = inner // 64
-        cfg['qkv_bias'] = 'blocks.0.attn.qkv.bias' in state_dict
-        fc1 = state_dict.get('blocks.0.mlp.fc1.weight')
-        if fc1 is not None:
-            cfg['mlp_ratio'] = fc1.shape[0] / fc1.shape[1]
-    cfg['stem'] = 'conv' if 'stem.weight' in state_dict else 'none'
-    head = state_dict.get('head.weight')
-    cfg['num_classes'] = int(head.shape[0]) if head is not None else 0
-    pos = state_dict.get('pos_embed')
-    if pos is not None and 'patch_size' in cfg:
-        side = math.isqrt(pos.shape[1] - 1)
-        if side * side == pos.shape[1] - 1:
-            cfg['img_size'] = side * cfg['patch_size']
-    return cfg
-
-
-def _lookup(args: Mapping[str, Any], name: str) -> Any:
-    for key in _ARG_ALIASES[name]:
-        if args.get(key) is not None:
-            return args[key]
-    return None
-
-
-def model_settings(ckpt_args: Optional[Mapping[str, Any]], state_dict: Mapping[str, Tensor],
-                   overrides: Mapping[str, Any]) -> Tuple[str, Dict[str, Any]]:
-    """(timm model name, create_model kwargs) from, in increasing priority: the state dict, the
-    checkpoint's ``args``, and ``overrides`` (arch, input_size, patch_size, stem, num_classes)."""
-    args = dict(ckpt_args or {})
-    inferred = infer_bvit_config(state_dict)
-    arch = overrides.get('arch') or _lookup(args, 'arch')
-    if arch is None:
-        if 'depth' not in inferred:
-            raise VisualizeError('the checkpoint stores no arch and its keys are not a BViT; pass --arch')
-        arch = {192: 'bvit_5m', 384: 'bvit_22m'}.get(inferred.get('embed_dim'), 'bvit_5m')
-    try:
-        arch = bvit_models.resolve_arch(str(arch))
-        is_bvit = True
-    except ValueError:
-        is_bvit = False
-    if not timm.is_model(arch):
-        raise VisualizeError(f'unknown model {arch!r}: not a BViT name nor a registered timm model')
-
-    kwargs: Dict[str, Any] = {}
-    if is_bvit:
-        # Shape-defining settings read off the weights fit them by construction.
-        for key in ('embed_dim', 'depth', 'num_heads', 'head_dim', 'mlp_ratio', 'qkv_bias', 'in_chans',
-                    'patch_size', 'stem', 'img_size'):
-            if key in inferred:
-                kwargs[key] = inferred[key]
-    kwargs['num_classes'] = inferred.get('num_classes', 1000)
-    for name, kw in (('input_size', 'img_size'), ('patch_size', 'patch_size'), ('stem', 'stem'),
-                     ('num_classes', 'num_classes'), ('broad_scale', 'broad_scale'),
-                     ('global_pool', 'global_pool')):
-        value = overrides.get(name)
-        if value is None:
-            value = _lookup(args, name)
-        if value is None:
-            continue
-        if name == 'input_size' and isinstance(value, (list, tuple)):
-            value = int(value[-1]) if len(value) == 3 else tuple(int(v) for v in value)
-        if name in ('stem', 'broad_scale') and not is_bvit:
-            continue
-        kwargs[kw] = value
-    if is_bvit and args.get('no_broad'):  # train_hp.py's --no-broad: the twin without broad attention
-        kwargs['broad'] = False
-    return arch, kwargs
-
-
 def load_model(path: str, arch: Optional[str] = None, input_size: Optional[int] = None,
                patch_size: Optional[int] = None, stem: Optional[str] = None,
                num_classes: Optional[int] = None, use_ema: bool = False) -> Tuple[nn.Module, Dict[str, Any]]:
     """Build the model a checkpoint was trained as and load its weights; eval mode, CPU.
 
+    The architecture comes from the checkpoint (see :mod:`bvit.rebuild`), the arguments given
+    here override it, and the weights are adapted by :func:`bvit.models.checkpoint_filter_fn`
+    (so ``input_size`` may differ from the checkpoint's: the position table is resampled).
     Returns (model, args stored in the checkpoint or {}). Raises VisualizeError with a one-line
     message for a missing or unreadable file or weights that do not fit.
     """
+    overrides = dict(arch=arch, input_size=input_size, patch_size=patch_size, stem=stem, num_classes=num_classes)
     try:
         obj = bvit_models.read_checkpoint(path)
-        sd = bvit_models.convert_official_state_dict(obj, use_ema)
     except (FileNotFoundError, ValueError) as e:
         raise VisualizeError(str(e)) from None
-    ckpt_args = obj.get('args') if isinstance(obj, Mapping) else None
-    if not isinstance(ckpt_args, Mapping):
-        ckpt_args = {}
-    overrides = dict(arch=arch, input_size=input_size, patch_size=patch_size, stem=stem, num_classes=num_classes)
-    name, kwargs = model_settings(ckpt_args, sd, overrides)
     try:
-        model = timm.create_model(name, **kwargs)
-    except (TypeError, ValueError) as e:
-        raise VisualizeError(f'cannot build {name} with {kwargs}: {e}') from None
-    if isinstance(model, bvit_models.BViT):
-        sd = _fit_pos_embed(sd, model)
-    try:
-        bvit_models.check_state_dict(model, sd)
+        return build_from_checkpoint(obj, overrides, use_ema)
     except ValueError as e:
         raise VisualizeError(f'{path}: {e}') from None
-    model.load_state_dict(sd)
-    return model.eval(), dict(ckpt_args)
-
-
-def _fit_pos_embed(sd: Dict[str, Tensor], model: nn.Module) -> Dict[str, Tensor]:
-    """Resample the position table when the model is built for another input size than the
-    checkpoint's (``--input-size``), bicubically over the patch grid the checkpoint used."""
-    pos = sd.get('pos_embed')
-    want = model.pos_embed.shape
-    if pos is None or pos.ndim != 3 or tuple(pos.shape) == tuple(want) or pos.shape[2] != want[2]:
-        return sd
-    side = math.isqrt(pos.shape[1] - 1)
-    if side * side != pos.shape[1] - 1:
-        return sd
-    old_img = side * model.patch_size
-    stemmed = math.ceil(old_img / 2) if model.stem_type == 'conv' else old_img
-    old_grid = (stemmed // model.patch_size,) * 2
-    out = dict(sd)
-    out['pos_embed'] = bvit_models.resample_pos_embed(pos, old_grid, model.grid_size, num_rows=want[1])
-    return out
 
 
 def data_config(model: nn.Module, args: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
@@ -224,37 +93,9 @@ def data_config(model: nn.Module, args: Optional[Mapping[str, Any]] = None) -> D
 
 # Images -----------------------------------------------------------------------------------------
 
-def _train_stack_datasets():
-    """The training stack's ``datasets`` module (repository root), or None when it is absent."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if os.path.isfile(os.path.join(root, 'datasets.py')) and root not in sys.path:
-        sys.path.insert(0, root)
-    try:
-        import datasets as train_datasets
-    except ImportError:
-        return None
-    return train_datasets if hasattr(train_datasets, 'build_transform') else None
-
-
-def _transform_args(args: Mapping[str, Any], cfg: Mapping[str, Any]) -> argparse.Namespace:
-    """The fields datasets.build_transform(False, ...) reads: the checkpoint's own values where it
-    stored them, the model's otherwise."""
-    return argparse.Namespace(**{
-        **args,
-        'input_size': cfg['input_size'][-1],
-        'mean': list(cfg['mean']),
-        'std': list(cfg['std']),
-        'eval_crop_ratio': args.get('eval_crop_ratio') or cfg['crop_pct'],
-    })
-
-
-def _eval_transform(args: Mapping[str, Any], cfg: Mapping[str, Any]):
-    """The evaluation transform of the training stack (datasets.build_transform) when it is
-    there, else the same recipe: resize to input_size / crop ratio (bicubic), center crop,
-    normalize with the mean/std of ``cfg``."""
-    train_datasets = _train_stack_datasets()
-    if train_datasets is not None:
-        return train_datasets.build_transform(False, _transform_args(args, cfg))
+def eval_transform(cfg: Mapping[str, Any]):
+    """The evaluation transform of the training script (``datasets.build_transform(False, ...)``):
+    resize to input_size / crop ratio (bicubic), center crop, normalize with ``cfg``'s mean/std."""
     from torchvision import transforms
     from torchvision.transforms import InterpolationMode
     h, w = cfg['input_size'][-2:]
@@ -294,25 +135,37 @@ def load_image(spec: str, args: Mapping[str, Any], cfg: Mapping[str, Any]) -> Tu
             im = im.convert('RGB')
     except (UnidentifiedImageError, OSError) as e:
         raise VisualizeError(f'--image {spec!r} is not an image PIL can read ({type(e).__name__})') from None
-    image = _eval_transform(args, cfg)(im)
+    image = eval_transform(cfg)(im)
     return image, None, os.path.basename(spec)
+
+
+def digits_val_split() -> Tuple[np.ndarray, np.ndarray]:
+    """The DIGITS validation split as the training script makes it: (357 uint8 8x8 images scaled
+    to 0..255, their labels), in the order of ``datasets.DigitsDataset(train=False)``."""
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError:
+        raise VisualizeError('an integer --image needs scikit-learn (the DIGITS images ship with it): '
+                             'pip install scikit-learn') from None
+    digits = load_digits()
+    images = np.clip(np.round(digits.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    targets = digits.target.astype(np.int64)
+    _, val_idx = train_test_split(np.arange(len(targets)), test_size=DIGITS_VAL_SIZE, stratify=targets,
+                                  random_state=DIGITS_SPLIT_SEED)
+    idx = np.sort(val_idx)
+    return images[idx], targets[idx]
 
 
 def digits_val_item(index: int, args: Mapping[str, Any], cfg: Mapping[str, Any]) -> Tuple[Tensor, int]:
     """Item ``index`` of the DIGITS validation split, preprocessed for the model."""
-    dataset = _digits_val_dataset(args, cfg)
-    n = len(dataset)
+    from PIL import Image
+    images, targets = digits_val_split()
+    n = len(targets)
     if not -n <= index < n:
         raise VisualizeError(f'--image {index}: the DIGITS validation split has {n} images (0..{n - 1})')
-    image, label = dataset[index % n]
-    return image, int(label)
-
-
-def _digits_val_dataset(args: Mapping[str, Any], cfg: Mapping[str, Any]):
-    train_datasets = _train_stack_datasets()
-    if train_datasets is None or not hasattr(train_datasets, 'DigitsDataset'):
-        raise VisualizeError('an integer --image needs the DIGITS data set of datasets.py, which cannot be imported')
-    return train_datasets.DigitsDataset(train=False, transform=_eval_transform(args, cfg))
+    image = Image.fromarray(images[index % n]).convert('RGB')  # 2-D uint8: mode L
+    return eval_transform(cfg)(image), int(targets[index % n])
 
 
 # Attention --------------------------------------------------------------------------------------
@@ -424,9 +277,15 @@ def plot_attention(
     patches hold the rest), or, with ``head='max'``, the map's maximum.
 
     Returns:
-        dict with ``figure`` (closed matplotlib Figure), ``size`` (width, height) in pixels,
+        dict with ``figure`` (a matplotlib Figure, made without pyplot: no backend is changed and
+        no window opens), ``size`` (width, height) in pixels,
         ``layers`` (L arrays), ``broad`` (array), ``pred`` (int), ``prob`` (float).
     """
+    try:
+        from matplotlib import patheffects
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise VisualizeError('drawing needs matplotlib: pip install matplotlib (or pip install "bvit[visualize]")') from None
     layers, broad, logits = class_token_maps(model, image_tensor, head)
     if raw_image is None:
         cfg = data_config(model)
@@ -445,7 +304,7 @@ def plot_attention(
     nrows = math.ceil(panels / ncols)
     title_in = 0.55
     fig_w, fig_h = ncols * panel_inches, nrows * panel_inches + title_in
-    fig = plt.figure(figsize=(fig_w, fig_h), dpi=dpi)
+    fig = Figure(figsize=(fig_w, fig_h), dpi=dpi)
     top = 1 - title_in / fig_h
     right = 0.93 if shared_scale else 0.995
     grid = fig.add_gridspec(nrows, ncols, left=0.005, right=right, bottom=0.005, top=top,
@@ -525,7 +384,6 @@ def plot_attention(
         parent = os.path.dirname(os.path.abspath(out_path))
         os.makedirs(parent, exist_ok=True)
         fig.savefig(out_path, dpi=dpi)
-    plt.close(fig)
     return dict(figure=fig, size=size, layers=layers, broad=broad, pred=pred, prob=float(probs[pred]))
 
 

@@ -11,7 +11,7 @@ import timm
 
 import bvit.models as M
 from bvit.layers import broad_attention, broad_attention_class_row
-from bvit.profile import count_flops, count_params
+from bvit.flops import count_flops, count_params
 
 FIXTURE = Path(__file__).parent / 'fixtures' / 'official_bvit_5m_golden.pt'
 

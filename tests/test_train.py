@@ -576,43 +576,6 @@ def test_finetune_new_head_and_input_size_from_this_projects_and_released_files(
     assert torch.equal(got['cls_token'], golden['cls_token'].float()) and got['head.weight'].shape == (3, 192)
 
 
-def test_pos_embed_interpolation_keeps_class_token_handles_non_square_and_is_a_no_op_at_same_size():
-    import bvit.models  # noqa: F401  (registers the models)
-    import timm
-    src = timm.create_model('bvit_5m', num_classes=10, img_size=32, patch_size=4, stem='conv')  # 4x4 grid
-    sd = {k: v.clone() for k, v in src.state_dict().items()}
-
-    same = {k: v.clone() for k, v in sd.items()}
-    utils.interpolate_pos_embed(src, same, (4, 4))
-    assert torch.equal(same['pos_embed'], sd['pos_embed'])  # exactly, unused rows included
-
-    wide = timm.create_model('bvit_5m', num_classes=10, img_size=(32, 48), patch_size=4, stem='conv')  # 4x6 grid
-    out = {k: v.clone() for k, v in sd.items()}
-    utils.interpolate_pos_embed(wide, out, (4, 4))
-    assert out['pos_embed'].shape == wide.pos_embed.shape
-    assert torch.equal(out['pos_embed'][:, 0], sd['pos_embed'][:, 0])  # class token kept
-    grid = out['pos_embed'][0, 1:1 + 24].reshape(4, 6, -1)
-    assert not torch.allclose(grid[:, 0], grid[:, -1])  # a real 4x6 resampling, not a copy
-
-    back = {k: v.clone() for k, v in out.items()}
-    utils.interpolate_pos_embed(src, back, (4, 6))  # non-square source grid
-    assert back['pos_embed'].shape == src.pos_embed.shape
-    assert torch.equal(back['pos_embed'][:, 0], sd['pos_embed'][:, 0])
-
-    vit_big = timm.create_model('vit_tiny_patch16_224', num_classes=10, img_size=64)  # 4x4 grid
-    vit_small = timm.create_model('vit_tiny_patch16_224', num_classes=10, img_size=32)  # 2x2 grid
-    vsd = {k: v.clone() for k, v in vit_big.state_dict().items()}
-    utils.interpolate_pos_embed(vit_small, vsd, None)
-    assert vsd['pos_embed'].shape == vit_small.pos_embed.shape
-    assert torch.equal(vsd['pos_embed'][:, 0], vit_big.state_dict()['pos_embed'][:, 0])
-    same = {k: v.clone() for k, v in vit_small.state_dict().items()}
-    utils.interpolate_pos_embed(vit_small, same, None)
-    assert torch.equal(same['pos_embed'], vit_small.state_dict()['pos_embed'])
-    assert utils.checkpoint_bvit_grid({}, {'stem.weight': torch.zeros(1)}) == (7, 7)
-    assert utils.checkpoint_bvit_grid({}, {}) == (14, 14)
-    assert utils.checkpoint_bvit_grid({'args': {'input_size': 16, 'patch_size': 4, 'stem': 'conv'}}, {}) == (2, 2)
-
-
 # Models other than BViT --------------------------------------------------------------------------
 
 def test_timm_model_with_broad_attention_and_no_broad_twin(tmp_path, capsys):

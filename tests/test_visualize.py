@@ -139,7 +139,7 @@ def test_no_broad_twin_and_broad_scale_come_from_args(tmp_path):
 
 
 def test_cli_digits_index(ckpt, tmp_path, capsys):
-    """An integer --image is an item of the DIGITS validation split of datasets.py, with its label."""
+    """An integer --image is an item of the DIGITS validation split (datasets.py's), with its label."""
     path, _ = ckpt
     out = tmp_path / 'digit.png'
     assert visualize.main(['--resume', str(path), '--image', '3', '--out', str(out), '--dpi', '30',
@@ -157,5 +157,28 @@ def test_input_size_override_resamples_the_position_table(ckpt):
     assert model.img_size == (48, 48) and model.grid_size == (6, 6)
     layers, broad, _ = visualize.class_token_maps(model, torch.randn(3, 48, 48))
     assert broad.shape == (6, 6)
-    # The patch-grid part of the table is resampled; the class token's row is kept.
-    torch.testing.assert_close(model.pos_embed[0, 0], ref.pos_embed[0, 0])
+    # Through checkpoint_filter_fn: timm's resample_abs_pos_embed of the 1 + 4x4 used rows, padded
+    # with zeros to the table of a 48 px model ((48/4)^2 + 1 rows, sized as released).
+    from timm.layers import resample_abs_pos_embed
+    want = resample_abs_pos_embed(ref.pos_embed.detach()[:, :17], [6, 6], [4, 4], num_prefix_tokens=1)
+    assert model.pos_embed.shape[1] == 145
+    assert torch.equal(model.pos_embed.detach()[:, :37], want)
+    assert not model.pos_embed.detach()[:, 37:].any()
+
+
+def test_digits_split_and_transform_are_the_training_scripts():
+    """bvit.visualize reads DIGITS from scikit-learn itself (bvit never imports the root
+    scripts): the same images, labels and evaluation preprocessing as datasets.py."""
+    import datasets
+    import train_hp
+    ref = datasets.DigitsDataset(train=False)
+    images, targets = visualize.digits_val_split()
+    assert len(targets) == len(ref) == 357
+    assert np.array_equal(images, ref.images) and targets.tolist() == ref.targets
+    args = train_hp.parse_args(['--data-set', 'DIGITS', '--input-size', '32', '--eval-crop-ratio', '0.9'])
+    cfg = dict(input_size=(3, 32, 32), mean=tuple(args.mean), std=tuple(args.std), crop_pct=0.9)
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 48, 3), dtype=np.uint8))
+    assert torch.equal(visualize.eval_transform(cfg)(img), datasets.build_transform(False, args)(img))
+    x, label = visualize.digits_val_item(3, {}, cfg)
+    y, ref_label = datasets.DigitsDataset(train=False, transform=datasets.build_transform(False, args))[3]
+    assert torch.equal(x, y) and label == ref_label

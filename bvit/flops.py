@@ -1,6 +1,6 @@
 """Parameters and FLOPs of the registered BViT models, counted with ``torch.utils.flop_counter``.
 
-    python -m bvit.profile [--img-size 224] [--num-classes 1000]
+    python -m bvit.flops [--img-size 224] [--num-classes 1000]
 
 One line per model and stem, for the classification forward ``model(x)`` of one image.
 ``GFLOPs`` counts a multiply-add as 2 (flop_counter's convention); ``GMACs`` is half of it, the
@@ -25,6 +25,9 @@ if _cpu_sdpa not in torch.utils.flop_counter.flop_registry:
     @register_flop_formula(_cpu_sdpa)
     def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
         return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    # torch < 2.4 files the formula under each overload, but FlopCounterMode looks it up by packet
+    torch.utils.flop_counter.flop_registry.setdefault(_cpu_sdpa, _cpu_sdpa_flop)
 
 
 def count_params(model: nn.Module) -> int:
