@@ -19,12 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / 'tests' / 'fixtures' / 'official_bvit_5m_golden.pt'
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')  # see conftest.py
 
 
 def _train_args(*flags):

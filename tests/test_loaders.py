@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import released_file_10_classes
 import timm
 import torch
 import torch.nn.functional as F
@@ -21,12 +22,7 @@ TINY = ['--data-set', 'DIGITS', '--input-size', '16', '--stem', 'conv', '--patch
         '--val-subset', '12', '--num_workers', '0', '--threads', '1', '--print-freq', '1000']
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')  # see conftest.py
 
 
 def _train_style_checkpoint(path: Path, argv, num_classes: int = 10, seed: int = 0):
@@ -79,18 +75,13 @@ def test_eval_resume_of_a_released_224_file_at_288(tmp_path):
     """The released float16 file, head cut to 10 classes, evaluated at 288 px: 7x7 -> 9x9 grid;
     top-1 and loss are those of the model built here with the table resampled by timm."""
     from datasets import build_dataset
-    golden = torch.load(GOLDEN, weights_only=True)
-    sd = dict(golden['state_dict'])
-    sd['mlp_head.1.weight'] = sd['mlp_head.1.weight'][:10].clone()
-    sd['mlp_head.1.bias'] = sd['mlp_head.1.bias'][:10].clone()
-    path = tmp_path / 'released.pth'
-    torch.save({'state_dict': sd}, path)
+    path = released_file_10_classes(tmp_path)
     argv = ['--eval', '--resume', str(path), '--data-set', 'DIGITS', '--input-size', '288', '--val-subset', '8',
             '--batch-size', '8', '--num_workers', '0', '--threads', '1']
     stats = train_hp.main(train_hp.parse_args(argv))
 
     ref = timm.create_model('bvit_5m', num_classes=10, img_size=288).eval()
-    want = M.convert_official_state_dict({'state_dict': sd})
+    want = M.convert_official_state_dict(torch.load(path, weights_only=True))
     pe = want['pos_embed']
     assert pe.shape[1] == 197 and ref.pos_embed.shape[1] == 325  # rows sized for 224/16 and 288/16 without the stem
     want['pos_embed'] = _padded(resample_abs_pos_embed(pe.float()[:, :50], [9, 9], [7, 7], num_prefix_tokens=1)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 import pytest
+from conftest import released_file_10_classes
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,15 +39,7 @@ TINY = ['--data-set', 'DIGITS', '--input-size', '16', '--stem', 'conv', '--patch
 SUMMARY = re.compile(r'^(?:\[rank (\d+)\] )?\* (EMA )?Acc@1 ([\d.]+) Acc@5 ([\d.]+) loss ([\d.]+)  \(\d+ images\)$', re.M)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One thread: these models are tiny, and two threads on two shared cores can make every op
-    wait for a descheduled worker. --threads changes the same process-wide setting; the other
-    tests get theirs back."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')  # see conftest.py
 
 
 def run_cli(argv: List[str], capsys) -> Tuple[int, str, str]:
@@ -490,13 +483,7 @@ def test_eval_of_a_released_layout_checkpoint_through_resume(tmp_path):
     import bvit.models
     import timm
     from datasets import build_dataset
-    golden = torch.load(GOLDEN, weights_only=True)
-    sd = dict(golden['state_dict'])
-    assert 'mlp_head.1.weight' in sd and sd['mlp_head.1.weight'].dtype == torch.float16
-    sd['mlp_head.1.weight'] = sd['mlp_head.1.weight'][:10].clone()
-    sd['mlp_head.1.bias'] = sd['mlp_head.1.bias'][:10].clone()
-    path = tmp_path / 'released.pth'
-    torch.save({'state_dict': sd}, path)
+    path = released_file_10_classes(tmp_path)
 
     argv = ['--eval', '--resume', str(path), '--data-set', 'DIGITS', '--input-size', '224', '--val-subset', '24',
             '--batch-size', '16', '--num_workers', '0', '--threads', '1']
@@ -504,7 +491,7 @@ def test_eval_of_a_released_layout_checkpoint_through_resume(tmp_path):
 
     # the same, computed here: the released forward on the same images
     model = timm.create_model('bvit_5m', num_classes=10).eval()
-    model.load_state_dict(bvit.models.convert_official_state_dict({'state_dict': sd}))
+    model.load_state_dict(bvit.models.convert_official_state_dict(torch.load(path, weights_only=True)))
     val, _ = build_dataset(False, train_hp.parse_args(argv))
     images = torch.stack([val[i][0] for i in range(len(val))])
     targets = torch.tensor([val[i][1] for i in range(len(val))])
