@@ -182,24 +182,24 @@ def head_share(name: str, kwargs: Dict, batch_size: int, img_size: int, repeats:
     """The class-row broad head's own time as a share of the whole call, alternating the two:
 
     - 'infer': the streamed per-layer head ops (``BViT._stream_layer`` on each block's attention
-      input, then ``class_row_finish``) against ``model(x)`` in inference;
+      input, then ``BViT._stream_finish``) against ``model(x)`` in inference;
     - 'train': forward and backward of ``broad_attention_class_row`` on the blocks' attention
       inputs against a whole training step (forward, backward, AdamW).
     """
-    from bvit.layers import broad_attention_class_row, class_row_finish
+    from bvit.layers import broad_attention_class_row
     torch.manual_seed(0)
     x = torch.randn(batch_size, 3, img_size, img_size, device=device)
     model = timm.create_model(name, **kwargs).to(device).eval()
-    H, d, D, g = model.num_heads, model.head_dim, model.embed_dim, model._pool_group
+    H, d, D = model.num_heads, model.head_dim, model.embed_dim
     with torch.inference_mode():
         _, _, ys = model._run_blocks(model._embed(x), keep=True)
 
     def head_infer() -> None:
         with torch.inference_mode():
-            logits, pieces = None, []
+            logits, acc = None, None
             for i, y in enumerate(ys):
-                logits = model._stream_layer(i, y, logits, pieces)
-            class_row_finish(logits, pieces, d, g, D, d ** -0.5, True)
+                logits, acc = model._stream_layer(i, y, logits, acc)
+            model._stream_finish(logits, acc)
 
     weights = [blk.attn.qkv.weight for blk in model.blocks]
     leaves = [y.clone().requires_grad_() for y in ys]

@@ -28,7 +28,7 @@ except ImportError:  # pragma: no cover
 
 from .layers import (
     QKV, Block, _pool_groups, attention_probs, broad_attention, broad_attention_class_row, broad_attention_probs,
-    class_row_finish, class_row_pooling,
+    class_row_columns, class_row_finish, class_row_pooling,
 )
 
 _int_or_pair = Union[int, Tuple[int, int]]
@@ -214,6 +214,7 @@ class BViT(nn.Module):
                   attn_drop=attn_drop_rate, drop_path=dpr[i], norm_eps=norm_eps)
             for i in range(depth)])
         self._pool_group = self._class_row_group()
+        self._pool_cache: Dict[int, Any] = {}
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
         self.head_drop = nn.Dropout(drop_rate)
         self.head: nn.Module = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -411,8 +412,8 @@ class BViT(nn.Module):
 
         Training (gradients on): all y_l kept for the hand-written backward. Inference: each
         layer's logits, q_cls·k_lᵀ = (q_cls W_k) y_lᵀ, and its pooled values, y_l (W_v S_l), are
-        taken while y_l is fresh, and y_l is let go: the head keeps (B, N, H·(d/g + 1)) per
-        layer instead of (B, N, D)."""
+        added into two running sums while y_l is fresh, and y_l is let go: the head keeps one
+        (B, N, D) sum instead of L layers' (B, N, D) inputs."""
         H, d, D, g = self.num_heads, self.head_dim, self.embed_dim, self._pool_group
         attns = [blk.attn for blk in self.blocks]
         if torch.is_grad_enabled() or g == 0:
@@ -421,33 +422,62 @@ class BViT(nn.Module):
             return x[:, :1] + self.broad_scale * broad_attention_class_row(
                 ys, [a.qkv.weight for a in attns], biases, H, d, D)
         logits: Optional[Tensor] = None
-        pieces: List[Tensor] = []
+        acc: Optional[Tensor] = None
         for i, blk in enumerate(self.blocks):
             x, qkv, y = blk(x)
             del qkv
-            logits = self._stream_layer(i, y, logits, pieces)
+            logits, acc = self._stream_layer(i, y, logits, acc)
             del y
-        assert logits is not None
-        out = class_row_finish(logits, pieces, d, g, D, d ** -0.5, True)
-        return x[:, :1] + self.broad_scale * out
+        assert logits is not None and acc is not None
+        return x[:, :1] + self.broad_scale * self._stream_finish(logits, acc)
 
     @torch.jit.unused
-    def _stream_layer(self, i: int, y: Tensor, logits: Optional[Tensor], pieces: List[Tensor]) -> Tensor:
-        """Layer i's share of the class row in inference, from its attention input y (B, N, D):
-        returns the running logits (B, N, H) and appends its pooled values (B, N, H, w)."""
-        H, d, D, g = self.num_heads, self.head_dim, self.embed_dim, self._pool_group
+    def _stream_layer(self, i: int, y: Tensor, logits: Optional[Tensor],
+                      acc: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        """Layer i's share of the class row in inference, from its attention input y (B, N, D).
+
+        Returns the running logits (B, N, H) and the running pooled values (B, N, H, D/H), to
+        which this layer adds y W_v S_l in the columns [c0, c1) it reaches. Logits and values come
+        out of one product, y @ [q_cls W_k | W_v S_l], so y is read once."""
+        H, d, D = self.num_heads, self.head_dim, self.embed_dim
+        B, N = y.shape[0], y.shape[1]
         qkv = self.blocks[i].attn.qkv
-        w = qkv.weight.view(3, H, d, D)
-        b = qkv.bias
-        q0 = torch.einsum('bc,hjc->bhj', y[:, 0], w[0])
-        if b is not None:
-            q0 = q0 + b.view(3, H, d)[0]
-        rt = torch.einsum('bhj,hjc->bch', q0, w[1])                               # (B, D, H)
-        pool = class_row_pooling(i, d, g, y.dtype, y.device)                      # (d, w)
-        u = torch.einsum('hjc,jw->hwc', w[2], pool).reshape(-1, D)                # (H·w, D)
-        ub = (b.view(3, H, d)[2] @ pool).reshape(-1) if b is not None else None
-        pieces.append(F.linear(y, u, ub).unflatten(-1, (H, -1)))
-        return y @ rt if logits is None else torch.baddbmm(logits, y, rt)
+        q0 = F.linear(y[:, 0], qkv.weight[:H * d], None if qkv.bias is None else qkv.bias[:H * d])
+        rt = torch.bmm(q0.view(B, H, d).transpose(0, 1), qkv.weight[H * d:2 * H * d].view(H, d, D))  # (H, B, D)
+        u, ub, c0, c1 = self._pooled_values(i, qkv.weight, qkv.bias)                 # (D, H·w), (H, w)
+        out = y @ torch.cat([rt.permute(1, 2, 0), u.expand(B, -1, -1)], 2)           # (B, N, H + H·w)
+        if acc is None:
+            acc = y.new_zeros(B, N, H, D // H)
+        acc[..., c0:c1] += out[..., H:].unflatten(-1, (H, c1 - c0))
+        if ub is not None:
+            acc[..., c0:c1] += ub                  # rows of the map sum to 1: the bias passes as is
+        return (out[..., :H] if logits is None else logits + out[..., :H]), acc
+
+    @torch.jit.unused
+    def _stream_finish(self, logits: Tensor, acc: Tensor) -> Tensor:
+        """The class row's pooled broad output (B, 1, D) from the summed logits (B, N, H) and the
+        pooled values (B, N, H, D/H)."""
+        attn = (logits * self.head_dim ** -0.5).softmax(1)
+        return torch.einsum('bnh,bnhc->bhc', attn, acc).reshape(acc.shape[0], 1, self.embed_dim)
+
+    @torch.jit.unused
+    def _pooled_values(self, i: int, weight: Tensor, bias: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor], int, int]:
+        """Layer i's value projection composed with its part of the output pooling, W_v S_l as a
+        (D, H·w) matrix, the bias as (H, w), and the columns [c0, c1) it reaches; kept until the
+        weights change (inference reuses it on every call)."""
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device,
+               None if bias is None else (bias.data_ptr(), bias._version))
+        hit = self._pool_cache.get(i)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        H, d, D, g = self.num_heads, self.head_dim, self.embed_dim, self._pool_group
+        pool = class_row_pooling(i, d, g, weight.dtype, weight.device)                   # (d, w)
+        u = torch.einsum('hjc,jw->chw', weight.view(3, H, d, D)[2], pool).reshape(D, -1)
+        ub = bias.view(3, H, d)[2] @ pool if bias is not None else None
+        value = (u, ub, *class_row_columns(i, d, g))
+        self._pool_cache[i] = (key, value)
+        return value
+
     @torch.jit.ignore
     def forward_intermediates(
             self,
@@ -524,6 +554,7 @@ class BViT(nn.Module):
         self.blocks = self.blocks[:last + 1]
         self.feature_info = self.feature_info[:last + 1]
         self._pool_group = self._class_row_group()
+        self._pool_cache.clear()
         if prune_norm:
             self.norm = nn.Identity()
         if prune_head:

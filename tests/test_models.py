@@ -284,9 +284,11 @@ def test_broad_false_twin_and_scale():
     import bvit.models as mod
     calls = []
     saved = {}
-    for name in ('broad_attention', 'broad_attention_class_row', 'class_row_finish'):
-        saved[name] = orig = getattr(mod, name)
-        setattr(mod, name, lambda *a, _orig=orig, **k: calls.append(1) or _orig(*a, **k))
+    targets = [(mod, name) for name in ('broad_attention', 'broad_attention_class_row', 'class_row_finish')]
+    targets.append((mod.BViT, '_stream_finish'))  # the streamed class row of inference
+    for owner, name in targets:
+        saved[owner, name] = orig = getattr(owner, name)
+        setattr(owner, name, lambda *a, _orig=orig, **k: calls.append(1) or _orig(*a, **k))
     try:
         with torch.no_grad():
             twin(x), twin.forward_features(x)
@@ -294,8 +296,8 @@ def test_broad_false_twin_and_scale():
             model(x)
             assert calls
     finally:
-        for name, fn in saved.items():
-            setattr(mod, name, fn)
+        for (owner, name), fn in saved.items():
+            setattr(owner, name, fn)
 
 
 @pytest.mark.parametrize('bias', [False, True])
