@@ -2,7 +2,7 @@
 
 Two studies (``--study``): ``digits`` (the default; scikit-learn's 8x8 digits, recipe
 ``configs/demo_digits.yaml``, table and plot in figs/reproduction.{md,png}) and ``fashion_mnist``
-(Fashion-MNIST, recipe ``configs/fashion_mnist.yaml`` on a fixed 4,000-image training subset, full
+(Fashion-MNIST, recipe ``configs/fashion_mnist.yaml`` on a fixed 3,000-image training subset, full
 10,000-image test set; table and plot in figs/fashion_mnist.{md,png}, one JSON record per run in
 figs/fashion_mnist/runs/). A study's preset only sets defaults: every flag below still applies.
 
@@ -75,8 +75,8 @@ STUDIES: Dict[str, Dict[str, Any]] = {
         wrapped_seeds=[0, 1, 2], scales=[0, 0.2, 0.4, 1.0], stems=['none'], arch_name='BViT-12L-D48',
         # deit_tiny (D=192, 3 heads) narrowed to the BViT runs' width: 2 heads of 24, 12 layers
         wrapped_args=['--model-kwargs', 'embed_dim=48', 'num_heads=2'],
-        # the study's budget: a fixed random 4,000 of the 60,000 training images (the same for every run)
-        study_args=['--train-subset', '4000'],
+        # the study's budget: a fixed random 3,000 of the 60,000 training images (the same for every run)
+        study_args=['--train-subset', '3000'],
         jobs=2, runs_dir=os.path.join('output', 'fashion_mnist'),
         records_dir=os.path.join('figs', 'fashion_mnist', 'runs'),
         out_md=os.path.join('figs', 'fashion_mnist.md'), out_png=os.path.join('figs', 'fashion_mnist.png'),
@@ -637,7 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--study', choices=sorted(STUDIES), default='digits',
                    help="preset of the defaults below: 'digits' (default) or 'fashion_mnist' "
                         '(configs/fashion_mnist.yaml, no stem, scales 0,0.2,0.4,1, deit_tiny at width 48, '
-                        '4,000 training images, 2 runs side by side, records in figs/fashion_mnist/runs)')
+                        '3,000 training images, 2 runs side by side, records in figs/fashion_mnist/runs)')
     p.add_argument('--suite', type=_suites, default=list(SUITES), help='comma-separated: bvit,scale,wrapped (default all)')
     p.add_argument('--seeds', type=_ints, default=None, help='seeds of the bvit suite (default 0..4)')
     p.add_argument('--scale-seeds', type=_ints, default=None, help='seeds of the scale sweep (default 0,1,2)')
