@@ -134,7 +134,7 @@ def test_config_trains_then_evaluates_its_checkpoint(tmp_path, capsys):
     args = train_hp.parse_args([str(a) for a in common])
     model = train_hp.build_model(args, 10)
     assert model.grid_size == (7, 7) and len(model.blocks) == 12 and model.embed_dim == 48
-    assert args.epochs == 15 and args.hflip == 0.5 and args.aa == 'none' and not args.model_ema
+    assert args.epochs == 12 and args.hflip == 0.5 and args.aa == 'none' and not args.model_ema
 
     rc = train_hp.cli([str(a) for a in common + ['--epochs', '1', '--output_dir', out]])
     assert rc == 0
