@@ -258,6 +258,27 @@ def train_command(spec: RunSpec, directory: str, config: str, extra: Sequence[st
             '--output_dir', directory, *spec.args, *extra]
 
 
+_CHILDREN: set = set()
+_CHILDREN_LOCK = threading.Lock()
+
+
+def _stop_children(signum: int = 0, frame: Any = None) -> None:
+    """Terminate the runs in progress (they live in sessions of their own, so a signal to this
+    process would not reach them), then exit: a restart redoes them."""
+    with _CHILDREN_LOCK:
+        children = list(_CHILDREN)
+    for proc in children:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in children:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    if signum:
+        os._exit(128 + signum)
+
+
 def execute(spec: RunSpec, directory: str, config: str, extra: Sequence[str], threads: Optional[int] = None,
             keep_checkpoints: bool = True) -> Dict[str, Any]:
     """Run one training to completion (train_hp.py's output goes to DIR/train.out) and write the
@@ -274,7 +295,17 @@ def execute(spec: RunSpec, directory: str, config: str, extra: Sequence[str], th
         env['OMP_NUM_THREADS'] = env['MKL_NUM_THREADS'] = str(threads)
     t0 = time.time()
     with open(os.path.join(directory, 'train.out'), 'w') as out:
-        rc = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        # its own session: with the kernel's autogroup scheduling (Linux's default on desktops and
+        # here), processes of one session share one CPU share, so runs side by side would
+        # together get what one other process gets
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True)
+        with _CHILDREN_LOCK:
+            _CHILDREN.add(proc)
+        try:
+            rc = proc.wait()
+        finally:
+            with _CHILDREN_LOCK:
+                _CHILDREN.discard(proc)
     info = dict(command=' '.join(shlex.quote(c) for c in cmd), returncode=rc, wall_s=round(time.time() - t0, 2),
                 key=spec.key, label=spec.label, group=spec.group, seed=spec.seed, meta=spec.meta)
     if rc == 0 and not keep_checkpoints:
@@ -576,7 +607,9 @@ def make_plot(results: Sequence[Mapping[str, Any]], out_path: str, title: str = 
             ax.set_xticks(xs)
             ax.set_xlabel('broad_scale (0: the no-broad twin; 0.4: as released)')
             ax.set_ylabel('final-epoch top-1 (%)')
-            ax.set_title('broad_scale sweep, conv stem: each seed (dots), mean ± std', fontsize=9)
+            stems = sorted({str(r['meta'].get('stem')) for r in sweep})
+            stem_txt = ', '.join('conv stem' if x == 'conv' else 'no stem' for x in stems)
+            ax.set_title(f'broad_scale sweep, {stem_txt}: each seed (dots), mean ± std', fontsize=9)
             ax.grid(alpha=0.3)
         else:
             labels: List[str] = []
@@ -755,6 +788,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return s, info
 
     if not args.report_only and todo:
+        import atexit
+        import signal
+        signal.signal(signal.SIGTERM, _stop_children)
+        signal.signal(signal.SIGHUP, _stop_children)
+        atexit.register(_stop_children)
+        signal.signal(signal.SIGINT, _stop_children)  # Ctrl-C reaches this process only
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             futures = [pool.submit(one, s) for s in todo]
             for n, fut in enumerate(as_completed(futures), 1):
