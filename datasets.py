@@ -3,7 +3,8 @@
 ``--data-set``: IMNET (ImageFolder ``train/`` + ``val/``, 1000 classes), CIFAR10 / CIFAR100 (the
 python-version folders ``cifar-10-batches-py`` / ``cifar-100-python``; ``CIFAR`` is CIFAR100, as
 in DeiT), INAT / INAT19 (iNaturalist 2018 / 2019 json layout), FOLDER (any ImageFolder pair, class
-count from the folders) and DIGITS (scikit-learn's bundled 8x8 digits, no download).
+count from the folders), DIGITS (scikit-learn's bundled 8x8 digits, no download) and FASHION_MNIST
+(the four IDX files of Fashion-MNIST, gzip or not, read by torchvision's FashionMNIST class).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from torchvision import transforms
 
 from utils import UsageError
 
-DATASETS = ('IMNET', 'CIFAR10', 'CIFAR100', 'CIFAR', 'INAT', 'INAT19', 'FOLDER', 'DIGITS')
+DATASETS = ('IMNET', 'CIFAR10', 'CIFAR100', 'CIFAR', 'INAT', 'INAT19', 'FOLDER', 'DIGITS', 'FASHION_MNIST')
 INAT_CATEGORIES = ('kingdom', 'phylum', 'class', 'order', 'supercategory', 'family', 'genus', 'name')
 
 FOLDER_LAYOUT = ('expected <data-path>/train/<class>/<image> and <data-path>/val/<class>/<image>, '
@@ -29,6 +30,11 @@ FOLDER_LAYOUT = ('expected <data-path>/train/<class>/<image> and <data-path>/val
 # DIGITS: 1797 images of 8x8 pixels (values 0..16), split once with a fixed seed.
 DIGITS_VAL_SIZE = 357  # odd on purpose: --dist-eval must count every image once
 DIGITS_SPLIT_SEED = 0
+
+# FASHION_MNIST: Debian's dataset-fashion-mnist package puts the four gzip IDX files here.
+FASHION_MNIST_DEFAULT_PATH = '/usr/share/datasets/fashion-mnist'
+FASHION_MNIST_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte',
+                       't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')
 
 
 # Unreadable images --------------------------------------------------------------------------------
@@ -181,6 +187,100 @@ class DigitsDataset(Dataset):
         if self.transform is not None:
             img = self.transform(img)
         return img, self.targets[index]
+
+
+# Fashion-MNIST ------------------------------------------------------------------------------------
+
+def _fashion_mnist_cache_root() -> str:
+    base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+    return os.path.join(base, 'bvit', 'fashion-mnist')
+
+
+def _fashion_mnist_missing(path: str, ask_download: bool) -> UsageError:
+    return UsageError(
+        f'Fashion-MNIST not found in {path} (looked for {", ".join(f + "[.gz]" for f in FASHION_MNIST_FILES)}, '
+        f'also under FashionMNIST/raw/); get it with `apt-get install dataset-fashion-mnist` (installs to '
+        f'{FASHION_MNIST_DEFAULT_PATH}, the default --data-path)'
+        + (' or pass --download with a writable --data-path' if ask_download else ''))
+
+
+def _fashion_mnist_raw_dir(path: str) -> Optional[str]:
+    """A folder holding the four uncompressed IDX files of ``path`` (a folder with them, gzip or
+    not, directly or under torchvision's ``FashionMNIST/raw``), or None if some are missing.
+    Gzip files are decompressed once into a cache folder (``$XDG_CACHE_HOME`` or ``~/.cache``,
+    ``bvit/fashion-mnist/``), so a read-only folder such as Debian's works as it is."""
+    import gzip
+    import hashlib
+    import shutil
+    import tempfile
+    for folder in (path, os.path.join(path, 'FashionMNIST', 'raw')):
+        found = {}
+        for name in FASHION_MNIST_FILES:
+            plain, gz = os.path.join(folder, name), os.path.join(folder, name + '.gz')
+            if os.path.isfile(plain):
+                found[name] = plain
+            elif os.path.isfile(gz):
+                found[name] = gz
+        if len(found) < len(FASHION_MNIST_FILES):
+            continue
+        if all(not f.endswith('.gz') for f in found.values()):
+            return folder
+        key = hashlib.sha1(os.path.abspath(folder).encode()).hexdigest()[:12]
+        cache = os.path.join(_fashion_mnist_cache_root(), key)
+        os.makedirs(cache, exist_ok=True)
+        for name, src in found.items():
+            dst = os.path.join(cache, name)
+            if os.path.isfile(dst) and os.path.getmtime(dst) >= os.path.getmtime(src):
+                continue
+            fd, tmp = tempfile.mkstemp(dir=cache, prefix=name + '.')  # atomic: runs may start side by side
+            try:
+                with os.fdopen(fd, 'wb') as out, (gzip.open(src, 'rb') if src.endswith('.gz') else open(src, 'rb')) as inp:
+                    shutil.copyfileobj(inp, out)
+                os.replace(tmp, dst)
+            except (OSError, EOFError) as e:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+                raise UsageError(f'{src}: cannot be read as an IDX file ({e})') from None
+        return cache
+    return None
+
+
+class FashionMNISTFolder(tv_datasets.FashionMNIST):
+    """torchvision's FashionMNIST reading the IDX files from ``raw_dir`` itself instead of
+    ``<root>/FashionMNIST/raw`` (nothing is copied or downloaded)."""
+
+    def __init__(self, raw_dir: str, train: bool, transform: Optional[Any] = None) -> None:
+        self._raw_dir = raw_dir
+        super().__init__(raw_dir, train=train, transform=transform, download=False)
+
+    @property
+    def raw_folder(self) -> str:
+        return self._raw_dir
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    return img.convert('RGB')
+
+
+def _fashion_mnist(args: Any, train: bool, transform: Any) -> Dataset:
+    """Fashion-MNIST as 3-channel PIL images (gray repeated, so every timm model and transform
+    takes it unchanged): 60,000 training or 10,000 test images, 28x28, 10 classes."""
+    path = args.data_path or FASHION_MNIST_DEFAULT_PATH
+    raw = _fashion_mnist_raw_dir(path) if os.path.isdir(path) else None
+    if raw is None and args.download:
+        if not args.data_path:
+            raise UsageError('--download needs a writable --data-path for Fashion-MNIST')
+        try:
+            tv_datasets.FashionMNIST(path, train=train, download=True)
+        except (OSError, RuntimeError) as e:
+            raise UsageError(f'Fashion-MNIST download into {path} failed: {str(e).strip().splitlines()[0]}') from None
+        raw = _fashion_mnist_raw_dir(path)
+    if raw is None:
+        raise _fashion_mnist_missing(path, ask_download=not args.download)
+    try:
+        return FashionMNISTFolder(raw, train=train, transform=transforms.Compose([_to_rgb, transform]))
+    except (RuntimeError, AssertionError, ValueError, OSError) as e:
+        raise UsageError(f'{path}: the Fashion-MNIST IDX files cannot be read ({str(e).strip() or type(e).__name__})') from None
 
 
 # iNaturalist --------------------------------------------------------------------------------------
@@ -350,6 +450,8 @@ def build_dataset(is_train: bool, args: Any, transform: Optional[Any] = None) ->
     name = args.data_set
     if name == 'DIGITS':
         ds: Dataset = DigitsDataset(train=is_train, transform=transform)
+    elif name == 'FASHION_MNIST':
+        ds = _fashion_mnist(args, is_train, transform)
     else:
         root = _check_data_path(args)
         if name in ('IMNET', 'FOLDER'):
@@ -396,5 +498,5 @@ def build_datasets(args: Any, need_train: bool = True) -> Tuple[Optional[Dataset
     return train, val, nb_classes
 
 
-__all__ = ['DATASETS', 'INAT_CATEGORIES', 'DigitsDataset', 'INatDataset', 'build_transform', 'build_dataset',
+__all__ = ['DATASETS', 'INAT_CATEGORIES', 'DigitsDataset', 'FashionMNISTFolder', 'INatDataset', 'build_transform', 'build_dataset',
            'build_datasets', 'canonical_data_set']

@@ -98,6 +98,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--broad', action='store_true',
                    help='add broad attention to a non-BViT timm ViT/Swin model (bvit.broad.add_broad_attention)')
     g.add_argument('--broad-scale', default=0.4, type=float, help='weight of the broad attention output')
+    g.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
+                   help="more arguments of the model's constructor, e.g. embed_dim=64 num_heads=2 head_dim=32 "
+                        '(a narrower BViT or timm ViT); values are Python literals')
     g.add_argument('--drop', default=0.0, type=float, help='dropout rate')
     g.add_argument('--drop-path', default=0.1, type=float, help='stochastic depth rate')
     g.add_argument('--model-ema', action='store_true', help='keep an exponential moving average of the weights')
@@ -194,11 +197,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='train only the attention layers (plus head, position embedding, patch embedding)')
 
     g = p.add_argument_group('data')
-    g.add_argument('--data-path', default=None, type=str, help='data set root (not needed for DIGITS)')
+    g.add_argument('--data-path', default=None, type=str,
+                   help='data set root (DIGITS needs none; FASHION_MNIST: a folder with its four IDX files, '
+                        'gzip or not, default /usr/share/datasets/fashion-mnist)')
     g.add_argument('--data-set', default='IMNET', type=str, metavar='NAME', help=f'one of {", ".join(DATASETS)} '
                    '(CIFAR = CIFAR100, as in DeiT; INAT = iNaturalist 2018, INAT19 = 2019)')
     g.add_argument('--inat-category', default='name', choices=list(INAT_CATEGORIES), help='iNaturalist label level')
-    g.add_argument('--download', action='store_true', help='download CIFAR10/CIFAR100 into --data-path if missing')
+    g.add_argument('--download', action='store_true', help='download CIFAR10/CIFAR100/FASHION_MNIST into --data-path if missing')
     g.add_argument('--train-subset', default=None, type=int, metavar='N',
                    help='train on a fixed random subset of N training images (quick runs and tests)')
     g.add_argument('--val-subset', default=None, type=int, metavar='N',
@@ -361,9 +366,34 @@ def resolve_model_name(name: str) -> Tuple[str, str]:
     raise UsageError(f'unknown --arch {name!r}: neither a BViT name ({BVIT_NAMES}) nor a timm model name')
 
 
+_OWN_FLAG_KWARGS = {'num_classes': '--data-set', 'img_size': '--input-size', 'patch_size': '--patch-size',
+                    'stem': '--stem', 'broad': '--no-broad', 'broad_scale': '--broad-scale', 'drop_rate': '--drop',
+                    'drop_path_rate': '--drop-path', 'in_chans': '(3 channels, fixed)', 'pretrained': '--finetune'}
+
+
+def model_kwargs(args: Any) -> Dict[str, Any]:
+    """``--model-kwargs KEY=VALUE ...`` as a dict (values read as Python literals, else strings)."""
+    import ast
+    items = args.get('model_kwargs') if isinstance(args, dict) else getattr(args, 'model_kwargs', None)
+    out: Dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = str(item).partition('=')
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise UsageError(f'--model-kwargs: expected KEY=VALUE, got {item!r}')
+        if key in _OWN_FLAG_KWARGS:
+            raise UsageError(f'--model-kwargs: {key} is set by {_OWN_FLAG_KWARGS[key]}, not here')
+        try:
+            out[key] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[key] = value.strip()
+    return out
+
+
 def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
     import timm
     kind, name = resolve_model_name(args.arch)
+    extra = model_kwargs(args)
     if kind == 'bvit':
         if args.broad:
             log('note: --broad has no effect on a BViT model, which has broad attention already')
@@ -371,15 +401,15 @@ def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
             return timm.create_model(
                 name, num_classes=num_classes, img_size=args.input_size, patch_size=args.patch_size or 16,
                 in_chans=3, drop_rate=args.drop, drop_path_rate=args.drop_path, stem=args.stem or 'conv',
-                broad=not args.no_broad, broad_scale=args.broad_scale)
-        except ValueError as e:
+                broad=not args.no_broad, broad_scale=args.broad_scale, **extra)
+        except (ValueError, TypeError) as e:
             raise UsageError(f'--arch {args.arch}: {e}') from None
-    if args.stem is not None:
-        raise UsageError('--stem applies to BViT models only')
+    if args.stem not in (None, 'none'):  # 'none' (plain patchify) is what other timm ViTs do anyway
+        raise UsageError('--stem applies to BViT models only (other timm ViTs patchify plainly: --stem none or no --stem)')
     if args.no_broad:
         raise UsageError('--no-broad applies to BViT models only (other timm models have no broad attention '
                          'unless --broad is given)')
-    kwargs: Dict[str, Any] = dict(num_classes=num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path)
+    kwargs: Dict[str, Any] = dict(num_classes=num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path, **extra)
     size_kwargs: Dict[str, Any] = dict(img_size=args.input_size)
     if args.patch_size:
         size_kwargs['patch_size'] = args.patch_size
@@ -437,10 +467,12 @@ def model_identity(args: Any) -> Dict[str, Any]:
         ident = {'arch': name, 'broad': broad, 'patch_size': get('patch_size')}
     if broad:
         ident['broad_scale'] = float(get('broad_scale', 0.4))
+    ident['model_kwargs'] = ' '.join(sorted(f'{k}={v!r}' for k, v in model_kwargs(args).items())) or None
     return ident
 
 
-_IDENTITY_FLAGS = {'arch': '--arch', 'stem': '--stem', 'patch_size': '--patch-size', 'broad_scale': '--broad-scale'}
+_IDENTITY_FLAGS = {'arch': '--arch', 'stem': '--stem', 'patch_size': '--patch-size', 'broad_scale': '--broad-scale',
+                   'model_kwargs': '--model-kwargs'}
 
 
 def check_saved_args(obj: Any, args: argparse.Namespace, path: str) -> None:
@@ -817,6 +849,7 @@ def _epochs(args: argparse.Namespace, device: torch.device, t: Dict[str, Any], s
     test_stats: Dict[str, Any] = {}
     bad_images = t['evaluator'].bad_images  # one count of unreadable files per process, train and val
     for epoch in range(start_epoch, args.epochs):
+        epoch_start = time.time()
         seed_everything(epoch_seed(args.seed, epoch, args.rank))
         resume = None
         if position is not None and position['epoch'] == epoch:
@@ -844,7 +877,8 @@ def _epochs(args: argparse.Namespace, device: torch.device, t: Dict[str, Any], s
             atomic_save(ckpt, os.path.join(output_dir, 'checkpoint.pth'))
             if is_best:
                 atomic_save(ckpt, os.path.join(output_dir, 'best.pth'))
-        _append_epoch_log(args, epoch, train_stats, test_stats, ema_stats, max_accuracy)
+        _append_epoch_log(args, epoch, train_stats, test_stats, ema_stats, max_accuracy,
+                          time.time() - epoch_start)
         if all_reduce_sum([float(stop.requested)], device)[0] > 0 and epoch + 1 < args.epochs:
             _stop_run(args, stop, f'after epoch {epoch}', 'checkpoint.pth of that epoch')
     if test_stats:
@@ -856,12 +890,13 @@ def _epochs(args: argparse.Namespace, device: torch.device, t: Dict[str, Any], s
 
 
 def _append_epoch_log(args: argparse.Namespace, epoch: int, train_stats: Dict[str, Any], test_stats: Dict[str, Any],
-                      ema_stats: Optional[Dict[str, Any]], max_accuracy: float) -> None:
+                      ema_stats: Optional[Dict[str, Any]], max_accuracy: float, seconds: float) -> None:
     record: Dict[str, Any] = {**{f'train_{k}': v for k, v in train_stats.items() if k != 'stopped'},
                               **{f'test_{k}': v for k, v in test_stats.items()}}
     if ema_stats is not None:
         record.update({f'test_ema_{k}': v for k, v in ema_stats.items()})
-    record.update(epoch=epoch, n_parameters=args.n_parameters, max_accuracy=max_accuracy)
+    record.update(epoch=epoch, n_parameters=args.n_parameters, max_accuracy=max_accuracy,
+                  epoch_time_s=round(seconds, 2))  # training + evaluation + saving
     append_log_line(args.output_dir, record)
 
 

@@ -1,11 +1,11 @@
-"""Reproduction study (bvit.reproduce): the plan, the table writer on fabricated results, the plot,
+"""Reproduction study (reproduce.py at the repository root): the plan, the table writer on fabricated results, the plot,
 and one tiny real study through train_hp.py."""
 import json
 
 import pytest
 from PIL import Image
 
-from bvit import reproduce
+import reproduce
 
 
 def _result(group, label, seed, acc, meta, best=None, params=5_400_000, sec=2.0):
@@ -44,7 +44,8 @@ def test_make_table_on_fabricated_results():
     assert '| scale 1.0 | 1 | 93.00 ± 0.00 |' in md
     # Paired over the three shared seeds: +1, 0, -1.
     pair = next(line for line in lines if line.startswith('| B conv − T conv |'))
-    assert pair == '| B conv − T conv | 3 | 0.00 ± 1.00 | +1.00, +0.00, -1.00 | 1 / 1 / 1 | 0.00 (1.00) |'
+    # 95% CI: 0 ± t(0.975, 2 df) x 1 / sqrt(3) = 4.303 / 1.732 = 2.48
+    assert pair == '| B conv − T conv | 3 | 0.00 ± 1.00 | [-2.48, +2.48] | +1.00, +0.00, -1.00 | 1 / 1 / 1 | 0.00 (1.00) |'
     # Group order follows the results; each group has its header.
     assert md.index(reproduce.GROUP_TITLES['bvit']) < md.index(reproduce.GROUP_TITLES['scale'])
 

@@ -1,13 +1,19 @@
-"""Reproduction study on real data (DIGITS): does broad attention help, and how much?
+"""Reproduction studies on real data: does broad attention help, and how much?
 
-Every run is ``train_hp.py`` itself, started as a subprocess with this interpreter, on the DIGITS
-recipe (``configs/demo_digits.yaml``); its per-epoch ``log.txt`` (one JSON line per epoch) is the
-only result read back. Suites (``--suite``, comma-separated):
+Two studies (``--study``): ``digits`` (the default; scikit-learn's 8x8 digits, recipe
+``configs/demo_digits.yaml``, table and plot in figs/reproduction.{md,png}) and ``fashion_mnist``
+(Fashion-MNIST, recipe ``configs/fashion_mnist.yaml`` on a fixed 3,000-image training subset, full
+10,000-image test set; table and plot in figs/fashion_mnist.{md,png}, one JSON record per run in
+figs/fashion_mnist/runs/). A study's preset only sets defaults: every flag below still applies.
+
+Every run is ``train_hp.py`` itself, started as a subprocess with this interpreter, on the study's
+recipe; its per-epoch ``log.txt`` (one JSON line per epoch) is the only result read back. Suites
+(``--suite``, comma-separated):
 
 * ``bvit``: BViT-5M and the same network without broad attention (``--no-broad``: same
   parameters, same initialisation for a seed), with the conv stem and without it, over
   ``--seeds`` (default 5 seeds).
-* ``scale``: BViT with ``broad_scale`` in ``--scales`` (default 0, 0.2, 0.4, 0.6, 1.0), conv stem,
+* ``scale``: BViT with ``broad_scale`` in ``--scales`` (default 0, 0.2, 0.4, 0.6, 1.0), first stem,
   over ``--scale-seeds`` (default 3); the 0.4 runs are the ``bvit`` suite's own and 0 is the
   ``--no-broad`` twin, which trains identically (bit for bit: 0 x broad adds exact zeros).
 * ``wrapped``: a timm backbone (``--wrapped-arch``, default ``deit_tiny_patch16_224`` at the
@@ -15,17 +21,21 @@ only result read back. Suites (``--suite``, comma-separated):
   beside its plain twin, over ``--wrapped-seeds`` (default 3).
 
 Each run lives in ``RUNS_DIR/<variant>/seed<S>/``; one that finished (``reproduce.json`` marker
-with exit status 0 and a log) is not run again, so the study resumes where it stopped. Runs are
-sequential, each with OMP_NUM_THREADS=1 (``--threads``). The table (``--out-md``) gives mean ± std
-(over seeds) of the final-epoch top-1, the best epoch's, the parameters, seconds per epoch and
-training throughput, and the per-seed paired differences broad − twin with a paired t-test; the
-plot (``--out-png``) shows the per-seed accuracies, the paired differences, the scale sweep and
-the mean test curves.
+with exit status 0 and a log), or whose JSON record is in ``--records-dir``, is not run again, so
+the study resumes where it stopped (also in a fresh clone, from the committed records). ``--jobs``
+runs go side by side (default 1; fashion_mnist: 2), each with OMP_NUM_THREADS=1 (``--threads``).
+The table (``--out-md``) gives mean ± std (over seeds) of the final-epoch top-1, the best epoch's,
+the parameters, seconds per epoch and training throughput, the per-seed paired differences
+broad − twin with a 95% confidence interval (t distribution) and a paired t-test, and per run the
+change of test top-1 over the last 5 epochs (converged: under 0.3 points); the plot
+(``--out-png``) shows the per-seed accuracies, the paired differences, the scale sweep and the
+mean test curves.
 
-    python -m bvit.reproduce --epochs 6     # the study in figs/reproduction.{md,png}: 35 runs, ~40 min on 2 cores
-    python -m bvit.reproduce --quick        # smoke test: 1 epoch, 13 runs, output in runs/reproduce_quick
-    python -m bvit.reproduce --suite bvit --stems conv --seeds 0,1,2 --epochs 15   # the demo's full budget
-    python -m bvit.reproduce --epochs 6 --report-only   # rewrite table and plot from finished runs
+    python reproduce.py --epochs 6     # the DIGITS study in figs/reproduction.{md,png}: 35 runs, ~40 min on 2 cores
+    python reproduce.py --quick        # smoke test: 1 epoch, 13 runs, output in runs/reproduce_quick
+    python reproduce.py --suite bvit --stems conv --seeds 0,1,2 --epochs 15   # the demo's full budget
+    python reproduce.py --epochs 6 --report-only   # rewrite table and plot from finished runs
+    python reproduce.py --study fashion_mnist      # the Fashion-MNIST study (22 runs, 2 side by side)
 """
 from __future__ import annotations
 
@@ -37,16 +47,42 @@ import shlex
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.abspath(__file__))
 TRAIN_SCRIPT = os.path.join(REPO, 'train_hp.py')
 DEFAULT_CONFIG = os.path.join('configs', 'demo_digits.yaml')
 MARKER = 'reproduce.json'
 
 SUITES = ('bvit', 'scale', 'wrapped')
+CONVERGED_POINTS = 0.3   # a run is converged when its test top-1 moved less than this over the last
+CONVERGED_EPOCHS = 5     # CONVERGED_EPOCHS epochs (max − min)
+
+# Presets of --study: defaults of the flags (every flag given on the command line wins).
+STUDIES: Dict[str, Dict[str, Any]] = {
+    'digits': dict(
+        suite=list(SUITES), config=DEFAULT_CONFIG, seeds=[0, 1, 2, 3, 4], scale_seeds=[0, 1, 2], wrapped_seeds=[0, 1, 2],
+        scales=[0, 0.2, 0.4, 0.6, 1.0], stems=['conv', 'none'], arch_name=None, wrapped_args=[], study_args=[],
+        jobs=1, runs_dir=os.path.join('runs', 'reproduce'), records_dir=None,
+        out_md=os.path.join('figs', 'reproduction.md'), out_png=os.path.join('figs', 'reproduction.png'),
+        title='Reproduction on DIGITS', split='the DIGITS validation split (357 images)'),
+    'fashion_mnist': dict(
+        # the wrapped pairs before the sweep: a study cut short still has the paired comparisons
+        suite=['bvit', 'wrapped', 'scale'], config=os.path.join('configs', 'fashion_mnist.yaml'), seeds=[0, 1, 2, 3, 4], scale_seeds=[0, 1, 2],
+        wrapped_seeds=[0, 1, 2], scales=[0, 0.2, 0.4, 1.0], stems=['none'], arch_name='BViT-12L-D48',
+        # deit_tiny (D=192, 3 heads) narrowed to the BViT runs' width: 2 heads of 24, 12 layers
+        wrapped_args=['--model-kwargs', 'embed_dim=48', 'num_heads=2'],
+        # the study's budget: a fixed random 3,000 of the 60,000 training images (the same for every run)
+        study_args=['--train-subset', '3000'],
+        jobs=2, runs_dir=os.path.join('output', 'fashion_mnist'),
+        records_dir=os.path.join('figs', 'fashion_mnist', 'runs'),
+        out_md=os.path.join('figs', 'fashion_mnist.md'), out_png=os.path.join('figs', 'fashion_mnist.png'),
+        title='Broad attention on Fashion-MNIST', split='the 10,000 Fashion-MNIST test images'),
+}
 
 
 @dataclass
@@ -68,7 +104,8 @@ def _fmt_scale(s: float) -> str:
 
 def plan_runs(suites: Sequence[str], seeds: Sequence[int], scale_seeds: Sequence[int],
               wrapped_seeds: Sequence[int], scales: Sequence[float], wrapped_arch: str,
-              bvit_arch: str = 'bvit_5m', stems: Sequence[str] = ('conv', 'none')) -> List[RunSpec]:
+              bvit_arch: str = 'bvit_5m', stems: Sequence[str] = ('conv', 'none'), arch_name: Optional[str] = None,
+              wrapped_args: Sequence[str] = ()) -> List[RunSpec]:
     """The table entries of the chosen suites, in the order they should run: suite by suite,
     seed-major, so an interrupted study already holds complete pairs.
 
@@ -76,10 +113,12 @@ def plan_runs(suites: Sequence[str], seeds: Sequence[int], scale_seeds: Sequence
     run (see :func:`unique_runs`): the sweep's 0.4 point is the ``bvit`` suite's conv-stem BViT
     run, and its 0 point is the ``--no-broad`` twin, which trains identically (the broad output
     times 0 adds exact zeros to the tokens and to every gradient; same parameters, same
-    initialisation, same random draws).
+    initialisation, same random draws). The sweep uses the first of ``stems``; ``arch_name``
+    names the BViT in labels; ``wrapped_args`` go to both runs of the wrapped suite.
     """
     entries: List[RunSpec] = []
-    name = 'BViT-5M' if bvit_arch == 'bvit_5m' else bvit_arch
+    name = arch_name or ('BViT-5M' if bvit_arch == 'bvit_5m' else bvit_arch)
+    sweep_stem = stems[0] if stems else 'conv'
 
     def bvit_run(stem: str, broad: bool, scale: float, seed: int) -> RunSpec:
         stem_txt = 'conv stem' if stem == 'conv' else 'no stem'
@@ -105,19 +144,20 @@ def plan_runs(suites: Sequence[str], seeds: Sequence[int], scale_seeds: Sequence
             for seed in scale_seeds:
                 for sc in scales:
                     sc = float(sc)
-                    run = bvit_run('conv', sc != 0, sc, seed)
-                    label = f'{name}, conv stem, broad_scale {_fmt_scale(sc)}'
+                    run = bvit_run(sweep_stem, sc != 0, sc, seed)
+                    stem_txt = 'conv stem' if sweep_stem == 'conv' else 'no stem'
+                    label = f'{name}, {stem_txt}, broad_scale {_fmt_scale(sc)}'
                     if sc == 0:
                         label += ' (= the no-broad twin)'
                     entries.append(RunSpec(run.key, label, 'scale', seed, run.args,
-                                           dict(arch=bvit_arch, stem='conv', broad=True, broad_scale=sc)))
+                                           dict(arch=bvit_arch, stem=sweep_stem, broad=True, broad_scale=sc)))
         elif suite == 'wrapped':
             for seed in wrapped_seeds:
                 entries.append(RunSpec(f'{wrapped_arch}_broad0.4', f'{wrapped_arch}, broad 0.4', 'wrapped', seed,
-                                       ['--arch', wrapped_arch, '--broad', '--broad-scale', '0.4'],
+                                       ['--arch', wrapped_arch, '--broad', '--broad-scale', '0.4', *wrapped_args],
                                        dict(arch=wrapped_arch, broad=True, broad_scale=0.4)))
                 entries.append(RunSpec(f'{wrapped_arch}_plain', f'{wrapped_arch}, plain (twin)', 'wrapped', seed,
-                                       ['--arch', wrapped_arch], dict(arch=wrapped_arch, broad=False)))
+                                       ['--arch', wrapped_arch, *wrapped_args], dict(arch=wrapped_arch, broad=False)))
         else:
             raise ValueError(f'unknown suite {suite!r}; choose from {", ".join(SUITES)}')
     return entries
@@ -157,6 +197,48 @@ def read_log(path: str) -> List[Dict[str, Any]]:
     return rows
 
 
+def record_path(records_dir: Optional[str], spec: RunSpec) -> Optional[str]:
+    """The run's JSON record in ``records_dir`` (None without one)."""
+    return os.path.join(records_dir, f'{spec.key}_seed{spec.seed}.json') if records_dir else None
+
+
+def read_record(path: Optional[str]) -> Optional[Dict[str, Any]]:
+    """A run record written by :func:`write_record` (None if absent, unreadable or not finished)."""
+    if not path or not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            rec = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(rec, dict) or rec.get('returncode') != 0 or not rec.get('epochs'):
+        return None
+    return rec
+
+
+def write_record(path: str, spec: RunSpec, directory: str) -> Optional[Dict[str, Any]]:
+    """Write the small JSON record of a finished run (its command, wall time, parameters and, per
+    epoch, test top-1 / top-5 / loss, training loss, throughput and seconds), from which the table
+    is rebuilt without the run folder (checkpoints stay there). Returns it (None if unfinished)."""
+    if not is_done(directory):
+        return None
+    with open(os.path.join(directory, MARKER)) as f:
+        marker = json.load(f)
+    rows = [r for r in read_log(os.path.join(directory, 'log.txt')) if 'test_acc1' in r]
+    keep = ('epoch', 'test_acc1', 'test_acc5', 'test_loss', 'train_loss', 'train_lr', 'train_images_per_sec',
+            'epoch_time_s')
+    rec = dict(key=spec.key, seed=spec.seed, command=marker.get('command'), returncode=marker.get('returncode'),
+               wall_s=marker.get('wall_s'), params=next((r['n_parameters'] for r in rows if 'n_parameters' in r), None),
+               epochs=[{k: r[k] for k in keep if k in r} for r in rows])
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(rec, f, indent=1)
+        f.write('\n')
+    os.replace(tmp, path)
+    return rec
+
+
 def is_done(directory: str) -> bool:
     """A finished run: its marker says exit status 0 and its log has at least one epoch."""
     marker, log = os.path.join(directory, MARKER), os.path.join(directory, 'log.txt')
@@ -176,6 +258,27 @@ def train_command(spec: RunSpec, directory: str, config: str, extra: Sequence[st
             '--output_dir', directory, *spec.args, *extra]
 
 
+_CHILDREN: set = set()
+_CHILDREN_LOCK = threading.Lock()
+
+
+def _stop_children(signum: int = 0, frame: Any = None) -> None:
+    """Terminate the runs in progress (they live in sessions of their own, so a signal to this
+    process would not reach them), then exit: a restart redoes them."""
+    with _CHILDREN_LOCK:
+        children = list(_CHILDREN)
+    for proc in children:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in children:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    if signum:
+        os._exit(128 + signum)
+
+
 def execute(spec: RunSpec, directory: str, config: str, extra: Sequence[str], threads: Optional[int] = None,
             keep_checkpoints: bool = True) -> Dict[str, Any]:
     """Run one training to completion (train_hp.py's output goes to DIR/train.out) and write the
@@ -192,7 +295,17 @@ def execute(spec: RunSpec, directory: str, config: str, extra: Sequence[str], th
         env['OMP_NUM_THREADS'] = env['MKL_NUM_THREADS'] = str(threads)
     t0 = time.time()
     with open(os.path.join(directory, 'train.out'), 'w') as out:
-        rc = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        # its own session: with the kernel's autogroup scheduling (Linux's default on desktops and
+        # here), processes of one session share one CPU share, so runs side by side would
+        # together get what one other process gets
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True)
+        with _CHILDREN_LOCK:
+            _CHILDREN.add(proc)
+        try:
+            rc = proc.wait()
+        finally:
+            with _CHILDREN_LOCK:
+                _CHILDREN.discard(proc)
     info = dict(command=' '.join(shlex.quote(c) for c in cmd), returncode=rc, wall_s=round(time.time() - t0, 2),
                 key=spec.key, label=spec.label, group=spec.group, seed=spec.seed, meta=spec.meta)
     if rc == 0 and not keep_checkpoints:
@@ -204,13 +317,21 @@ def execute(spec: RunSpec, directory: str, config: str, extra: Sequence[str], th
     return info
 
 
-def collect(spec: RunSpec, directory: str) -> Optional[Dict[str, Any]]:
-    """The result of one finished run, in the form :func:`make_table` takes, or None."""
-    if not is_done(directory):
+def collect(spec: RunSpec, directory: str, record: Optional[str] = None) -> Optional[Dict[str, Any]]:
+    """The result of one finished run, in the form :func:`make_table` takes, or None: from its
+    JSON ``record`` when that exists, else from the run folder."""
+    rec = read_record(record)
+    if rec is not None:
+        rows = rec['epochs']
+        marker = dict(wall_s=rec['wall_s'])
+        if rec.get('params') is not None:
+            rows = [dict(r, n_parameters=rec['params']) for r in rows]
+    elif is_done(directory):
+        rows = [r for r in read_log(os.path.join(directory, 'log.txt')) if 'test_acc1' in r]
+        with open(os.path.join(directory, MARKER)) as f:
+            marker = json.load(f)
+    else:
         return None
-    rows = [r for r in read_log(os.path.join(directory, 'log.txt')) if 'test_acc1' in r]
-    with open(os.path.join(directory, MARKER)) as f:
-        marker = json.load(f)
     curve = [float(r['test_acc1']) for r in rows]
     params = next((r[k] for r in rows for k in ('n_parameters', 'n_params', 'params') if k in r), None)
     speeds = [float(r['train_images_per_sec']) for r in rows if isinstance(r.get('train_images_per_sec'), (int, float))]
@@ -219,6 +340,14 @@ def collect(spec: RunSpec, directory: str) -> Optional[Dict[str, Any]]:
                 sec_per_epoch=marker['wall_s'] / max(len(rows), 1),
                 train_img_per_sec=statistics.mean(speeds) if speeds else None,
                 wall_s=marker['wall_s'], curve=curve)
+
+
+def convergence(curve: Sequence[float], epochs: int = CONVERGED_EPOCHS) -> Optional[float]:
+    """max − min of the test top-1 over the last ``epochs`` epochs (None for a shorter curve)."""
+    if len(curve) < epochs:
+        return None
+    tail = [float(x) for x in curve[-epochs:]]
+    return max(tail) - min(tail)
 
 
 # Table (pure) -----------------------------------------------------------------------------------
@@ -264,23 +393,26 @@ def summarize(results: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:
 
 def paired_differences(results: Sequence[Mapping[str, Any]], a: str, b: str) -> Dict[str, Any]:
     """Per-seed acc1(a) - acc1(b) over the seeds both variants have: the differences, wins / ties /
-    losses, and the paired t statistic with its two-sided p-value (n - 1 degrees of freedom;
-    None where undefined, or p without scipy)."""
+    losses, the paired t statistic with its two-sided p-value and the 95% confidence interval of
+    the mean difference (t distribution, n - 1 degrees of freedom; None where undefined or
+    without scipy)."""
     by = {(r['label'], r['seed']): float(r['acc1']) for r in results}
     seeds = sorted({s for (lab, s) in by if lab == a} & {s for (lab, s) in by if lab == b})
     diffs = [by[(a, s)] - by[(b, s)] for s in seeds]
-    t = p = None
+    t = p = ci = None
     if len(diffs) > 1:
         m, sd = mean_std(diffs)
         t = math.inf * (1 if m > 0 else -1 if m < 0 else 0) if sd == 0 else m / (sd / math.sqrt(len(diffs)))
-        if sd > 0:
-            try:
-                from scipy.stats import t as student_t
+        try:
+            from scipy.stats import t as student_t
+            half = float(student_t.ppf(0.975, len(diffs) - 1)) * sd / math.sqrt(len(diffs))
+            ci = (m - half, m + half)
+            if sd > 0:
                 p = float(2 * student_t.sf(abs(t), len(diffs) - 1))
-            except ImportError:  # scipy comes with scikit-learn, but the table does not need it
-                p = None
+        except ImportError:  # scipy comes with scikit-learn, but the table does not need it
+            pass
     return dict(a=a, b=b, seeds=seeds, diffs=diffs, wins=sum(d > 0 for d in diffs),
-                ties=sum(d == 0 for d in diffs), losses=sum(d < 0 for d in diffs), t=t, p=p)
+                ties=sum(d == 0 for d in diffs), losses=sum(d < 0 for d in diffs), t=t, p=p, ci=ci)
 
 
 def default_pairs(results: Sequence[Mapping[str, Any]]) -> List[Tuple[str, str]]:
@@ -302,24 +434,30 @@ def default_pairs(results: Sequence[Mapping[str, Any]]) -> List[Tuple[str, str]]
 
 GROUP_TITLES = {
     'bvit': 'BViT vs the same network without broad attention',
-    'scale': 'Sweep of broad_scale (conv stem)',
+    'scale': 'Sweep of broad_scale',
     'wrapped': 'Broad attention added to a timm backbone (bvit.broad; same recipe)',
 }
 
 
 def make_table(results: Sequence[Mapping[str, Any]], pairs: Optional[Sequence[Tuple[str, str]]] = None,
-               title: str = 'Reproduction on DIGITS', preamble: str = '') -> str:
+               title: str = 'Reproduction on DIGITS', preamble: str = '', per_run: bool = False,
+               missing: Sequence[str] = ()) -> str:
     """Markdown report of the study from per-run results (pure: no files, no clock).
 
     Each result is a mapping with ``group`` ('bvit', 'scale', 'wrapped' or any other name),
     ``label`` (variant), ``seed``, ``acc1`` (final-epoch top-1, %), and optionally ``best_acc1``,
     ``params``, ``sec_per_epoch``, ``train_img_per_sec``, ``meta`` (arch, stem, broad, broad_scale; used to pair each
     twin with its broad variant of the same group when ``pairs`` is None). One run may appear in
-    several groups under different labels (the sweep's 0 and 0.4 points).
+    several groups under different labels (the sweep's 0 and 0.4 points). ``per_run`` adds a table
+    of every run with its test top-1 change over the last 5 epochs (``curve`` needed) and whether it
+    converged (under 0.3 points); ``missing`` lists runs not finished yet (a partial table).
     """
-    lines = [f'# {title}', '']
+    lines = [f'# {title}' + (' (PARTIAL)' if missing else ''), '']
     if preamble:
         lines += [preamble.rstrip(), '']
+    if missing:
+        lines += [f'**Partial: {len(missing)} planned run(s) not finished yet, left out of every row below:** '
+                  + ', '.join(missing) + '.', '']
     groups: List[str] = []
     for r in results:
         if r['group'] not in groups:
@@ -339,9 +477,9 @@ def make_table(results: Sequence[Mapping[str, Any]], pairs: Optional[Sequence[Tu
         pairs = default_pairs(results)
     if pairs:
         lines += ['## Paired differences (same seed), final-epoch top-1', '',
-                  '| broad variant − twin | seeds | mean ± std (points) | per seed | broad better / equal / worse '
-                  '| paired t (p) |',
-                  '|---|---|---|---|---|---|']
+                  '| broad variant − twin | seeds | mean ± std (points) | 95% CI | per seed '
+                  '| broad better / equal / worse | paired t (p) |',
+                  '|---|---|---|---|---|---|---|']
         for a, b in pairs:
             d = paired_differences(results, a, b)
             if not d['seeds']:
@@ -351,8 +489,27 @@ def make_table(results: Sequence[Mapping[str, Any]], pairs: Optional[Sequence[Tu
                 tp = '–'
             else:
                 tp = f'{d["t"]:.2f}' + (f' ({d["p"]:.2f})' if d['p'] is not None else '')
-            lines.append(f'| {_short_pair(a, b)} | {len(d["seeds"])} | {_pm(d["diffs"])} | {per} '
+            ci = f'[{d["ci"][0]:+.2f}, {d["ci"][1]:+.2f}]' if d.get('ci') else '–'
+            lines.append(f'| {_short_pair(a, b)} | {len(d["seeds"])} | {_pm(d["diffs"])} | {ci} | {per} '
                          f'| {d["wins"]} / {d["ties"]} / {d["losses"]} | {tp} |')
+        lines.append('')
+    if per_run:
+        runs: Dict[Tuple[str, int], Mapping[str, Any]] = {}
+        for r in results:
+            runs.setdefault((r.get('key', r['label']), r['seed']), r)
+        lines += [f'## Every run: convergence (test top-1 max − min over the last {CONVERGED_EPOCHS} epochs '
+                  f'< {CONVERGED_POINTS} points)', '',
+                  '| run | seed | epochs | top-1 final (%) | top-1 over the last 5 epochs (%) | max − min '
+                  '| converged | s / epoch |',
+                  '|---|---|---|---|---|---|---|---|']
+        for (key, seed), r in runs.items():
+            curve = list(r.get('curve') or [])
+            spread = convergence(curve)
+            tail = ', '.join(f'{x:.2f}' for x in curve[-CONVERGED_EPOCHS:])
+            ok = '–' if spread is None else ('yes' if spread < CONVERGED_POINTS else '**no**')
+            sec = f'{r["sec_per_epoch"]:.1f}' if r.get('sec_per_epoch') is not None else '?'
+            lines.append(f'| {r["label"]} | {seed} | {len(curve)} | {float(r["acc1"]):.2f} | {tail} '
+                         f'| {"–" if spread is None else f"{spread:.2f}"} | {ok} | {sec} |')
         lines.append('')
     return '\n'.join(lines).rstrip() + '\n'
 
@@ -450,7 +607,9 @@ def make_plot(results: Sequence[Mapping[str, Any]], out_path: str, title: str = 
             ax.set_xticks(xs)
             ax.set_xlabel('broad_scale (0: the no-broad twin; 0.4: as released)')
             ax.set_ylabel('final-epoch top-1 (%)')
-            ax.set_title('broad_scale sweep, conv stem: each seed (dots), mean ± std', fontsize=9)
+            stems = sorted({str(r['meta'].get('stem')) for r in sweep})
+            stem_txt = ', '.join('conv stem' if x == 'conv' else 'no stem' for x in stems)
+            ax.set_title(f'broad_scale sweep, {stem_txt}: each seed (dots), mean ± std', fontsize=9)
             ax.grid(alpha=0.3)
         else:
             labels: List[str] = []
@@ -507,25 +666,37 @@ def _suites(s: str) -> List[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='python -m bvit.reproduce', description=__doc__.split('\n\n')[0],
+    p = argparse.ArgumentParser(prog='python reproduce.py', description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--suite', type=_suites, default=list(SUITES), help='comma-separated: bvit,scale,wrapped (default all)')
-    p.add_argument('--seeds', type=_ints, default=[0, 1, 2, 3, 4], help='seeds of the bvit suite (default 0..4)')
-    p.add_argument('--scale-seeds', type=_ints, default=[0, 1, 2], help='seeds of the scale sweep (default 0,1,2)')
-    p.add_argument('--wrapped-seeds', type=_ints, default=[0, 1, 2], help='seeds of the wrapped suite (default 0,1,2)')
-    p.add_argument('--scales', type=_floats, default=[0, 0.2, 0.4, 0.6, 1.0], help='broad_scale values of the sweep')
-    p.add_argument('--stems', default='conv,none', type=lambda v: [x.strip() for x in v.split(',') if x.strip()],
-                   help='stems of the bvit suite (default conv,none)')
+    p.add_argument('--study', choices=sorted(STUDIES), default='digits',
+                   help="preset of the defaults below: 'digits' (default) or 'fashion_mnist' "
+                        '(configs/fashion_mnist.yaml, no stem, scales 0,0.2,0.4,1, deit_tiny at width 48, '
+                        '3,000 training images, 2 runs side by side, records in figs/fashion_mnist/runs)')
+    p.add_argument('--suite', type=_suites, default=None,
+                   help='comma-separated, run in this order: bvit,scale,wrapped (default all; fashion_mnist: bvit,wrapped,scale)')
+    p.add_argument('--seeds', type=_ints, default=None, help='seeds of the bvit suite (default 0..4)')
+    p.add_argument('--scale-seeds', type=_ints, default=None, help='seeds of the scale sweep (default 0,1,2)')
+    p.add_argument('--wrapped-seeds', type=_ints, default=None, help='seeds of the wrapped suite (default 0,1,2)')
+    p.add_argument('--scales', type=_floats, default=None,
+                   help='broad_scale values of the sweep (default 0,0.2,0.4,0.6,1; fashion_mnist: 0,0.2,0.4,1)')
+    p.add_argument('--stems', default=None, type=lambda v: [x.strip() for x in v.split(',') if x.strip()],
+                   help='stems of the bvit suite; the sweep uses the first (default conv,none; fashion_mnist: none)')
     p.add_argument('--wrapped-arch', default='deit_tiny_patch16_224', help='timm backbone of the wrapped suite')
     p.add_argument('--arch', default='bvit_5m', help='BViT model of the bvit and scale suites')
-    p.add_argument('--config', default=DEFAULT_CONFIG, help='train_hp.py config (default configs/demo_digits.yaml)')
+    p.add_argument('--config', default=None,
+                   help='train_hp.py config (default configs/demo_digits.yaml; fashion_mnist: configs/fashion_mnist.yaml)')
     p.add_argument('--epochs', type=int, default=None, help="override the config's epochs for every run")
     p.add_argument('--train-arg', action='append', default=[], metavar='ARG',
                    help='extra argument for train_hp.py, repeatable (e.g. --train-arg=--batch-size --train-arg=64)')
     p.add_argument('--quick', action='store_true',
                    help='tiny budget for smoke tests: 1 epoch, seeds 0,1 (sweep and wrapped: 0) unless given; runs, '
                         'table and plot in runs/reproduce_quick')
-    p.add_argument('--runs-dir', default=None, help='where runs live (default runs/reproduce)')
+    p.add_argument('--jobs', type=int, default=None, help='runs side by side (default 1; fashion_mnist: 2)')
+    p.add_argument('--runs-dir', default=None,
+                   help='where runs (logs, checkpoints) live (default runs/reproduce; fashion_mnist: output/fashion_mnist)')
+    p.add_argument('--records-dir', default=None,
+                   help='where each finished run leaves a small JSON record (per-epoch results), read back instead '
+                        'of the run folder when present (default none; fashion_mnist: figs/fashion_mnist/runs)')
     p.add_argument('--out-md', default=None, help='markdown table (default figs/reproduction.md; with --quick in the runs dir)')
     p.add_argument('--out-png', default=None, help='plot (default figs/reproduction.png; with --quick in the runs dir)')
     p.add_argument('--threads', type=int, default=1,
@@ -546,10 +717,18 @@ def _show_path(path: str) -> str:
     return path if rel.startswith('..') else rel
 
 
+def _in_repo(path: Optional[str]) -> Optional[str]:
+    return path if path is None or os.path.isabs(path) else os.path.join(REPO, path)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    preset = STUDIES[args.study]
+    for name in ('suite', 'seeds', 'scale_seeds', 'wrapped_seeds', 'scales', 'stems', 'config', 'jobs'):
+        if getattr(args, name) is None:
+            setattr(args, name, list(preset[name]) if isinstance(preset[name], list) else preset[name])
     if args.quick:
         given = {a.split('=')[0] for a in argv}
         if '--seeds' not in given:
@@ -560,10 +739,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args.wrapped_seeds = [0]
         if args.epochs is None:
             args.epochs = 1
-    runs_dir = args.runs_dir or os.path.join(REPO, 'runs', 'reproduce_quick' if args.quick else 'reproduce')
-    out_dir = runs_dir if args.quick else os.path.join(REPO, 'figs')  # --quick never overwrites figs/
-    out_md = args.out_md or os.path.join(out_dir, 'reproduction.md')
-    out_png = args.out_png or os.path.join(out_dir, 'reproduction.png')
+    if args.jobs < 1:
+        parser.error('--jobs must be at least 1')
+    quick_dir = os.path.join('runs', f'reproduce_quick{"" if args.study == "digits" else "_" + args.study}')
+    runs_dir = _in_repo(args.runs_dir or (quick_dir if args.quick else preset['runs_dir']))
+    records_dir = _in_repo(args.records_dir or (None if args.quick else preset['records_dir']))
+    out_md = _in_repo(args.out_md) or (os.path.join(runs_dir, 'reproduction.md') if args.quick else _in_repo(preset['out_md']))
+    out_png = _in_repo(args.out_png) or (os.path.join(runs_dir, 'reproduction.png') if args.quick else _in_repo(preset['out_png']))
     if not os.path.isfile(TRAIN_SCRIPT):
         print(f'error: {TRAIN_SCRIPT} not found', file=sys.stderr)
         return 2
@@ -574,35 +756,70 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bad = [x for x in args.stems if x not in ('conv', 'none')]
     if bad:
         parser.error(f'--stems: unknown stem(s) {", ".join(bad)}; choose from conv, none')
-    extra = list(args.train_arg) + (['--epochs', str(args.epochs)] if args.epochs is not None else [])
+    extra = list(preset['study_args']) + list(args.train_arg) + (
+        ['--epochs', str(args.epochs)] if args.epochs is not None else [])
     entries = plan_runs(args.suite, args.seeds, args.scale_seeds, args.wrapped_seeds, args.scales,
-                        args.wrapped_arch, args.arch, args.stems)
+                        args.wrapped_arch, args.arch, args.stems, preset['arch_name'], preset['wrapped_args'])
     specs = unique_runs(entries)
 
-    todo = [s for s in specs if not is_done(run_dir(runs_dir, s))]
+    def done(s: RunSpec) -> bool:
+        return read_record(record_path(records_dir, s)) is not None or is_done(run_dir(runs_dir, s))
+
+    todo = [s for s in specs if not done(s)]
     print(f'{len(specs)} runs planned, {len(specs) - len(todo)} already done, {len(todo)} to run '
-          f'(runs in {runs_dir})', flush=True)
+          f'(runs in {runs_dir}{", records in " + records_dir if records_dir else ""}; {args.jobs} at a time)',
+          flush=True)
     if args.dry_run:
         for s in todo:
             print(' '.join(shlex.quote(c) for c in train_command(s, run_dir(runs_dir, s), config, extra)))
         return 0
     t_start = time.time()
-    failed = []
-    if not args.report_only:
-        for i, s in enumerate(todo):
-            d = run_dir(runs_dir, s)
-            first_seed = {'bvit': args.seeds, 'scale': args.scale_seeds, 'wrapped': args.wrapped_seeds}[s.group][0]
-            keep = args.keep_checkpoints == 'all' or (args.keep_checkpoints == 'first' and s.seed == first_seed)
-            info = execute(s, d, config, extra, args.threads, keep)
-            status = 'ok' if info['returncode'] == 0 else f'FAILED (exit {info["returncode"]}, see {d}/train.out)'
-            res = collect(s, d)
-            acc = f', top-1 {res["acc1"]:.2f}' if res else ''
-            print(f'[{i + 1}/{len(todo)}] {s.label}, seed {s.seed}: {status} in {info["wall_s"]:.0f} s{acc}', flush=True)
-            if info['returncode'] != 0:
-                failed.append(d)
+    failed: List[str] = []
+    lock = threading.Lock()
+    first_seeds = {'bvit': args.seeds, 'scale': args.scale_seeds, 'wrapped': args.wrapped_seeds}
+
+    def one(s: RunSpec) -> Tuple[RunSpec, Dict[str, Any]]:
+        d = run_dir(runs_dir, s)
+        first = first_seeds[s.group][0] if first_seeds[s.group] else None
+        keep = args.keep_checkpoints == 'all' or (args.keep_checkpoints == 'first' and s.seed == first)
+        info = execute(s, d, config, extra, args.threads, keep)
+        if info['returncode'] == 0 and records_dir:
+            write_record(record_path(records_dir, s), s, d)
+        return s, info
+
+    if not args.report_only and todo:
+        import atexit
+        import signal
+        signal.signal(signal.SIGTERM, _stop_children)
+        signal.signal(signal.SIGHUP, _stop_children)
+        atexit.register(_stop_children)
+        signal.signal(signal.SIGINT, _stop_children)  # Ctrl-C reaches this process only
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            futures = [pool.submit(one, s) for s in todo]
+            for n, fut in enumerate(as_completed(futures), 1):
+                s, info = fut.result()
+                d = run_dir(runs_dir, s)
+                status = 'ok' if info['returncode'] == 0 else f'FAILED (exit {info["returncode"]}, see {d}/train.out)'
+                res = collect(s, d, record_path(records_dir, s))
+                acc = ''
+                if res:
+                    spread = convergence(res['curve'])
+                    acc = f', top-1 {res["acc1"]:.2f}' + ('' if spread is None else f', last-5 spread {spread:.2f}')
+                with lock:
+                    print(f'[{n}/{len(todo)}] {s.label}, seed {s.seed}: {status} in {info["wall_s"]:.0f} s{acc} '
+                          f'({(time.time() - t_start) / 60:.1f} min)', flush=True)
+                if info['returncode'] != 0:
+                    failed.append(d)
     study_wall = time.time() - t_start
 
-    results = [r for r in (collect(e, run_dir(runs_dir, e)) for e in entries) if r is not None]
+    results = []
+    missing = []
+    for e in entries:
+        r = collect(e, run_dir(runs_dir, e), record_path(records_dir, e))
+        if r is not None:
+            results.append(r)
+        elif f'{e.key} seed {e.seed}' not in missing:
+            missing.append(f'{e.key} seed {e.seed}')
     if not results:
         print('error: no finished runs to report', file=sys.stderr)
         return 1
@@ -619,19 +836,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             skip = True
         elif not a.startswith('--note='):
             shown.append(a)
-    cmd = 'python -m bvit.reproduce ' + ' '.join(shlex.quote(a) for a in shown)
+    cmd = 'python reproduce.py ' + ' '.join(shlex.quote(a) for a in shown)
+    side = f'{args.jobs} runs side by side' if args.jobs > 1 else 'one run at a time'
     preamble = (
         f'Every run is `train_hp.py --config {_show_path(config)}` with the flags of its variant '
-        f'(`--seed S{" " + " ".join(extra) if extra else ""}`); top-1 is on the DIGITS validation split, '
-        f'mean ± sample std over seeds. "final" is the last epoch, "best epoch" the maximum over epochs '
-        f'(selected on the same split, so optimistic). "s / epoch" is the run\'s wall time (start-up, '
-        f'training and evaluation) / epochs, "train img/s" the training throughput train_hp.py logs; both on a '
-        f'shared 2-core CPU with {threads_txt}, so noisy.\n\n'
+        f'(`--seed S{" " + " ".join(extra) if extra else ""}`); top-1 is on {preset["split"]}, '
+        f'mean ± sample std over seeds. "final" is the last epoch, the number reported; "best epoch" the maximum '
+        f'over epochs (selected on the same split, so optimistic; shown for reference only). "s / epoch" is the '
+        f'run\'s wall time (start-up, training and evaluation) / epochs, "train img/s" the training throughput '
+        f'train_hp.py logs; both on a shared 2-core CPU with {threads_txt}, {side}, so noisy.\n\n'
         f'Command: `{cmd.strip()}`. Sum of the runs\' wall times: {total_run_wall / 60:.1f} min '
         f'({len({(r["key"], r["seed"]) for r in results})} runs).' + (f' {args.note}' if args.note else ''))
+    os.makedirs(os.path.dirname(os.path.abspath(out_md)), exist_ok=True)
     with open(out_md, 'w') as f:
-        f.write(make_table(results, preamble=preamble))
-    make_plot(results, out_png)
+        f.write(make_table(results, preamble=preamble, title=preset['title'], per_run=records_dir is not None,
+                           missing=missing))
+    make_plot(results, out_png, title=preset['title'] + (' (partial)' if missing else ''))
     print(f'wrote {out_md} and {out_png}; this invocation took {study_wall / 60:.1f} min', flush=True)
     if failed:
         print(f'{len(failed)} run(s) failed: ' + ', '.join(failed), file=sys.stderr)
