@@ -790,26 +790,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.report_only and todo:
         import atexit
         import signal
-        signal.signal(signal.SIGTERM, _stop_children)
-        signal.signal(signal.SIGHUP, _stop_children)
+        stops = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)  # Ctrl-C reaches this process only
+        previous = {sig: signal.signal(sig, _stop_children) for sig in stops}
         atexit.register(_stop_children)
-        signal.signal(signal.SIGINT, _stop_children)  # Ctrl-C reaches this process only
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            futures = [pool.submit(one, s) for s in todo]
-            for n, fut in enumerate(as_completed(futures), 1):
-                s, info = fut.result()
-                d = run_dir(runs_dir, s)
-                status = 'ok' if info['returncode'] == 0 else f'FAILED (exit {info["returncode"]}, see {d}/train.out)'
-                res = collect(s, d, record_path(records_dir, s))
-                acc = ''
-                if res:
-                    spread = convergence(res['curve'])
-                    acc = f', top-1 {res["acc1"]:.2f}' + ('' if spread is None else f', last-5 spread {spread:.2f}')
-                with lock:
-                    print(f'[{n}/{len(todo)}] {s.label}, seed {s.seed}: {status} in {info["wall_s"]:.0f} s{acc} '
-                          f'({(time.time() - t_start) / 60:.1f} min)', flush=True)
-                if info['returncode'] != 0:
-                    failed.append(d)
+        try:
+            with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+                futures = [pool.submit(one, s) for s in todo]
+                for n, fut in enumerate(as_completed(futures), 1):
+                    s, info = fut.result()
+                    d = run_dir(runs_dir, s)
+                    status = 'ok' if info['returncode'] == 0 else f'FAILED (exit {info["returncode"]}, see {d}/train.out)'
+                    res = collect(s, d, record_path(records_dir, s))
+                    acc = ''
+                    if res:
+                        spread = convergence(res['curve'])
+                        acc = f', top-1 {res["acc1"]:.2f}' + ('' if spread is None else f', last-5 spread {spread:.2f}')
+                    with lock:
+                        print(f'[{n}/{len(todo)}] {s.label}, seed {s.seed}: {status} in {info["wall_s"]:.0f} s{acc} '
+                              f'({(time.time() - t_start) / 60:.1f} min)', flush=True)
+                    if info['returncode'] != 0:
+                        failed.append(d)
+        finally:  # the caller's handlers come back (tests run studies in-process)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     study_wall = time.time() - t_start
 
     results = []

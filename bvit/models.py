@@ -465,9 +465,11 @@ class BViT(nn.Module):
         """Layer i's value projection composed with its part of the output pooling, W_v S_l as a
         (D, H·w) matrix, the bias as (H, w), and the pooled columns [c0, c1) it reaches; kept
         until the weights change (inference reuses it on every call; D·H·w values a layer)."""
+        # Under torch.compile / torch.export the weights are fake tensors: computed, not cached.
+        cache = not torch.compiler.is_compiling()
         key = (weight.data_ptr(), weight._version, weight.dtype, weight.device,
-               None if bias is None else (bias.data_ptr(), bias._version))
-        hit = self._pool_cache.get(i)
+               None if bias is None else (bias.data_ptr(), bias._version)) if cache else None
+        hit = self._pool_cache.get(i) if cache else None
         if hit is not None and hit[0] == key:
             return hit[1]
         H, d, D, g = self.num_heads, self.head_dim, self.embed_dim, self._pool_group
@@ -475,7 +477,8 @@ class BViT(nn.Module):
         u = torch.einsum('hjc,jw->chw', weight.view(3, H, d, D)[2], pool).reshape(D, -1)
         ub = bias.view(3, H, d)[2] @ pool if bias is not None else None
         value = (u, ub, *class_row_columns(i, d, g))
-        self._pool_cache[i] = (key, value)
+        if cache:
+            self._pool_cache[i] = (key, value)
         return value
 
     @torch.jit.ignore
