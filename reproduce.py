@@ -51,7 +51,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 TRAIN_SCRIPT = os.path.join(REPO, 'train_hp.py')
@@ -285,7 +285,6 @@ def execute(spec: RunSpec, directory: str, config: str, extra: Sequence[str], th
     marker. Without ``keep_checkpoints`` the run's checkpoint.pth / best.pth (~85 MB each for
     BViT-5M, optimizer state included) are deleted once it finished. Returns the marker's content."""
     os.makedirs(directory, exist_ok=True)
-    log = os.path.join(directory, 'log.txt')
     for name in ('log.txt', 'checkpoint.pth', 'best.pth'):  # a run that stopped half-way: start it afresh
         if os.path.exists(os.path.join(directory, name)):
             os.remove(os.path.join(directory, name))

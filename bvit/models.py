@@ -11,7 +11,7 @@ import math
 import os
 import re
 import zipfile
-from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.fx
@@ -44,13 +44,18 @@ def _pair(x: _int_or_pair) -> Tuple[int, int]:
     return (x, x) if isinstance(x, int) else (int(x[0]), int(x[1]))
 
 
+def _stem_out(h: int, w: int, conv_stem: bool) -> Tuple[int, int]:
+    """Pixels after the stem: the conv stem (7x7, stride 2, padding 3) gives ceil(s / 2)."""
+    return ((h + 1) // 2, (w + 1) // 2) if conv_stem else (h, w)
+
+
 def patch_grid(img_size: _int_or_pair, patch_size: int, stem: str = 'conv') -> Tuple[int, int]:
     """The (h, w) patch grid of a BViT for ``img_size``: the conv stem (7x7, stride 2, padding 3)
     gives ceil(s / 2) pixels, then ``patch_size`` patches. ValueError when they do not divide."""
     if stem not in ('conv', 'none'):
         raise ValueError(f"stem must be 'conv' or 'none', got {stem!r}")
     size = _pair(img_size)
-    stem_out = tuple(math.ceil(s / 2) for s in size) if stem == 'conv' else size
+    stem_out = _stem_out(size[0], size[1], stem == 'conv')
     if any(s % patch_size for s in stem_out):
         raise ValueError(
             f'image size {size} gives {stem_out} after the {stem!r} stem, '
@@ -71,7 +76,7 @@ def _check_image(x: Tensor, in_chans: int, img_size: Tuple[int, int], patch_size
     h, w = x.shape[-2], x.shape[-1]
     fits = x.dim() == 4 and x.shape[1] == in_chans
     if dynamic:
-        sh, sw = ((h + 1) // 2, (w + 1) // 2) if conv_stem else (h, w)
+        sh, sw = _stem_out(h, w, conv_stem)
         fits = fits and (pad or (sh % patch_size == 0 and sw % patch_size == 0))
     else:
         fits = fits and h == img_size[0] and w == img_size[1]
@@ -415,8 +420,8 @@ class BViT(nn.Module):
         added into two running sums while y_l is fresh, and y_l is let go: the head keeps one
         (B, N, D) sum instead of L layers' (B, N, D) inputs."""
         H, d, D, g = self.num_heads, self.head_dim, self.embed_dim, self._pool_group
-        attns = [blk.attn for blk in self.blocks]
         if torch.is_grad_enabled() or g == 0:
+            attns = [blk.attn for blk in self.blocks]
             x, _, ys = self._run_blocks(x, keep=True)
             biases = [a.qkv.bias for a in attns] if attns[0].qkv.bias is not None else None
             return x[:, :1] + self.broad_scale * broad_attention_class_row(
@@ -539,7 +544,7 @@ class BViT(nn.Module):
         """Patch grid of an input of this size (the model's own, or any with a dynamic size)."""
         if not self.dynamic_img_size:
             return self.grid_size
-        h, w = ((height + 1) // 2, (width + 1) // 2) if self.stem_type == 'conv' else (height, width)
+        h, w = _stem_out(height, width, self.stem_type == 'conv')
         p = self.patch_size
         return (h + p - 1) // p, (w + p - 1) // p
 
