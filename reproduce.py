@@ -225,7 +225,7 @@ def write_record(path: str, spec: RunSpec, directory: str) -> Optional[Dict[str,
     with open(os.path.join(directory, MARKER)) as f:
         marker = json.load(f)
     rows = [r for r in read_log(os.path.join(directory, 'log.txt')) if 'test_acc1' in r]
-    keep = ('epoch', 'test_acc1', 'test_acc5', 'test_loss', 'train_loss', 'train_lr', 'train_images_per_sec',
+    keep = ('epoch', 'test_acc1', 'test_acc5', 'test_loss', 'test_ema_acc1', 'test_ema_acc5', 'test_ema_loss', 'train_loss', 'train_lr', 'train_images_per_sec',
             'epoch_time_s')
     rec = dict(key=spec.key, seed=spec.seed, command=marker.get('command'), returncode=marker.get('returncode'),
                wall_s=marker.get('wall_s'), params=next((r['n_parameters'] for r in rows if 'n_parameters' in r), None),
@@ -260,12 +260,15 @@ def train_command(spec: RunSpec, directory: str, config: str, extra: Sequence[st
 
 _CHILDREN: set = set()
 _CHILDREN_LOCK = threading.Lock()
+_STOPPING = threading.Event()  # set by _stop_children: no run starts after it (the pool's next one would
+                               # otherwise start as its predecessor is terminated, and outlive the study)
 
 
 def _stop_children(signum: int = 0, frame: Any = None) -> None:
     """Terminate the runs in progress (they live in sessions of their own, so a signal to this
     process would not reach them), then exit: a restart redoes them."""
     with _CHILDREN_LOCK:
+        _STOPPING.set()
         children = list(_CHILDREN)
     for proc in children:
         if proc.poll() is None:
@@ -297,8 +300,11 @@ def execute(spec: RunSpec, directory: str, config: str, extra: Sequence[str], th
         # its own session: with the kernel's autogroup scheduling (Linux's default on desktops and
         # here), processes of one session share one CPU share, so runs side by side would
         # together get what one other process gets
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True)
         with _CHILDREN_LOCK:
+            if _STOPPING.is_set():
+                raise RuntimeError(f'the study is stopping: {spec.key} seed {spec.seed} not started')
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env,
+                                    start_new_session=True)
             _CHILDREN.add(proc)
         try:
             rc = proc.wait()
@@ -332,18 +338,26 @@ def collect(spec: RunSpec, directory: str, record: Optional[str] = None) -> Opti
     else:
         return None
     curve = [float(r['test_acc1']) for r in rows]
+    # epochs of the curve's points (train_hp.py --eval-freq N evaluates every N-th epoch and the last N)
+    curve_epochs = [int(r.get('epoch', i)) for i, r in enumerate(rows)]
+    epochs = curve_epochs[-1] + 1 if curve_epochs else 0
     params = next((r[k] for r in rows for k in ('n_parameters', 'n_params', 'params') if k in r), None)
     speeds = [float(r['train_images_per_sec']) for r in rows if isinstance(r.get('train_images_per_sec'), (int, float))]
     return dict(group=spec.group, label=spec.label, key=spec.key, seed=spec.seed, meta=spec.meta,
-                acc1=curve[-1], best_acc1=max(curve), epochs=len(rows), params=params,
-                sec_per_epoch=marker['wall_s'] / max(len(rows), 1),
+                acc1=curve[-1], best_acc1=max(curve), epochs=epochs, params=params,
+                sec_per_epoch=marker['wall_s'] / max(epochs, 1),
                 train_img_per_sec=statistics.mean(speeds) if speeds else None,
-                wall_s=marker['wall_s'], curve=curve)
+                wall_s=marker['wall_s'], curve=curve, curve_epochs=curve_epochs)
 
 
-def convergence(curve: Sequence[float], epochs: int = CONVERGED_EPOCHS) -> Optional[float]:
-    """max − min of the test top-1 over the last ``epochs`` epochs (None for a shorter curve)."""
+def convergence(curve: Sequence[float], curve_epochs: Optional[Sequence[int]] = None,
+                epochs: int = CONVERGED_EPOCHS) -> Optional[float]:
+    """max − min of the test top-1 over the last ``epochs`` epochs (None for a shorter curve, or
+    when ``curve_epochs``, the epoch of each point, shows that one of those epochs was not evaluated)."""
     if len(curve) < epochs:
+        return None
+    if curve_epochs is not None and list(curve_epochs[-epochs:]) != list(range(curve_epochs[-1] - epochs + 1,
+                                                                               curve_epochs[-1] + 1)):
         return None
     tail = [float(x) for x in curve[-epochs:]]
     return max(tail) - min(tail)
@@ -503,11 +517,11 @@ def make_table(results: Sequence[Mapping[str, Any]], pairs: Optional[Sequence[Tu
                   '|---|---|---|---|---|---|---|---|']
         for (key, seed), r in runs.items():
             curve = list(r.get('curve') or [])
-            spread = convergence(curve)
+            spread = convergence(curve, r.get('curve_epochs'))
             tail = ', '.join(f'{x:.2f}' for x in curve[-CONVERGED_EPOCHS:])
             ok = '–' if spread is None else ('yes' if spread < CONVERGED_POINTS else '**no**')
             sec = f'{r["sec_per_epoch"]:.1f}' if r.get('sec_per_epoch') is not None else '?'
-            lines.append(f'| {r["label"]} | {seed} | {len(curve)} | {float(r["acc1"]):.2f} | {tail} '
+            lines.append(f'| {r["label"]} | {seed} | {r.get("epochs", len(curve))} | {float(r["acc1"]):.2f} | {tail} '
                          f'| {"–" if spread is None else f"{spread:.2f}"} | {ok} | {sec} |')
         lines.append('')
     return '\n'.join(lines).rstrip() + '\n'
@@ -622,10 +636,12 @@ def make_plot(results: Sequence[Mapping[str, Any]], out_path: str, title: str = 
                 fam = (meta.get('arch'), meta.get('stem'))
                 if fam not in families:
                     families.append(fam)
-                cs = [r['curve'] for r in curves if r['label'] == lab]
+                runs = [r for r in curves if r['label'] == lab]
+                cs = [r['curve'] for r in runs]
                 n = min(len(c) for c in cs)
+                xs = [e + 1 for e in (runs[0].get('curve_epochs') or range(n))[:n]]
                 mean = [statistics.mean(c[e] for c in cs) for e in range(n)]
-                ax.plot(range(1, n + 1), mean, label=f'{lab} ({len(cs)} seeds)', color=color_of(meta),
+                ax.plot(xs, mean, label=f'{lab} ({len(cs)} seeds)', color=color_of(meta),
                         ls=dashes[families.index(fam) % len(dashes)])
             ax.set_xlabel('epoch')
             ax.set_ylabel('test top-1 (%), mean over seeds')
@@ -790,6 +806,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         import atexit
         import signal
         stops = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)  # Ctrl-C reaches this process only
+        _STOPPING.clear()  # a study run before in this process (tests) may have stopped
         previous = {sig: signal.signal(sig, _stop_children) for sig in stops}
         atexit.register(_stop_children)
         try:
@@ -802,7 +819,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     res = collect(s, d, record_path(records_dir, s))
                     acc = ''
                     if res:
-                        spread = convergence(res['curve'])
+                        spread = convergence(res['curve'], res['curve_epochs'])
                         acc = f', top-1 {res["acc1"]:.2f}' + ('' if spread is None else f', last-5 spread {spread:.2f}')
                     with lock:
                         print(f'[{n}/{len(todo)}] {s.label}, seed {s.seed}: {status} in {info["wall_s"]:.0f} s{acc} '

@@ -241,6 +241,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--eval', action='store_true', help='only evaluate (top-1, top-5, loss) and exit')
     g.add_argument('--eval-ema', action='store_true', help="with --eval: evaluate the checkpoint's EMA weights")
     g.add_argument('--eval-crop-ratio', default=0.875, type=float, help='center-crop ratio of evaluation')
+    g.add_argument('--eval-freq', default=1, type=int, metavar='N',
+                   help='evaluate after every N-th epoch and after each of the last N (default 1: every epoch, '
+                        "as DeiT); an epoch without evaluation logs no test_* values and never writes best.pth")
     g.add_argument('--dist-eval', action='store_true',
                    help='split evaluation over the processes (exact: every image counted once)')
     g.add_argument('--print-freq', default=10, type=int,
@@ -615,7 +618,7 @@ def _check_flags(args: argparse.Namespace) -> None:
     if args.sched not in SCHEDULES:
         raise UsageError(f'unknown --sched {args.sched!r}; choose one of {", ".join(SCHEDULES)}')
     for flag, value in (('--batch-size', args.batch_size), ('--input-size', args.input_size),
-                        ('--print-freq', args.print_freq)):
+                        ('--print-freq', args.print_freq), ('--eval-freq', args.eval_freq)):
         if value < 1:
             raise UsageError(f'{flag} must be at least 1, got {value}')
     if args.epochs < 0 or args.num_workers < 0 or args.threads < 0 or args.max_bad_images < 0:
@@ -864,20 +867,23 @@ def _epochs(args: argparse.Namespace, device: torch.device, t: Dict[str, Any], s
             num_epochs=args.epochs, stop=stop, resume=resume, bad_images=bad_images)
         if train_stats['stopped'] is not None:
             _save_stopped(args, t, epoch, max_accuracy, train_stats['stopped'], stop)
-        test_stats = t['evaluator'](t['model_without_ddp'])
+        epoch_stats: Dict[str, Any] = {}
         ema_stats = None
-        if t['model_ema'] is not None and not (args.model_ema_force_cpu and device.type == 'cuda'):
-            ema_stats = t['evaluator'](t['model_ema'].module, ema=True)
-        is_best = test_stats['acc1'] > max_accuracy or not os.path.exists(os.path.join(output_dir, 'best.pth'))
-        max_accuracy = max(max_accuracy, test_stats['acc1'])
-        log(f'Max accuracy: {max_accuracy:.2f}%')
+        is_best = False
+        if eval_due(epoch, args.epochs, args.eval_freq):
+            test_stats = epoch_stats = t['evaluator'](t['model_without_ddp'])
+            if t['model_ema'] is not None and not (args.model_ema_force_cpu and device.type == 'cuda'):
+                ema_stats = t['evaluator'](t['model_ema'].module, ema=True)
+            is_best = test_stats['acc1'] > max_accuracy or not os.path.exists(os.path.join(output_dir, 'best.pth'))
+            max_accuracy = max(max_accuracy, test_stats['acc1'])
+            log(f'Max accuracy: {max_accuracy:.2f}%')
         if output_dir and is_main_process():
             ckpt = make_checkpoint(t['model_without_ddp'], t['optimizer'], t['scheduler'], t['scaler'],
                                    t['model_ema'], epoch, max_accuracy, args)
             atomic_save(ckpt, os.path.join(output_dir, 'checkpoint.pth'))
             if is_best:
                 atomic_save(ckpt, os.path.join(output_dir, 'best.pth'))
-        _append_epoch_log(args, epoch, train_stats, test_stats, ema_stats, max_accuracy,
+        _append_epoch_log(args, epoch, train_stats, epoch_stats, ema_stats, max_accuracy,
                           time.time() - epoch_start)
         if all_reduce_sum([float(stop.requested)], device)[0] > 0 and epoch + 1 < args.epochs:
             _stop_run(args, stop, f'after epoch {epoch}', 'checkpoint.pth of that epoch')
@@ -887,6 +893,12 @@ def _epochs(args: argparse.Namespace, device: torch.device, t: Dict[str, Any], s
     else:
         log(f'nothing to train: the run is at epoch {start_epoch} of {args.epochs}')
     return test_stats
+
+
+def eval_due(epoch: int, epochs: int, freq: int) -> bool:
+    """--eval-freq: evaluate after epoch ``epoch`` (0-based) of ``epochs`` when it ends a block of
+    ``freq`` epochs or is one of the last ``freq`` (so the final epoch is always evaluated)."""
+    return (epoch + 1) % freq == 0 or epoch >= epochs - freq
 
 
 def _append_epoch_log(args: argparse.Namespace, epoch: int, train_stats: Dict[str, Any], test_stats: Dict[str, Any],

@@ -167,3 +167,33 @@ def test_wrapped_runs_share_the_recipe():
     cmd = reproduce.train_command(entries[0], 'run', config, ['--epochs', '1'])
     assert cmd[cmd.index('--config') + 1] == config
     assert cmd[-2:] == ['--epochs', '1'] and '--broad' in cmd
+
+
+def test_sparse_evaluation_curve_and_convergence(tmp_path):
+    # train_hp.py --eval-freq 2 over 7 epochs logs test values after epochs 1, 3, 5, 6 only
+    spec = reproduce.RunSpec('k', 'K', 'bvit', 0, [], dict(broad=True))
+    d = tmp_path / 'k' / 'seed0'
+    d.mkdir(parents=True)
+    log = [dict(epoch=e, train_loss=1.0, **({'test_acc1': acc} if acc is not None else {}))
+           for e, acc in enumerate([None, 40.0, None, 60.0, None, 70.0, 70.2])]
+    (d / 'log.txt').write_text('\n'.join(json.dumps(r) for r in log) + '\n')
+    (d / reproduce.MARKER).write_text(json.dumps(dict(returncode=0, wall_s=14.0)))
+    r = reproduce.collect(spec, str(d))
+    assert r['curve'] == [40.0, 60.0, 70.0, 70.2] and r['curve_epochs'] == [1, 3, 5, 6]
+    assert r['epochs'] == 7 and r['sec_per_epoch'] == 2.0 and r['acc1'] == 70.2
+    assert reproduce.convergence(r['curve'], r['curve_epochs'], epochs=2) == pytest.approx(0.2)
+    assert reproduce.convergence(r['curve'], r['curve_epochs'], epochs=3) is None  # epoch 4 was not evaluated
+    assert reproduce.convergence([1.0, 5.0, 3.0], None, epochs=3) == 4.0
+
+
+def test_no_run_starts_once_the_study_is_stopping(tmp_path, monkeypatch):
+    started = []
+    monkeypatch.setattr(reproduce.subprocess, 'Popen', lambda *a, **k: started.append(a))
+    spec = reproduce.RunSpec('k', 'K', 'bvit', 0, [], {})
+    reproduce._STOPPING.set()
+    try:
+        with pytest.raises(RuntimeError, match='the study is stopping'):
+            reproduce.execute(spec, str(tmp_path / 'k'), 'c.yaml', [])
+    finally:
+        reproduce._STOPPING.clear()
+    assert started == []

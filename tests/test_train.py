@@ -1017,3 +1017,20 @@ def test_multistep_schedule_follows_decay_milestones():
     assert lrs == pytest.approx([0.1, 0.1, 0.05, 0.05, 0.025, 0.025])
     with pytest.raises(utils.UsageError, match='--decay-milestones must increase'):
         train_hp._check_flags(train_hp.parse_args(['--decay-milestones', '5', '3']))
+
+
+def test_eval_freq_evaluates_every_nth_and_the_last_n_epochs(tmp_path, capsys):
+    # --eval-freq 2 over 5 epochs: after epochs 1 and 3 (every 2nd) and 3, 4 (the last 2)
+    assert [e for e in range(5) if train_hp.eval_due(e, 5, 2)] == [1, 3, 4]
+    assert [e for e in range(3) if train_hp.eval_due(e, 3, 1)] == [0, 1, 2]  # default: every epoch, as DeiT
+    out = tmp_path / 'run'
+    rc, text, _ = run_cli(TINY + ['--epochs', '3', '--eval-freq', '2', '--output_dir', out], capsys)
+    assert rc == 0
+    rows = read_log(out / 'log.txt')
+    assert [r['epoch'] for r in rows] == [0, 1, 2]
+    assert ['test_acc1' in r for r in rows] == [False, True, True]
+    assert ['test_ema_acc1' in r for r in rows] == [False, True, True]
+    assert len(SUMMARY.findall(text)) == 4  # model and EMA, twice
+    assert (out / 'best.pth').exists() and 'train_loss' in rows[0]
+    rc, _, err = run_cli(TINY + ['--epochs', '1', '--eval-freq', '0', '--output_dir', tmp_path / 'bad'], capsys)
+    assert rc == 2 and '--eval-freq must be at least 1' in err
