@@ -197,3 +197,25 @@ def test_no_run_starts_once_the_study_is_stopping(tmp_path, monkeypatch):
     finally:
         reproduce._STOPPING.clear()
     assert started == []
+
+
+def test_ema_metric_reports_the_ema_and_keeps_the_raw_weights(tmp_path):
+    spec = reproduce.RunSpec('k', 'K', 'bvit', 0, [], dict(broad=True))
+    d = tmp_path / 'k' / 'seed0'
+    d.mkdir(parents=True)
+    log = [dict(epoch=0, test_acc1=50.0, test_ema_acc1=40.0), dict(epoch=1, test_acc1=60.0, test_ema_acc1=58.0)]
+    (d / 'log.txt').write_text('\n'.join(json.dumps(r) for r in log) + '\n')
+    (d / reproduce.MARKER).write_text(json.dumps(dict(returncode=0, wall_s=4.0)))
+    r = reproduce.collect(spec, str(d), metric='test_ema_acc1')
+    assert r['curve'] == [40.0, 58.0] and r['acc1'] == 58.0 and r['raw_acc1'] == 60.0
+    assert reproduce.collect(spec, str(d))['acc1'] == 60.0
+    res = []
+    for seed, (a, b) in enumerate([(97.0, 96.0), (98.0, 98.0), (96.0, 97.5)]):
+        res.append(dict(_result('bvit', 'B conv', seed, a, BROAD), raw_acc1=a - 1, key='b'))
+        res.append(dict(_result('bvit', 'T conv', seed, b, TWIN), raw_acc1=b, key='t'))
+    md = reproduce.make_table(res, per_run=True)
+    raw_part = md.split('## Paired differences (same seed), raw weights (no EMA)')[1]
+    # raw: broad − twin per seed 0, −1, −2.5; the EMA (reported) table: +1, 0, −1.5
+    assert '| B conv − T conv | 3 | -1.17 ± 1.26 | [-4.29, +1.96] | +0.00, -1.00, -2.50 |' in raw_part
+    assert '| B conv − T conv | 3 | -0.17 ± 1.26 |' in md.split('raw weights (no EMA)')[0]
+    assert 'raw weights final (%) |' in md and '| 96.00 |' in md.split('## Every run')[1]
