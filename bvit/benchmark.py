@@ -181,8 +181,8 @@ def head_share(name: str, kwargs: Dict, batch_size: int, img_size: int, repeats:
                device: torch.device = torch.device('cpu')) -> Dict[str, float]:
     """The class-row broad head's own time as a share of the whole call, alternating the two:
 
-    - 'infer': the streamed per-layer head ops (``BViT._stream_layer`` on each block's attention
-      input, then ``BViT._stream_finish``) against ``model(x)`` in inference;
+    - 'infer': the streamed per-layer head ops (``BViT._stream_layer`` on each block's q, k and
+      attention input, then ``BViT._stream_finish``) against ``model(x)`` in inference;
     - 'train': forward and backward of ``broad_attention_class_row`` on the blocks' attention
       inputs against a whole training step (forward, backward, AdamW).
     """
@@ -192,14 +192,16 @@ def head_share(name: str, kwargs: Dict, batch_size: int, img_size: int, repeats:
     model = timm.create_model(name, **kwargs).to(device).eval()
     H, d, D = model.num_heads, model.head_dim, model.embed_dim
     with torch.inference_mode():
-        _, _, ys = model._run_blocks(model._embed(x), keep=True)
+        _, qkvs, ys = model._run_blocks(model._embed(x), keep=True)
 
     def head_infer() -> None:
         with torch.inference_mode():
-            logits, acc = None, None
-            for i, y in enumerate(ys):
-                logits, acc = model._stream_layer(i, y, logits, acc)
-            model._stream_finish(logits, acc)
+            logits, pieces = None, []
+            for i, ((q, k, _), y) in enumerate(zip(qkvs, ys)):
+                s, piece = model._stream_layer(i, q, k, y)
+                logits = s if logits is None else logits.add_(s)
+                pieces.append(piece)
+            model._stream_finish(logits, pieces)
 
     weights = [blk.attn.qkv.weight for blk in model.blocks]
     leaves = [y.clone().requires_grad_() for y in ys]

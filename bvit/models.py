@@ -28,7 +28,7 @@ except ImportError:  # pragma: no cover
 
 from .layers import (
     QKV, Block, _pool_groups, attention_probs, broad_attention, broad_attention_class_row, broad_attention_probs,
-    class_row_columns, class_row_finish, class_row_pooling,
+    class_row_finish, class_row_pooling,
 )
 
 _int_or_pair = Union[int, Tuple[int, int]]
@@ -416,9 +416,10 @@ class BViT(nn.Module):
         """Eager class row from the attention inputs y_l (B, N, D) and the qkv weights.
 
         Training (gradients on): all y_l kept for the hand-written backward. Inference: each
-        layer's logits, q_cls·k_lᵀ = (q_cls W_k) y_lᵀ, and its pooled values, y_l (W_v S_l), are
-        added into two running sums while y_l is fresh, and y_l is let go: the head keeps one
-        (B, N, D) sum instead of L layers' (B, N, D) inputs."""
+        layer leaves its logits q_cls·k_lᵀ (from the block's own q, k), added into one running
+        (B, H, N) sum, and its values already projected and pooled, y_l (W_v S_l): only the
+        (B, N, H, w_l) columns they reach (21 of 192 per token for BViT-5M); y_l, q, k, v are
+        let go at once."""
         H, d, D, g = self.num_heads, self.head_dim, self.embed_dim, self._pool_group
         if torch.is_grad_enabled() or g == 0:
             attns = [blk.attn for blk in self.blocks]
@@ -427,49 +428,41 @@ class BViT(nn.Module):
             return x[:, :1] + self.broad_scale * broad_attention_class_row(
                 ys, [a.qkv.weight for a in attns], biases, H, d, D)
         logits: Optional[Tensor] = None
-        acc: Optional[Tensor] = None
+        pieces: List[Tensor] = []
         for i, blk in enumerate(self.blocks):
             x, qkv, y = blk(x)
-            del qkv
-            logits, acc = self._stream_layer(i, y, logits, acc)
-            del y
-        assert logits is not None and acc is not None
-        return x[:, :1] + self.broad_scale * self._stream_finish(logits, acc)
+            s, piece = self._stream_layer(i, qkv[0], qkv[1], y)
+            del qkv, y
+            logits = s if logits is None else logits.add_(s)
+            pieces.append(piece)
+        assert logits is not None
+        return x[:, :1] + self.broad_scale * self._stream_finish(logits, pieces)
 
     @torch.jit.unused
-    def _stream_layer(self, i: int, y: Tensor, logits: Optional[Tensor],
-                      acc: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-        """Layer i's share of the class row in inference, from its attention input y (B, N, D).
-
-        Returns the running logits (B, N, H) and the running pooled values (B, N, H, D/H), to
-        which this layer adds y W_v S_l in the columns [c0, c1) it reaches. Logits and values come
-        out of one product, y @ [q_cls W_k | W_v S_l], so y is read once."""
-        H, d, D = self.num_heads, self.head_dim, self.embed_dim
-        B, N = y.shape[0], y.shape[1]
+    def _stream_layer(self, i: int, q: Tensor, k: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
+        """Layer i's share of the class row in inference: its logits q_cls·kᵀ (B, H, N) from
+        q, k (B, H, N, d), and its values projected and pooled, y (W_v S_l) (B, N, H, w_l), from
+        its attention input y (B, N, D): one (B·N, D) x (D, H·w_l) product."""
         qkv = self.blocks[i].attn.qkv
-        q0 = F.linear(y[:, 0], qkv.weight[:H * d], None if qkv.bias is None else qkv.bias[:H * d])
-        rt = torch.bmm(q0.view(B, H, d).transpose(0, 1), qkv.weight[H * d:2 * H * d].view(H, d, D))  # (H, B, D)
-        u, ub, c0, c1 = self._layer_constants(i, qkv.weight, qkv.bias)               # (D, H·w), (H, w)
-        out = y @ torch.cat([rt.permute(1, 2, 0), u.expand(B, -1, -1)], 2)           # (B, N, H + H·w)
-        if acc is None:
-            acc = y.new_zeros(B, N, H, D // H)
-        acc[..., c0:c1] += out[..., H:].unflatten(-1, (H, c1 - c0))
+        s = (q[:, :, :1] @ k.transpose(-2, -1)).squeeze(2)
+        u, ub = self._layer_constants(i, qkv.weight, qkv.bias)                          # (D, H·w), (H, w)
+        piece = (y @ u).unflatten(-1, (self.num_heads, -1))
         if ub is not None:
-            acc[..., c0:c1] += ub                  # rows of the map sum to 1: the bias passes as is
-        return (out[..., :H] if logits is None else logits + out[..., :H]), acc
+            piece = piece + ub                     # rows of the map sum to 1: the bias passes as is
+        return s, piece
 
     @torch.jit.unused
-    def _stream_finish(self, logits: Tensor, acc: Tensor) -> Tensor:
-        """The class row's pooled broad output (B, 1, D) from the summed logits (B, N, H) and the
-        pooled values (B, N, H, D/H)."""
-        attn = (logits * self.head_dim ** -0.5).softmax(1)
-        return torch.einsum('bnh,bnhc->bhc', attn, acc).reshape(acc.shape[0], 1, self.embed_dim)
+    def _stream_finish(self, logits: Tensor, pieces: List[Tensor]) -> Tensor:
+        """The class row's pooled broad output (B, 1, D) from the summed logits (B, H, N) and the
+        layers' pooled values (B, N, H, w_l)."""
+        return class_row_finish(logits.transpose(1, 2), pieces, self.head_dim, self._pool_group, self.embed_dim,
+                                self.head_dim ** -0.5, True)
 
     @torch.jit.unused
     def _layer_constants(self, i: int, weight: Tensor, bias: Optional[Tensor]) -> Tuple[Any, ...]:
         """Layer i's value projection composed with its part of the output pooling, W_v S_l as a
-        (D, H·w) matrix, the bias as (H, w), and the pooled columns [c0, c1) it reaches; kept
-        until the weights change (inference reuses it on every call; D·H·w values a layer)."""
+        (D, H·w) matrix, and the bias as (H, w); kept until the weights change (inference reuses
+        them on every call; D·H·w values a layer)."""
         # Under torch.compile / torch.export the weights are fake tensors: computed, not cached.
         cache = not torch.compiler.is_compiling()
         key = (weight.data_ptr(), weight._version, weight.dtype, weight.device,
@@ -481,7 +474,7 @@ class BViT(nn.Module):
         pool = class_row_pooling(i, d, g, weight.dtype, weight.device)                   # (d, w)
         u = torch.einsum('hjc,jw->chw', weight.view(3, H, d, D)[2], pool).reshape(D, -1)
         ub = bias.view(3, H, d)[2] @ pool if bias is not None else None
-        value = (u, ub, *class_row_columns(i, d, g))
+        value = (u, ub)
         if cache:
             self._pool_cache[i] = (key, value)
         return value
