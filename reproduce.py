@@ -357,7 +357,8 @@ def collect(spec: RunSpec, directory: str, record: Optional[str] = None,
                 sec_per_epoch=marker['wall_s'] / max(epochs, 1),
                 train_img_per_sec=statistics.mean(speeds) if speeds else None,
                 wall_s=marker['wall_s'], curve=curve, curve_epochs=curve_epochs,
-                raw_acc1=float(rows[-1]['test_acc1']) if 'test_acc1' in rows[-1] else None)
+                raw_acc1=float(rows[-1]['test_acc1']) if 'test_acc1' in rows[-1] else None,
+                raw_curve=[float(r['test_acc1']) for r in rows] if all('test_acc1' in r for r in rows) else None)
 
 
 def convergence(curve: Sequence[float], curve_epochs: Optional[Sequence[int]] = None,
@@ -511,8 +512,9 @@ def make_table(results: Sequence[Mapping[str, Any]], pairs: Optional[Sequence[Tu
         lines += [f'## Every run: convergence (test top-1 max − min over the last {CONVERGED_EPOCHS} epochs '
                   f'< {CONVERGED_POINTS} points)', '',
                   '| run | seed | epochs | top-1 final (%) | top-1 over the last 5 epochs (%) | max − min '
-                  '| converged | s / epoch |' + (' raw weights final (%) |' if has_raw else ''),
-                  '|---|---|---|---|---|---|---|---|' + ('---|' if has_raw else '')]
+                  '| converged | s / epoch |' + (' raw weights final (%) | raw max − min | raw converged |'
+                                                  if has_raw else ''),
+                  '|---|---|---|---|---|---|---|---|' + ('---|---|---|' if has_raw else '')]
         for (key, seed), r in runs.items():
             curve = list(r.get('curve') or [])
             spread = convergence(curve, r.get('curve_epochs'))
@@ -521,9 +523,17 @@ def make_table(results: Sequence[Mapping[str, Any]], pairs: Optional[Sequence[Tu
             sec = f'{r["sec_per_epoch"]:.1f}' if r.get('sec_per_epoch') is not None else '?'
             lines.append(f'| {r["label"]} | {seed} | {r.get("epochs", len(curve))} | {float(r["acc1"]):.2f} | {tail} '
                          f'| {"–" if spread is None else f"{spread:.2f}"} | {ok} | {sec} |'
-                         + (f' {float(r["raw_acc1"]):.2f} |' if has_raw else ''))
+                         + (_raw_cells(r) if has_raw else ''))
         lines.append('')
     return '\n'.join(lines).rstrip() + '\n'
+
+
+def _raw_cells(r: Mapping[str, Any]) -> str:
+    """Per-run table cells of the raw weights (when a weight EMA is reported): final top-1 and
+    the convergence of their own curve."""
+    spread = convergence(r.get('raw_curve') or [], r.get('curve_epochs'))
+    ok = '–' if spread is None else ('yes' if spread < CONVERGED_POINTS else '**no**')
+    return f' {float(r["raw_acc1"]):.2f} | {"–" if spread is None else f"{spread:.2f}"} | {ok} |'
 
 
 def _pair_table(results: Sequence[Mapping[str, Any]], pairs: Sequence[Tuple[str, str]], heading: str) -> List[str]:
@@ -883,7 +893,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     preamble = (
         f'Every run is `train_hp.py --config {_show_path(config)}` with the flags of its variant '
         f'(`--seed S{" " + " ".join(extra) if extra else ""}`); top-1 is on {preset["split"]}'
-        f'{", of the weight EMA (the recipe model-ema; the raw weights in the last table)" if preset["metric"] == "test_ema_acc1" else ""}, '
+        f'{", of the weight EMA (the recipe's model-ema; the raw weights have their own paired table and columns in the last table)" if preset["metric"] == "test_ema_acc1" else ""}, '
         f'mean ± sample std over seeds. "final" is the last epoch, the number reported; "best epoch" the maximum '
         f'over epochs (selected on the same split, so optimistic; shown for reference only). "s / epoch" is the '
         f'run\'s wall time (start-up, training and evaluation) / epochs, "train img/s" the training throughput '

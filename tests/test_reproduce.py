@@ -208,6 +208,7 @@ def test_ema_metric_reports_the_ema_and_keeps_the_raw_weights(tmp_path):
     (d / reproduce.MARKER).write_text(json.dumps(dict(returncode=0, wall_s=4.0)))
     r = reproduce.collect(spec, str(d), metric='test_ema_acc1')
     assert r['curve'] == [40.0, 58.0] and r['acc1'] == 58.0 and r['raw_acc1'] == 60.0
+    assert r['raw_curve'] == [50.0, 60.0]
     assert reproduce.collect(spec, str(d))['acc1'] == 60.0
     res = []
     for seed, (a, b) in enumerate([(97.0, 96.0), (98.0, 98.0), (96.0, 97.5)]):
@@ -218,4 +219,5 @@ def test_ema_metric_reports_the_ema_and_keeps_the_raw_weights(tmp_path):
     # raw: broad − twin per seed 0, −1, −2.5; the EMA (reported) table: +1, 0, −1.5
     assert '| B conv − T conv | 3 | -1.17 ± 1.26 | [-4.29, +1.96] | +0.00, -1.00, -2.50 |' in raw_part
     assert '| B conv − T conv | 3 | -0.17 ± 1.26 |' in md.split('raw weights (no EMA)')[0]
-    assert 'raw weights final (%) |' in md and '| 96.00 |' in md.split('## Every run')[1]
+    assert 'raw weights final (%) | raw max − min | raw converged |' in md
+    assert '| 96.00 | – | – |' in md.split('## Every run')[1]  # a 3-point fabricated curve: no 5-epoch tail
