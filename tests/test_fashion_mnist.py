@@ -126,7 +126,7 @@ def test_model_kwargs_parse_and_refuse_what_flags_set():
 
 def test_config_trains_then_evaluates_its_checkpoint(tmp_path, capsys):
     """configs/fashion_mnist.yaml as it is (12 layers, 7x7 = 49 patches of 4 pixels, no stem), one
-    epoch on the tiny files, then --eval --resume of the checkpoint gives the same test top-1; a
+    epoch on the tiny files (evaluated: with --eval-freq 5 the last 5 epochs always are), then --eval --resume of the checkpoint gives the same test top-1; a
     checkpoint of another width is refused by name."""
     folder = write_fashion_mnist(tmp_path / 'fm', gz=True)
     out = tmp_path / 'run'
@@ -134,7 +134,8 @@ def test_config_trains_then_evaluates_its_checkpoint(tmp_path, capsys):
     args = train_hp.parse_args([str(a) for a in common])
     model = train_hp.build_model(args, 10)
     assert model.grid_size == (7, 7) and len(model.blocks) == 12 and model.embed_dim == 48
-    assert args.epochs == 12 and args.hflip == 0.5 and args.aa == 'none' and not args.model_ema
+    assert args.epochs == 50 and args.hflip == 0.5 and args.aa == 'none' and args.min_lr == 1e-6
+    assert args.model_ema and args.model_ema_decay == 0.998 and args.eval_freq == 5
 
     rc = train_hp.cli([str(a) for a in common + ['--epochs', '1', '--output_dir', out]])
     assert rc == 0
