@@ -893,7 +893,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     preamble = (
         f'Every run is `train_hp.py --config {_show_path(config)}` with the flags of its variant '
         f'(`--seed S{" " + " ".join(extra) if extra else ""}`); top-1 is on {preset["split"]}'
-        f'{", of the weight EMA (the recipe's model-ema; the raw weights have their own paired table and columns in the last table)" if preset["metric"] == "test_ema_acc1" else ""}, '
+        f'{", of the weight EMA (the recipe model-ema; the raw weights have their own paired table and columns in the last table)" if preset["metric"] == "test_ema_acc1" else ""}, '
         f'mean ± sample std over seeds. "final" is the last epoch, the number reported; "best epoch" the maximum '
         f'over epochs (selected on the same split, so optimistic; shown for reference only). "s / epoch" is the '
         f'run\'s wall time (start-up, training and evaluation) / epochs, "train img/s" the training throughput '
