@@ -452,3 +452,21 @@ def test_flop_counter_counts_attention():
     assert abs(f - analytic) / analytic < 1e-3
     assert abs(f - count_flops(deit)) / f < 1e-3
     assert count_flops(timm.create_model('bvit_5m', stem='none')) > f
+
+
+def test_streamed_inference_keeps_no_layer_inputs_alive():
+    """Inference with broad attention peaks within 3 attention inputs (B, N, D) of its twin; keeping
+    the 12 layers' inputs to the end (as before streaming) would add 12, and one ``q @ kᵀ`` form of
+    the logits (matmul of broadcast 4-D views) peaked at +56 MiB at batch 32."""
+    from bvit.benchmark import _inference, peak_memory_mb
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 224, 224)
+    model = M.bvit_5m(stem='none').eval()
+    twin = M.bvit_5m(stem='none', broad=False).eval()
+    peaks = []
+    for m in (model, twin):
+        step = _inference(m, x)
+        step()
+        peaks.append(peak_memory_mb(step, torch.device('cpu')))
+    one_y = 4 * 197 * 192 * 4 / 2 ** 20
+    assert 0 < peaks[0] - peaks[1] < 3 * one_y, peaks
