@@ -418,7 +418,7 @@ class BViT(nn.Module):
         Training (gradients on): all y_l kept for the hand-written backward. Inference: each
         layer leaves its logits q_cls·k_lᵀ (from the block's own q, k), added into one running
         (B, H, N) sum, and its values already projected and pooled, y_l (W_v S_l): only the
-        (B, N, H, w_l) columns they reach (21 of 192 per token for BViT-5M); y_l, q, k, v are
+        (B, N, H, w_l) columns they reach (18 of 192 per token for BViT-5M); y_l, q, k, v are
         let go at once."""
         H, d, D, g = self.num_heads, self.head_dim, self.embed_dim, self._pool_group
         if torch.is_grad_enabled() or g == 0:
@@ -462,7 +462,7 @@ class BViT(nn.Module):
                                 self.head_dim ** -0.5, True)
 
     @torch.jit.unused
-    def _layer_constants(self, i: int, weight: Tensor, bias: Optional[Tensor]) -> Tuple[Any, ...]:
+    def _layer_constants(self, i: int, weight: Tensor, bias: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
         """Layer i's value projection composed with its part of the output pooling, W_v S_l as a
         (D, H·w) matrix, and the bias as (H, w); kept until the weights change (inference reuses
         them on every call; D·H·w values a layer)."""
