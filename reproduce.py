@@ -502,9 +502,9 @@ def make_table(results: Sequence[Mapping[str, Any]], pairs: Optional[Sequence[Tu
     # with a weight EMA reported, the raw weights' final top-1 too (``raw_acc1``)
     raw = [dict(r, acc1=r['raw_acc1']) for r in results if r.get('raw_acc1') is not None]
     has_raw = len(raw) == len(results) and any(r['raw_acc1'] != r['acc1'] for r in results)
-    for heading, rs in [('final-epoch top-1', results)] + ([('raw weights (no EMA), final-epoch top-1', raw)]
-                                                            if has_raw and pairs != [] else []):
-        lines += _pair_table(rs, pairs, heading)
+    lines += _pair_table(results, pairs, 'final-epoch top-1')
+    if has_raw:
+        lines += _pair_table(raw, pairs, 'raw weights (no EMA), final-epoch top-1')
     if per_run:
         runs: Dict[Tuple[str, int], Mapping[str, Any]] = {}
         for r in results:
