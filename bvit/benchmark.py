@@ -23,6 +23,8 @@ forward, cross entropy, backward and an AdamW step in train mode.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import json
 import platform
 import statistics
@@ -35,6 +37,11 @@ import timm
 from torch import nn
 
 from torch.profiler import ProfilerActivity, profile
+
+try:
+    import resource
+except ImportError:  # pragma: no cover  (not on Windows)
+    resource = None
 
 import bvit.models  # noqa: F401  (registers the BViT models)
 
@@ -78,6 +85,25 @@ def _training(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
         loss_fn(model(x), target).backward()
         opt.step()
     return step
+
+
+def retain_freed_memory() -> None:
+    """glibc: keep freed memory in the process (no trimming of the heap, no separate mappings
+    for large blocks), so that after the first call no call's memory is new to the process, as
+    with jemalloc or tcmalloc. By default glibc maps large blocks afresh and gives memory back,
+    by thresholds it adapts as the process runs, so each call page-faults its memory in again
+    or not depending on what ran before: 0 to 120,000 minor faults per call of one model here.
+    SystemExit where the C library has no ``mallopt`` (not glibc)."""
+    libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
+    mallopt = getattr(libc, 'mallopt', None)
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    if mallopt is None or not (mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)):
+        raise SystemExit('--malloc retain needs glibc (mallopt); this C library has none')
+
+
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (first touches of memory new to it); 0 without ``resource``."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
 
 
 def _time(fn: Callable[[], None], iters: int) -> float:
@@ -131,33 +157,39 @@ def _sync(device: torch.device) -> None:
 def run(specs: List[Spec], batch_size: int, img_size: int, repeats: int, iters: int,
         warmup: int, modes: List[str], alternate: bool = False, memory: bool = False,
         device: torch.device = torch.device('cpu')) -> Dict[str, Dict[str, float]]:
-    """Images/s per model label and mode ('infer', 'train'): medians over ``repeats``; with
-    ``memory`` also '<mode> MiB', the peak memory of one call."""
+    """Images/s per model label and mode ('infer', 'train'): medians over ``repeats``; '<mode>
+    faults', the median minor page faults of one call; with ``memory`` also '<mode> MiB', the
+    peak memory of one call."""
     torch.manual_seed(0)
     x = torch.randn(batch_size, 3, img_size, img_size, device=device)
     steps = _build(specs, modes, x)
     for fn in steps.values():
         _time(fn, warmup)
     samples: Dict[Tuple[str, str], List[float]] = {key: [] for key in steps}
+    faults: Dict[Tuple[str, str], List[float]] = {key: [] for key in steps}
     for r in range(repeats):
+        spent = dict.fromkeys(steps, 0.)
         if alternate:
-            spent = dict.fromkeys(steps, 0.)
             for _ in range(iters):
                 for key, fn in steps.items():
                     _sync(device)
-                    t0 = time.perf_counter()
+                    f0, t0 = _minor_faults(), time.perf_counter()
                     fn()
                     _sync(device)
                     spent[key] += time.perf_counter() - t0
-            for key in steps:
-                samples[key].append(batch_size * iters / spent[key])
+                    faults[key].append(_minor_faults() - f0)
         else:
             for key, fn in steps.items():
-                samples[key].append(batch_size * iters / _time(fn, iters))
+                f0 = _minor_faults()
+                spent[key] = _time(fn, iters)
+                faults[key].append((_minor_faults() - f0) / iters)
+        for key in steps:
+            samples[key].append(batch_size * iters / spent[key])
         print(f'repeat {r + 1}/{repeats} done', file=sys.stderr, flush=True)
     out: Dict[str, Dict[str, float]] = {}
     for (label, mode), values in samples.items():
         out.setdefault(label, {})[mode] = statistics.median(values)
+        out[label][f'{mode} faults'] = statistics.median(faults[label, mode])
         if memory:
             out[label][f'{mode} MiB'] = peak_memory_mb(steps[label, mode], device)
     return out
@@ -178,54 +210,40 @@ def ratios(res: Dict[str, Dict[str, float]], specs: List[Spec], modes: List[str]
 
 
 def head_share(name: str, kwargs: Dict, batch_size: int, img_size: int, repeats: int,
-               device: torch.device = torch.device('cpu')) -> Dict[str, float]:
-    """The class-row broad head's own time as a share of the whole call, alternating the two:
-
-    - 'infer': the streamed per-layer head ops (``BViT._stream_layer`` on each block's q, k and
-      attention input, then ``BViT._stream_finish``) against ``model(x)`` in inference;
-    - 'train': forward and backward of ``broad_attention_class_row`` on the blocks' attention
-      inputs against a whole training step (forward, backward, AdamW).
+               device: torch.device = torch.device('cpu')) -> Dict[str, List[float]]:
+    """The broad head's share of a call: one model, its ``broad`` switched on and off for
+    alternate calls (so weights, input and machine state are the same), share = 1 - t_off / t_on
+    per adjacent pair. Everything the head costs counts: its products, its memory, and what
+    they do to the rest of the call. Returns per mode ('infer', 'train') the ``repeats`` shares.
     """
-    from bvit.layers import broad_attention_class_row
     torch.manual_seed(0)
     x = torch.randn(batch_size, 3, img_size, img_size, device=device)
-    model = timm.create_model(name, **kwargs).to(device).eval()
-    H, d, D = model.num_heads, model.head_dim, model.embed_dim
-    with torch.inference_mode():
-        _, qkvs, ys = model._run_blocks(model._embed(x), keep=True)
-
-    def head_infer() -> None:
-        with torch.inference_mode():
-            logits, pieces = None, []
-            for i, ((q, k, _), y) in enumerate(zip(qkvs, ys)):
-                s, piece = model._stream_layer(i, q, k, y)
-                logits = s if logits is None else logits.add_(s)
-                pieces.append(piece)
-            model._stream_finish(logits, pieces)
-
-    weights = [blk.attn.qkv.weight for blk in model.blocks]
-    leaves = [y.clone().requires_grad_() for y in ys]
-
-    def head_train() -> None:
-        broad_attention_class_row(leaves, weights, None, H, d, D).sum().backward()
-
-    pairs = {'infer': (head_infer, _inference(model, x)),
-             'train': (head_train, _training(timm.create_model(name, **kwargs).to(device).train(), x))}
-    out = {}
-    for mode, (head, whole) in pairs.items():
-        head(), whole()
+    out: Dict[str, List[float]] = {}
+    for mode in ('infer', 'train'):
+        model = timm.create_model(name, **kwargs).to(device).train(mode == 'train')
+        step = (_training if mode == 'train' else _inference)(model, x)
+        for broad in (True, False):
+            model.broad = broad
+            step()
         shares = []
         for _ in range(repeats):
-            _sync(device)
-            t0 = time.perf_counter()
-            head()
-            _sync(device)
-            t1 = time.perf_counter()
-            whole()
-            _sync(device)
-            shares.append((t1 - t0) / (time.perf_counter() - t1))
-        out[mode] = statistics.median(shares)
+            spent = []
+            for broad in (True, False):
+                model.broad = broad
+                _sync(device)
+                t0 = time.perf_counter()
+                step()
+                _sync(device)
+                spent.append(time.perf_counter() - t0)
+            shares.append(1 - spent[1] / spent[0])
+        out[mode] = shares
     return out
+
+
+def _quartiles(shares: List[float]) -> str:
+    """'median% [q1%, q3%]' of a list of fractions."""
+    q1, q2, q3 = statistics.quantiles(shares, n=4) if len(shares) > 1 else shares * 3
+    return f'{100 * q2:5.2f}% [{100 * q1:5.2f}, {100 * q3:5.2f}]'
 
 
 def _spread(values: List[float]) -> str:
@@ -250,22 +268,30 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument('--modes', default='infer,train', help="comma list of 'infer' and 'train'")
     parser.add_argument('--threads', type=int, default=0, help='torch threads (0: leave the default)')
     parser.add_argument('--device', default='cpu', help="'cpu' or 'cuda'")
-    parser.add_argument('--head-share', action='store_true', help="only measure the broad head's own share of "
-                        'each BViT call (inference and training), alternating head and whole call')
+    parser.add_argument('--malloc', choices=['default', 'retain'], default='default',
+                        help="'retain': glibc keeps freed memory (no heap trimming, no separate mappings for large "
+                        "blocks), so no call page-faults memory in afresh (see retain_freed_memory); 'default': "
+                        "the C library as it is")
+    parser.add_argument('--head-share', action='store_true', help="only measure the broad head's share of each "
+                        'BViT call (inference and training step): one model, broad attention on and off for '
+                        'alternate calls, --repeats pairs')
     parser.add_argument('--json', default='', help='also write the results to this JSON file')
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.malloc == 'retain':
+        retain_freed_memory()
     modes = [m for m in args.modes.split(',') if m]
     specs = SUITES[args.suite]
     device = torch.device(args.device)
     if args.head_share:
-        print(f'# broad head share of each call, median of {args.repeats} alternating pairs, batch {args.batch_size} '
-              f'at {args.img_size}x{args.img_size}, {torch.get_num_threads()} threads, {args.device}')
+        print(f'# broad head share of each call (1 - t(broad off) / t(broad on), same model, adjacent calls): '
+              f'median [quartiles] of {args.repeats} pairs, batch {args.batch_size} at {args.img_size}x{args.img_size}, '
+              f'{torch.get_num_threads()} threads, {args.device}, malloc {args.malloc}')
         for label, name, kwargs in specs:
             if name.startswith('bvit') and kwargs.get('broad', True):
                 share = head_share(name, kwargs, args.batch_size, args.img_size, args.repeats, device)
-                print(f"{label:34s} inference {100 * share['infer']:5.2f}%   training step {100 * share['train']:5.2f}%")
+                print(f"{label:34s} inference {_quartiles(share['infer'])}   training step {_quartiles(share['train'])}")
         return
     results = []
     for _ in range(args.runs):
@@ -277,8 +303,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     print(f'# torch {torch.__version__}, timm {timm.__version__}, {platform.processor() or platform.machine()}, '
           f'{torch.get_num_threads()} threads, {args.device}, batch {args.batch_size} at {args.img_size}x{args.img_size}; '
           f'{how}; median of {args.repeats} repeats x {args.iters} steps per run, {args.runs} run(s): '
-          f'ratios are median [min-max] over runs')
+          f'ratios are median [min-max] over runs; malloc {args.malloc}; faults: minor page faults per call')
     header = f"{'model':34s}" + ''.join(f'{m + " img/s":>12s}{"x DeiT":>20s}{"x twin":>20s}' for m in modes)
+    header += ''.join(f'{m + " faults":>14s}' for m in modes)
     if not args.no_memory:
         header += ''.join(f'{m + " MiB":>11s}' for m in modes)
     print(header)
@@ -288,6 +315,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             row += f'{statistics.median(r[label][m] for r in results):12.1f}'
             row += f' {_spread([r[label][f"{m} x DeiT"] for r in rel]):>19s}'
             row += f' {_spread([r[label][f"{m} x twin"] for r in rel]):>19s}'
+        row += ''.join(f'{statistics.median(r[label][f"{m} faults"] for r in results):14.0f}' for m in modes)
         if not args.no_memory:
             row += ''.join(f'{statistics.median(r[label][f"{m} MiB"] for r in results):11.1f}' for m in modes)
         print(row)

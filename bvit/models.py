@@ -7,6 +7,7 @@ patch embedding (stored as a Conv2d), no qkv bias, LayerNorm eps 1e-5, and the b
 output, scaled by 0.4 and pooled to the embedding width, added to every token of the last layer.
 """
 
+import contextlib
 import math
 import os
 import re
@@ -28,7 +29,7 @@ except ImportError:  # pragma: no cover
 
 from .layers import (
     QKV, Block, _pool_groups, attention_probs, broad_attention, broad_attention_class_row, broad_attention_probs,
-    class_row_finish, class_row_pooling,
+    class_row_columns, class_row_finish, class_row_pooling, has_forward_hooks,
 )
 
 _int_or_pair = Union[int, Tuple[int, int]]
@@ -219,7 +220,7 @@ class BViT(nn.Module):
                   attn_drop=attn_drop_rate, drop_path=dpr[i], norm_eps=norm_eps)
             for i in range(depth)])
         self._pool_group = self._class_row_group()
-        self._pool_cache: Dict[int, Any] = {}
+        self._pool_cache: Dict[Any, Any] = {}
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
         self.head_drop = nn.Dropout(drop_rate)
         self.head: nn.Module = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -326,11 +327,12 @@ class BViT(nn.Module):
         qkvs: List[QKV] = []
         ys: List[Tensor] = []
         for blk in self.blocks:
-            x, qkv, y = blk(x)
             if keep:
+                x, qkv, y = blk(x)
                 qkvs.append(qkv)
                 ys.append(y)
-            del qkv, y  # else the next block would run with this one's qkv output still alive
+            else:
+                x = blk.forward_tokens(x)
         return x, qkvs, ys
 
     def _broad(self, qkvs: List[QKV]) -> Tensor:
@@ -415,58 +417,119 @@ class BViT(nn.Module):
     def _class_row_fast(self, x: Tensor) -> Tensor:
         """Eager class row from the attention inputs y_l (B, N, D) and the qkv weights.
 
-        Training (gradients on): all y_l kept for the hand-written backward. Inference: each
-        layer leaves its logits q_cls·k_lᵀ (from the block's own q, k), added into one running
-        (B, H, N) sum, and its values already projected and pooled, y_l (W_v S_l): only the
-        (B, N, H, w_l) columns they reach (18 of 192 per token for BViT-5M); y_l, q, k, v are
-        let go at once."""
-        H, d, D, g = self.num_heads, self.head_dim, self.embed_dim, self._pool_group
-        if torch.is_grad_enabled() or g == 0:
-            attns = [blk.attn for blk in self.blocks]
-            x, _, ys = self._run_blocks(x, keep=True)
-            biases = [a.qkv.bias for a in attns] if attns[0].qkv.bias is not None else None
-            return x[:, :1] + self.broad_scale * broad_attention_class_row(
-                ys, [a.qkv.weight for a in attns], biases, H, d, D)
-        logits: Optional[Tensor] = None
+        Training (gradients on): every y_l is kept for the hand-written backward of
+        :func:`bvit.layers.broad_attention_class_row`. Inference: streamed, see
+        :meth:`_class_row_stream`."""
+        H, d, D = self.num_heads, self.head_dim, self.embed_dim
+        if not torch.is_grad_enabled() and self._pool_group > 0:
+            return self._class_row_stream(x)
+        attns = [blk.attn for blk in self.blocks]
+        x, _, ys = self._run_blocks(x, keep=True)
+        biases = [a.qkv.bias for a in attns] if attns[0].qkv.bias is not None else None
+        return x[:, :1] + self.broad_scale * broad_attention_class_row(
+            ys, [a.qkv.weight for a in attns], biases, H, d, D)
+
+    @torch.jit.unused
+    def _class_row_stream(self, x: Tensor) -> Tensor:
+        """Inference: the class token (B, 1, D) after the blocks plus its broad output, each layer's
+        share taken as soon as the layer has run, so no layer's (B, N, D) input outlives it.
+
+        Everything after the broad softmax is linear (the value projection, then the output
+        pooling), and each pooled column reads at most two adjacent layers. So block l leaves
+
+        - its logits q_cls·k_lᵀ = y_l (W_kᵀ q_cls): one (B, N, D) x (B, D, H) product from its
+          attention input y_l, added in place into one running (B, N, H) sum;
+        - its values already projected and pooled to the w_l columns per head they reach,
+          y_l (W_v S_l): extra rows appended to the block's own qkv weight, so they come out of
+          the qkv product the block runs anyway (18 rows to its 576 for BViT-5M, 36 to 1152 for
+          22M, padded to a multiple of 16: a separate narrow product cost 0.8 / 2.2 ms a layer at
+          batch 32, the wider one nothing measurable), copied into one (B, N, Σ H·w_l) buffer.
+
+        The block's attention and MLP are its own code (:meth:`Attention.attend` on the same
+        product). A block, attention or qkv with forward hooks runs whole, so that they fire, and
+        its values come from a product of their own."""
+        B, N, _ = x.shape
+        H, d = self.num_heads, self.head_dim
+        v0 = 3 * H * d                                  # where the appended value rows start
+        offsets, fold = self._stream_layout(x.dtype, x.device)
+        amp = torch.is_autocast_enabled(x.device.type)  # the head's own products then run in y's dtype
         pieces: List[Tensor] = []
+        logits = x.new_empty(0)
         for i, blk in enumerate(self.blocks):
-            x, qkv, y = blk(x)
-            s, piece = self._stream_layer(i, qkv[0], qkv[1], y)
-            del qkv, y
-            logits = s if logits is None else logits.add_(s)
-            pieces.append(piece)
-        assert logits is not None
-        return x[:, :1] + self.broad_scale * self._stream_finish(logits, pieces)
+            attn = blk.attn
+            w, b, wk = self._stream_weights(i, attn.qkv.weight, attn.qkv.bias)
+            v1 = v0 + offsets[i + 1] - offsets[i]
+            whole = has_forward_hooks(blk, attn, attn.qkv)
+            t = x.new_empty(0)
+            if whole:
+                x, qkv, y = blk(x)
+                q0 = qkv[0][:, :, 0]                                                       # (B, H, d)
+                values = F.linear(y, w[v0:v1], None if b is None else b[v0:v1])           # (B, N, H·w_l)
+                del qkv
+            else:
+                y = blk.norm1(x)
+                t = F.linear(y, w, b)                                                      # (B, N, 3·H·d + e)
+                q0 = t[:, 0, :H * d].view(B, H, d)
+                values = t[:, :, v0:v1]
+            with torch.autocast(x.device.type, enabled=False) if amp else contextlib.nullcontext():
+                if amp:
+                    q0, wk = q0.to(y.dtype), wk.to(y.dtype)
+                r = torch.bmm(q0.transpose(0, 1), wk).permute(1, 2, 0)                    # W_kᵀ q_cls: (B, D, H)
+                logits = torch.bmm(y, r) if i == 0 else logits.baddbmm_(y, r)            # (B, N, H)
+                pieces.append(values.to(y.dtype, copy=True))
+            del y, values, q0, r
+            if not whole:
+                x = x + blk.drop_path1(attn.attend(t)[0])
+                del t                                        # before the MLP runs: it reuses the memory
+                x = blk.forward_mlp(x)
+        with torch.autocast(x.device.type, enabled=False) if amp else contextlib.nullcontext():
+            out = self._stream_finish(logits, torch.cat(pieces, -1), fold.to(logits.dtype))
+        return x[:, :1] + self.broad_scale * out
 
     @torch.jit.unused
-    def _stream_layer(self, i: int, q: Tensor, k: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
-        """Layer i's share of the class row in inference: its logits q_cls·kᵀ (B, N, H) from
-        q, k (B, H, N, d), and its values projected and pooled, y (W_v S_l) (B, N, H, w_l), from
-        its attention input y (B, N, D): one (B·N, D) x (D, H·w_l) product."""
-        qkv = self.blocks[i].attn.qkv
-        # Logits as a product and a sum over d, token-major, on the strided k the block's qkv
-        # output leaves: 0.10 ms a layer for bvit_5m at batch 32, against 0.39 ms for a bmm (which
-        # needs k copied to (B·H, N, d)) and 0.49 ms for a block-diagonal bmm on the strided k.
-        # (``q[:, :, :1] @ k.transpose(-2, -1)`` and vecdot also peaked at +56 MiB.)
-        s = (k.transpose(1, 2) * q[:, :, :1].transpose(1, 2)).sum(-1)
-        u, ub = self._layer_constants(i, qkv.weight, qkv.bias)                          # (D, H·w), (H, w)
-        piece = (y @ u).unflatten(-1, (self.num_heads, -1))
-        if ub is not None:
-            piece = piece + ub                     # rows of the map sum to 1: the bias passes as is
-        return s, piece
-
-    @torch.jit.unused
-    def _stream_finish(self, logits: Tensor, pieces: List[Tensor]) -> Tensor:
+    def _stream_finish(self, logits: Tensor, values: Tensor, fold: Tensor) -> Tensor:
         """The class row's pooled broad output (B, 1, D) from the summed logits (B, N, H) and the
-        layers' pooled values (B, N, H, w_l)."""
-        return class_row_finish(logits, pieces, self.head_dim, self._pool_group, self.embed_dim,
-                                self.head_dim ** -0.5, True)
+        layers' pooled values (B, N, Σ H·w_l): the softmax over the tokens, one product of every
+        head's map with every column, and ``fold`` (H, Σ H·w_l, D/H) keeps each head's own
+        columns and adds them into the output columns they reach."""
+        attn = (logits * self.head_dim ** -0.5).softmax(1)
+        red = torch.bmm(attn.transpose(1, 2), values)                                     # (B, H, Σ H·w_l)
+        out = torch.bmm(red.transpose(0, 1), fold).transpose(0, 1)                        # (B, H, D/H)
+        return out.reshape(out.shape[0], 1, self.embed_dim)
 
     @torch.jit.unused
-    def _layer_constants(self, i: int, weight: Tensor, bias: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
-        """Layer i's value projection composed with its part of the output pooling, W_v S_l as a
-        (D, H·w) matrix, and the bias as (H, w); kept until the weights change (inference reuses
-        them on every call; D·H·w values a layer)."""
+    def _stream_layout(self, dtype: torch.dtype, device: torch.device) -> Tuple[List[int], Tensor]:
+        """Where each layer's pooled values go in the streamed head's buffer: offsets (L + 1)
+        into its Σ_l H·w_l columns (layer l's laid out (H, w_l)), and the 0/1 matrix
+        (H, Σ H·w_l, D/H) that folds head h's columns into the pooled output's columns."""
+        key = ('layout', dtype, device)
+        hit = self._pool_cache.get(key)
+        if hit is not None:
+            return hit
+        H, d, g, L = self.num_heads, self.head_dim, self._pool_group, len(self.blocks)
+        offsets = [0]
+        spans = [class_row_columns(i, d, g) for i in range(L)]
+        for c0, c1 in spans:
+            offsets.append(offsets[-1] + H * (c1 - c0))
+        fold = torch.zeros(H, offsets[-1], self.embed_dim // H, dtype=dtype, device=device)
+        for i, (c0, c1) in enumerate(spans):
+            w = c1 - c0
+            for h in range(H):
+                rows = torch.arange(w, device=device) + offsets[i] + h * w
+                fold[h, rows, torch.arange(c0, c1, device=device)] = 1
+        value = (offsets, fold)
+        if not torch.compiler.is_compiling():
+            self._pool_cache[key] = value
+        return value
+
+    @torch.jit.unused
+    def _stream_weights(self, i: int, weight: Tensor, bias: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor], Tensor]:
+        """Layer i's qkv weight (3·H·d, D) with the rows of its pooled values appended: W_v S_l
+        (the value projection composed with its part of the output pooling, H·w_l rows laid out
+        (H, w_l)), then zero rows up to a multiple of 16 (a 594-row product ran 27% slower than a
+        608-row one here). Bias likewise, or None; and W_k as (H, d, D), a view. Kept until the
+        weights change (inference reuses them on every call): one more qkv weight per layer,
+        5.3 MB for BViT-5M, 21 MB for 22M."""
         # Under torch.compile / torch.export the weights are fake tensors: computed, not cached.
         cache = not torch.compiler.is_compiling()
         key = (weight.data_ptr(), weight._version, weight.dtype, weight.device,
@@ -476,9 +539,14 @@ class BViT(nn.Module):
             return hit[1]
         H, d, D, g = self.num_heads, self.head_dim, self.embed_dim, self._pool_group
         pool = class_row_pooling(i, d, g, weight.dtype, weight.device)                   # (d, w)
-        u = torch.einsum('hjc,jw->chw', weight.view(3, H, d, D)[2], pool).reshape(D, -1)
-        ub = bias.view(3, H, d)[2] @ pool if bias is not None else None
-        value = (u, ub)
+        rows = torch.einsum('hjc,jw->hwc', weight.view(3, H, d, D)[2], pool).reshape(-1, D)
+        pad = -(weight.shape[0] + rows.shape[0]) % 16
+        w = torch.cat([weight, rows, rows.new_zeros(pad, D)]).detach()
+        b = None
+        if bias is not None:
+            vb = (bias.view(3, H, d)[2] @ pool).reshape(-1)  # rows of the map sum to 1: the bias passes as is
+            b = torch.cat([bias, vb, vb.new_zeros(pad)]).detach()
+        value = (w, b, w[H * d:2 * H * d].view(H, d, D))
         if cache:
             self._pool_cache[i] = (key, value)
         return value
@@ -520,9 +588,11 @@ class BViT(nn.Module):
         taken: List[Tensor] = []
         qkvs: List[QKV] = []
         for i, blk in enumerate(blocks):
-            x, qkv, _ = blk(x)
             if keep:
+                x, qkv, _ = blk(x)
                 qkvs.append(qkv)
+            else:
+                x = blk.forward_tokens(x)
             if i in take:
                 taken.append(self.norm(x) if norm else x)
         out: List[Any] = []

@@ -84,6 +84,34 @@ def test_training_gradients_of_the_fast_path_equal_the_full_path():
         assert grads[0]['blocks.0.attn.qkv.weight'].abs().max() > 0
 
 
+def test_streamed_inference_with_hooks_changed_weights_and_autocast():
+    """The streamed class row appends its value rows to each block's qkv product: hooks on the
+    block, its attention or its qkv still fire (that block runs whole, same logits); new weights
+    are picked up (the appended rows are cached per weight version); bf16 autocast gives what the
+    full path gives under autocast."""
+    model = make(qkv_bias=True)
+    x = images()
+    with torch.no_grad():
+        ref = full_path(model, x)
+        for i, mod in enumerate((model.blocks[2], model.blocks[4].attn, model.blocks[7].attn.qkv)):
+            seen = []
+            handle = mod.register_forward_hook(lambda m, a, o: seen.append(1))
+            torch.testing.assert_close(model(x), ref, **TOL)
+            handle.remove()
+            assert seen == [1], i
+        w, b, _ = model._stream_weights(3, model.blocks[3].attn.qkv.weight, model.blocks[3].attn.qkv.bias)
+        assert w.shape[0] % 16 == 0 and w.shape[0] > 3 * model.embed_dim and b.shape == w.shape[:1]
+        model.blocks[3].attn.qkv.weight.mul_(1.5)                   # in place: a new version
+        model.blocks[9].attn.qkv.bias.add_(0.3)
+        ref2 = full_path(model, x)
+        assert not torch.allclose(ref, ref2, atol=1e-3)
+        torch.testing.assert_close(model(x), ref2, **TOL)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            amp, amp_ref = model(x), full_path(model, x)
+    torch.testing.assert_close(amp.float(), amp_ref.float(), rtol=0, atol=2e-2)
+    torch.testing.assert_close(amp.float(), ref2, rtol=0, atol=5e-2)
+
+
 class LowRank(nn.Module):
     """A LoRA-style wrapper: the base Linear plus a low-rank update."""
 
