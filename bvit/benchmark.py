@@ -89,11 +89,12 @@ def _training(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
 
 def retain_freed_memory() -> None:
     """glibc: keep freed memory in the process (no trimming of the heap, no separate mappings
-    for large blocks), so that after the first call no call's memory is new to the process, as
-    with jemalloc or tcmalloc. By default glibc maps large blocks afresh and gives memory back,
-    by thresholds it adapts as the process runs, so each call page-faults its memory in again
-    or not depending on what ran before: 0 to 120,000 minor faults per call of one model here.
-    SystemExit where the C library has no ``mallopt`` (not glibc)."""
+    for large blocks), so that calls reuse memory earlier calls touched, much as jemalloc or
+    tcmalloc do. By default glibc maps large blocks afresh and gives memory back, by thresholds
+    it adapts as the process runs, so whether a call page-faults its memory in again depends on
+    what ran before it: 0 to 210,000 minor faults per inference call of one model here, and 0
+    for every model with this setting once warm. SystemExit where the C library has no
+    ``mallopt`` (not glibc). The same from the shell: MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647."""
     libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
     mallopt = getattr(libc, 'mallopt', None)
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
@@ -210,16 +211,18 @@ def ratios(res: Dict[str, Dict[str, float]], specs: List[Spec], modes: List[str]
 
 
 def head_share(name: str, kwargs: Dict, batch_size: int, img_size: int, repeats: int,
-               device: torch.device = torch.device('cpu')) -> Dict[str, List[float]]:
+               device: torch.device = torch.device('cpu'), modes: Tuple[str, ...] = ('infer', 'train'),
+               ) -> Dict[str, List[float]]:
     """The broad head's share of a call: one model, its ``broad`` switched on and off for
     alternate calls (so weights, input and machine state are the same), share = 1 - t_off / t_on
     per adjacent pair. Everything the head costs counts: its products, its memory, and what
-    they do to the rest of the call. Returns per mode ('infer', 'train') the ``repeats`` shares.
+    they do to the rest of the call. Returns per mode of ``modes`` ('infer', 'train') the
+    ``repeats`` shares.
     """
     torch.manual_seed(0)
     x = torch.randn(batch_size, 3, img_size, img_size, device=device)
     out: Dict[str, List[float]] = {}
-    for mode in ('infer', 'train'):
+    for mode in modes:
         model = timm.create_model(name, **kwargs).to(device).train(mode == 'train')
         step = (_training if mode == 'train' else _inference)(model, x)
         for broad in (True, False):
@@ -290,8 +293,8 @@ def main(argv: Optional[List[str]] = None) -> None:
               f'{torch.get_num_threads()} threads, {args.device}, malloc {args.malloc}')
         for label, name, kwargs in specs:
             if name.startswith('bvit') and kwargs.get('broad', True):
-                share = head_share(name, kwargs, args.batch_size, args.img_size, args.repeats, device)
-                print(f"{label:34s} inference {_quartiles(share['infer'])}   training step {_quartiles(share['train'])}")
+                share = head_share(name, kwargs, args.batch_size, args.img_size, args.repeats, device, tuple(modes))
+                print(f'{label:34s}' + ''.join(f'  {m} {_quartiles(v)}' for m, v in share.items()))
         return
     results = []
     for _ in range(args.runs):

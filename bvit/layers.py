@@ -290,9 +290,9 @@ def broad_attention_class_row(
 
     For a class row, q_cls·k_lᵀ = (q_cls W_k) y_lᵀ and A v_l = (A y_l) W_vᵀ, so every product
     reads y_l once and is (B, H, ·) small; the backward folds both paths into y_l in one batched
-    product per layer. This never touches the (B, H, N, d) keys and values or their gradients,
-    which makes the broad head cost 1.2-3.5% of a training step (batch 32 at 224, measured with
-    ``python -m bvit.benchmark --head-share``) instead of ~12% for the q/k/v form.
+    product per layer. This never touches the (B, H, N, d) keys and values or their gradients
+    (README, "Speed of the broad attention", gives its measured share of a training step:
+    ``python -m bvit.benchmark --head-share``).
     """
     if scale is None:
         scale = head_dim ** -0.5

@@ -437,13 +437,15 @@ class BViT(nn.Module):
         Everything after the broad softmax is linear (the value projection, then the output
         pooling), and each pooled column reads at most two adjacent layers. So block l leaves
 
-        - its logits q_cls·k_lᵀ = y_l (W_kᵀ q_cls): one (B, N, D) x (B, D, H) product from its
-          attention input y_l, added in place into one running (B, N, H) sum;
+        - its logits q_cls·k_lᵀ = (q_cls W_k) y_lᵀ: one (B, H, D) x (B, D, N) product with its
+          attention input y_l, added in place into one running (B, H, N) sum;
         - its values already projected and pooled to the w_l columns per head they reach,
           y_l (W_v S_l): extra rows appended to the block's own qkv weight, so they come out of
           the qkv product the block runs anyway (18 rows to its 576 for BViT-5M, 36 to 1152 for
-          22M, padded to a multiple of 16: a separate narrow product cost 0.8 / 2.2 ms a layer at
-          batch 32, the wider one nothing measurable), copied into one (B, N, Σ H·w_l) buffer.
+          22M, padded to a multiple of 8), then copied out, (B, N, H·w_l), so that the product
+          itself can be let go. At batch 32 with 197 tokens a separate narrow product cost
+          0.8 / 2.2 ms a layer (5M / 22M), the wider qkv product 0.1-0.4 / 0-1.3 ms more than
+          the plain one (two runs each on this noisy machine).
 
         The block's attention and MLP are its own code (:meth:`Attention.attend` on the same
         product). A block, attention or qkv with forward hooks runs whole, so that they fire, and
@@ -474,9 +476,10 @@ class BViT(nn.Module):
             with torch.autocast(x.device.type, enabled=False) if amp else contextlib.nullcontext():
                 if amp:
                     q0, wk = q0.to(y.dtype), wk.to(y.dtype)
-                r = torch.bmm(q0.transpose(0, 1), wk).permute(1, 2, 0)                    # W_kᵀ q_cls: (B, D, H)
-                logits = torch.bmm(y, r) if i == 0 else logits.baddbmm_(y, r)            # (B, N, H)
-                pieces.append(values.to(y.dtype, copy=True))
+                r = torch.bmm(q0.transpose(0, 1), wk).transpose(0, 1)                    # q_cls W_k: (B, H, D)
+                yt = y.transpose(1, 2)                                                     # (B, D, N), a view
+                logits = torch.bmm(r, yt) if i == 0 else logits.baddbmm_(r, yt)          # (B, H, N)
+                pieces.append(values.to(y.dtype, copy=True) if amp else values.clone())
             del y, values, q0, r
             if not whole:
                 x = x + blk.drop_path1(attn.attend(t)[0])
@@ -488,12 +491,12 @@ class BViT(nn.Module):
 
     @torch.jit.unused
     def _stream_finish(self, logits: Tensor, values: Tensor, fold: Tensor) -> Tensor:
-        """The class row's pooled broad output (B, 1, D) from the summed logits (B, N, H) and the
+        """The class row's pooled broad output (B, 1, D) from the summed logits (B, H, N) and the
         layers' pooled values (B, N, Σ H·w_l): the softmax over the tokens, one product of every
         head's map with every column, and ``fold`` (H, Σ H·w_l, D/H) keeps each head's own
         columns and adds them into the output columns they reach."""
-        attn = (logits * self.head_dim ** -0.5).softmax(1)
-        red = torch.bmm(attn.transpose(1, 2), values)                                     # (B, H, Σ H·w_l)
+        attn = (logits * self.head_dim ** -0.5).softmax(-1)
+        red = torch.bmm(attn, values)                                                     # (B, H, Σ H·w_l)
         out = torch.bmm(red.transpose(0, 1), fold).transpose(0, 1)                        # (B, H, D/H)
         return out.reshape(out.shape[0], 1, self.embed_dim)
 
@@ -526,8 +529,9 @@ class BViT(nn.Module):
     def _stream_weights(self, i: int, weight: Tensor, bias: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor], Tensor]:
         """Layer i's qkv weight (3·H·d, D) with the rows of its pooled values appended: W_v S_l
         (the value projection composed with its part of the output pooling, H·w_l rows laid out
-        (H, w_l)), then zero rows up to a multiple of 16 (a 594-row product ran 27% slower than a
-        608-row one here). Bias likewise, or None; and W_k as (H, d, D), a view. Kept until the
+        (H, w_l)), then zero rows up to a multiple of 8 (on this project's AVX2 CPU a 594-row
+        product ran 35% slower than a 600-row one, and 1188 rows 22% slower than 1192, at 50
+        tokens and batch 32). Bias likewise, or None; and W_k as (H, d, D), a view. Kept until the
         weights change (inference reuses them on every call): one more qkv weight per layer,
         5.3 MB for BViT-5M, 21 MB for 22M."""
         # Under torch.compile / torch.export the weights are fake tensors: computed, not cached.
@@ -540,7 +544,7 @@ class BViT(nn.Module):
         H, d, D, g = self.num_heads, self.head_dim, self.embed_dim, self._pool_group
         pool = class_row_pooling(i, d, g, weight.dtype, weight.device)                   # (d, w)
         rows = torch.einsum('hjc,jw->hwc', weight.view(3, H, d, D)[2], pool).reshape(-1, D)
-        pad = -(weight.shape[0] + rows.shape[0]) % 16
+        pad = -(weight.shape[0] + rows.shape[0]) % 8
         w = torch.cat([weight, rows, rows.new_zeros(pad, D)]).detach()
         b = None
         if bias is not None:
