@@ -450,44 +450,59 @@ class BViT(nn.Module):
         The block's attention and MLP are its own code (:meth:`Attention.attend` on the same
         product). A block, attention or qkv with forward hooks runs whole, so that they fire, and
         its values come from a product of their own."""
-        B, N, _ = x.shape
-        H, d = self.num_heads, self.head_dim
-        v0 = 3 * H * d                                  # where the appended value rows start
         offsets, fold = self._stream_layout(x.dtype, x.device)
-        amp = torch.is_autocast_enabled(x.device.type)  # the head's own products then run in y's dtype
+        amp = torch.is_autocast_enabled(x.device.type)
         pieces: List[Tensor] = []
-        logits = x.new_empty(0)
-        for i, blk in enumerate(self.blocks):
-            attn = blk.attn
-            w, b, wk = self._stream_weights(i, attn.qkv.weight, attn.qkv.bias)
-            v1 = v0 + offsets[i + 1] - offsets[i]
-            whole = has_forward_hooks(blk, attn, attn.qkv)
-            t = x.new_empty(0)
-            if whole:
-                x, qkv, y = blk(x)
-                q0 = qkv[0][:, :, 0]                                                       # (B, H, d)
-                values = F.linear(y, w[v0:v1], None if b is None else b[v0:v1])           # (B, N, H·w_l)
-                del qkv
-            else:
-                y = blk.norm1(x)
-                t = F.linear(y, w, b)                                                      # (B, N, 3·H·d + e)
-                q0 = t[:, 0, :H * d].view(B, H, d)
-                values = t[:, :, v0:v1]
-            with torch.autocast(x.device.type, enabled=False) if amp else contextlib.nullcontext():
-                if amp:
-                    q0, wk = q0.to(y.dtype), wk.to(y.dtype)
-                r = torch.bmm(q0.transpose(0, 1), wk).transpose(0, 1)                    # q_cls W_k: (B, H, D)
-                yt = y.transpose(1, 2)                                                     # (B, D, N), a view
-                logits = torch.bmm(r, yt) if i == 0 else logits.baddbmm_(r, yt)          # (B, H, N)
-                pieces.append(values.to(y.dtype, copy=True) if amp else values.clone())
-            del y, values, q0, r
-            if not whole:
-                x = x + blk.drop_path1(attn.attend(t)[0])
-                del t                                        # before the MLP runs: it reuses the memory
-                x = blk.forward_mlp(x)
-        with torch.autocast(x.device.type, enabled=False) if amp else contextlib.nullcontext():
+        logits: Optional[Tensor] = None
+        for i in range(len(self.blocks)):
+            x, logits, piece = self._stream_block(i, x, logits, offsets[i + 1] - offsets[i], amp)
+            pieces.append(piece)
+        assert logits is not None
+        with self._head_precision(x, amp):
             out = self._stream_finish(logits, torch.cat(pieces, -1), fold.to(logits.dtype))
         return x[:, :1] + self.broad_scale * out
+
+    @torch.jit.unused
+    def _stream_block(self, i: int, x: Tensor, logits: Optional[Tensor], width: int,
+                      amp: bool) -> Tuple[Tensor, Tensor, Tensor]:
+        """Block i of the streamed class row: tokens (B, N, D) -> (its output (B, N, D), the class
+        row logits summed so far (B, H, N), added in place into ``logits`` unless None, its values
+        projected and pooled (B, N, width))."""
+        blk = self.blocks[i]
+        attn = blk.attn
+        B, H, d = x.shape[0], self.num_heads, self.head_dim
+        w, b, wk = self._stream_weights(i, attn.qkv.weight, attn.qkv.bias)
+        v0, v1 = 3 * H * d, 3 * H * d + width                                            # the appended rows
+        whole = has_forward_hooks(blk, attn, attn.qkv)
+        t: Optional[Tensor] = None
+        if whole:
+            x, qkv, y = blk(x)
+            q0 = qkv[0][:, :, 0]                                                           # (B, H, d)
+            values = F.linear(y, w[v0:v1], None if b is None else b[v0:v1])               # (B, N, width)
+            del qkv
+        else:
+            y = blk.norm1(x)
+            t = F.linear(y, w, b)                                                          # (B, N, 3·H·d + e)
+            q0 = t[:, 0, :v0 // 3].view(B, H, d)
+            values = t[:, :, v0:v1]
+        with self._head_precision(x, amp):
+            if amp:
+                q0, wk = q0.to(y.dtype), wk.to(y.dtype)
+            r = torch.bmm(q0.transpose(0, 1), wk).transpose(0, 1)                        # q_cls W_k: (B, H, D)
+            yt = y.transpose(1, 2)                                                         # (B, D, N), a view
+            logits = torch.bmm(r, yt) if logits is None else logits.baddbmm_(r, yt)      # (B, H, N)
+            piece = values.to(y.dtype, copy=True) if amp else values.clone()
+        del y, values, q0, r
+        if t is not None:
+            x = x + blk.drop_path1(attn.attend(t)[0])
+            del t                                            # before the MLP runs: it reuses the memory
+            x = blk.forward_mlp(x)
+        return x, logits, piece
+
+    @staticmethod
+    def _head_precision(x: Tensor, amp: bool) -> Any:
+        """Under autocast, the head's own small products run unautocast, in its inputs' dtype."""
+        return torch.autocast(x.device.type, enabled=False) if amp else contextlib.nullcontext()
 
     @torch.jit.unused
     def _stream_finish(self, logits: Tensor, values: Tensor, fold: Tensor) -> Tensor:
