@@ -454,20 +454,23 @@ class BViT(nn.Module):
         amp = torch.is_autocast_enabled(x.device.type)
         pieces: List[Tensor] = []
         logits: Optional[Tensor] = None
-        for i in range(len(self.blocks)):
-            x, logits, piece = self._stream_block(i, x, logits, offsets[i + 1] - offsets[i], amp)
+        for i, blk in enumerate(self.blocks):
+            x, logits, piece, whole = self._stream_attention(i, x, logits, offsets[i + 1] - offsets[i], amp)
             pieces.append(piece)
+            if not whole:
+                x = blk.forward_mlp(x)  # here, so that no reference to the block's input outlives it
         assert logits is not None
         with self._head_precision(x, amp):
             out = self._stream_finish(logits, torch.cat(pieces, -1), fold.to(logits.dtype))
         return x[:, :1] + self.broad_scale * out
 
     @torch.jit.unused
-    def _stream_block(self, i: int, x: Tensor, logits: Optional[Tensor], width: int,
-                      amp: bool) -> Tuple[Tensor, Tensor, Tensor]:
-        """Block i of the streamed class row: tokens (B, N, D) -> (its output (B, N, D), the class
-        row logits summed so far (B, H, N), added in place into ``logits`` unless None, its values
-        projected and pooled (B, N, width))."""
+    def _stream_attention(self, i: int, x: Tensor, logits: Optional[Tensor], width: int,
+                          amp: bool) -> Tuple[Tensor, Tensor, Tensor, bool]:
+        """Block i's attention half and its share of the streamed class row: tokens (B, N, D) ->
+        (x + attention (B, N, D), the class row logits summed so far (B, H, N), added in place
+        into ``logits`` unless None, its values projected and pooled (B, N, width), whether the
+        block ran whole, MLP included: it does when it has hooks)."""
         blk = self.blocks[i]
         attn = blk.attn
         B, H, d = x.shape[0], self.num_heads, self.head_dim
@@ -492,12 +495,10 @@ class BViT(nn.Module):
             yt = y.transpose(1, 2)                                                         # (B, D, N), a view
             logits = torch.bmm(r, yt) if logits is None else logits.baddbmm_(r, yt)      # (B, H, N)
             piece = values.to(y.dtype, copy=True) if amp else values.clone()
-        del y, values, q0, r
+        del y, yt, values, q0, r
         if t is not None:
-            x = x + blk.drop_path1(attn.attend(t)[0])
-            del t                                            # before the MLP runs: it reuses the memory
-            x = blk.forward_mlp(x)
-        return x, logits, piece
+            x = x + blk.drop_path1(attn.attend(t)[0])       # t is let go on return, before the MLP
+        return x, logits, piece, whole
 
     @staticmethod
     def _head_precision(x: Tensor, amp: bool) -> Any:

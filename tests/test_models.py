@@ -455,9 +455,11 @@ def test_flop_counter_counts_attention():
 
 
 def test_streamed_inference_keeps_no_layer_inputs_alive():
-    """Inference with broad attention peaks within 3 attention inputs (B, N, D) of its twin; keeping
-    the 12 layers' inputs to the end (as before streaming) would add 12, and one ``q @ kᵀ`` form of
-    the logits (matmul of broadcast 4-D views) peaked at +56 MiB at batch 32."""
+    """Inference with broad attention peaks within 1.5 attention inputs (B, N, D) of its twin: the
+    layers' pooled values (12 x 18 of 192 columns, 1.1 inputs) are all it keeps. Keeping the 12
+    layers' inputs to the end (as before streaming) would add 12, a block's input still referenced
+    while its MLP ran added one more (2.1 in all), and one ``q @ kᵀ`` form of the logits (matmul
+    of broadcast 4-D views) peaked at +56 MiB at batch 32."""
     from bvit.benchmark import _inference, peak_memory_mb
     torch.manual_seed(0)
     x = torch.randn(4, 3, 224, 224)
@@ -469,4 +471,4 @@ def test_streamed_inference_keeps_no_layer_inputs_alive():
         step()
         peaks.append(peak_memory_mb(step, torch.device('cpu')))
     one_y = 4 * 197 * 192 * 4 / 2 ** 20
-    assert 0 < peaks[0] - peaks[1] < 3 * one_y, peaks
+    assert 0 < peaks[0] - peaks[1] < 1.5 * one_y, peaks
