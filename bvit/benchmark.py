@@ -92,7 +92,7 @@ def retain_freed_memory() -> None:
     for large blocks), so that calls reuse memory earlier calls touched, much as jemalloc or
     tcmalloc do. By default glibc maps large blocks afresh and gives memory back, by thresholds
     it adapts as the process runs, so whether a call page-faults its memory in again depends on
-    what ran before it: 0 to 210,000 minor faults per inference call of one model here, and 0
+    what ran before it: 0 to 235,000 minor faults per inference call of one model here, and 0
     for every model with this setting once warm. SystemExit where the C library has no
     ``mallopt`` (not glibc). The same from the shell: MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647."""
     libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')

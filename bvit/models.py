@@ -546,10 +546,10 @@ class BViT(nn.Module):
         """Layer i's qkv weight (3·H·d, D) with the rows of its pooled values appended: W_v S_l
         (the value projection composed with its part of the output pooling, H·w_l rows laid out
         (H, w_l)), then zero rows up to a multiple of 8 (on this project's AVX2 CPU a 594-row
-        product ran 35% slower than a 600-row one, and 1188 rows 22% slower than 1192, at 50
+        product ran 39% slower than a 600-row one, and 1188 rows 19% slower than 1192, at 50
         tokens and batch 32). Bias likewise, or None; and W_k as (H, d, D), a view. Kept until the
         weights change (inference reuses them on every call): one more qkv weight per layer,
-        5.3 MB for BViT-5M, 21 MB for 22M."""
+        5.3 MiB for BViT-5M, 21 MiB for 22M."""
         # Under torch.compile / torch.export the weights are fake tensors: computed, not cached.
         cache = not torch.compiler.is_compiling()
         key = (weight.data_ptr(), weight._version, weight.dtype, weight.device,
