@@ -48,11 +48,9 @@ class Attention(nn.Module):
         """The attention on a qkv projection (B, N, 3·H·d + e): its first 3·H·d columns are
         q, k, v, laid out (3, H, d); any e columns after them are ignored (BViT's streamed
         inference appends its own to the same product). -> (out (B, N, D), (q, k, v))."""
-        B, N, C = qkv.shape
+        B, N, _ = qkv.shape
         inner = self.num_heads * self.head_dim
-        if C != 3 * inner:  # only then: training then runs exactly the operations it ran before
-            qkv = qkv[:, :, :3 * inner]
-        qkv = qkv.reshape(B, N, 3, self.num_heads, self.head_dim)
+        qkv = qkv[:, :, :3 * inner].reshape(B, N, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.attn_drop if self.training else 0., scale=self.scale)
