@@ -3,6 +3,8 @@
     python -m bvit.benchmark                        # bvit_5m(stem='none'), its twin, deit_tiny_patch16_224
     python -m bvit.benchmark --alternate --runs 3   # one call at a time, spread over 3 runs
     python -m bvit.benchmark --suite full           # the README's cost table (adds 22M, both stems, DeiT-S)
+    python -m bvit.benchmark --malloc retain        # glibc keeps freed memory: no page faults once warm
+    python -m bvit.benchmark --head-share           # one BViT, broad attention on / off for alternate calls
 
 Every model gets random weights. Two ways of timing, both side by side in one process so that
 the machine's drifts hit all models alike:
@@ -17,8 +19,11 @@ of the same run. ``--runs`` repeats the whole measurement with fresh models and 
 median ratio and its range over the runs. Peak memory is the most tensor memory alive during
 one call beyond what was alive before it (activations, gradients, temporaries; not the weights),
 from the allocations recorded by ``torch.profiler`` on the CPU or ``torch.cuda.max_memory_allocated``.
-Inference is ``model(x)`` under ``torch.inference_mode()`` in eval mode; a training step is
-forward, cross entropy, backward and an AdamW step in train mode.
+Minor page faults per call (``getrusage``) are printed beside the speeds: with glibc's default
+allocator, whether a call maps its memory afresh depends on what ran before it in the process,
+which moves single models by up to a fifth; ``--malloc retain`` takes that out (README, "Speed
+of the broad attention"). Inference is ``model(x)`` under ``torch.inference_mode()`` in eval
+mode; a training step is forward, cross entropy, backward and an AdamW step in train mode.
 """
 from __future__ import annotations
 
@@ -273,11 +278,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument('--device', default='cpu', help="'cpu' or 'cuda'")
     parser.add_argument('--malloc', choices=['default', 'retain'], default='default',
                         help="'retain': glibc keeps freed memory (no heap trimming, no separate mappings for large "
-                        "blocks), so no call page-faults memory in afresh (see retain_freed_memory); 'default': "
-                        "the C library as it is")
+                        "blocks), so calls reuse memory instead of faulting it in afresh (see retain_freed_memory); "
+                        "'default': the C library as it is")
     parser.add_argument('--head-share', action='store_true', help="only measure the broad head's share of each "
-                        'BViT call (inference and training step): one model, broad attention on and off for '
-                        'alternate calls, --repeats pairs')
+                        'BViT call in the --modes given: one model, broad attention on and off for alternate '
+                        'calls, --repeats pairs')
     parser.add_argument('--json', default='', help='also write the results to this JSON file')
     args = parser.parse_args(argv)
     if args.threads:
