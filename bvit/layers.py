@@ -336,21 +336,14 @@ def class_row_finish(
         group: int,
         out_dim: int,
         scale: float,
-        token_major: bool,
 ) -> Tensor:
-    """The class row's pooled broad output (B, 1, out_dim) from the summed logits and the
-    layers' pooled values.
-
-    Head-major: logits (B, H, N), pieces[l] (B, H, N, w_l). Token-major: logits (B, N, H),
-    pieces[l] (B, N, H, w_l).
-    """
-    H = logits.shape[2] if token_major else logits.shape[1]
-    attn = (logits * scale).softmax(1 if token_major else 2)
+    """The class row's pooled broad output (B, 1, out_dim) from the summed logits (B, H, N) and
+    the layers' pooled values, pieces[l] (B, H, N, w_l) (the scriptable module path; eager
+    inference has its own token-major finish, ``BViT._stream_finish``)."""
+    H = logits.shape[1]
+    attn = (logits * scale).softmax(2)
     vals = torch.cat(pieces, -1)
-    if token_major:
-        red = torch.einsum('bnh,bnhw->bhw', attn, vals)
-    else:
-        red = (attn.unsqueeze(2) @ vals).squeeze(2)                              # (B, H, W)
+    red = (attn.unsqueeze(2) @ vals).squeeze(2)                                  # (B, H, W)
     cols = out_dim // H
     outs: List[Tensor] = []
     start = 0

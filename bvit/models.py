@@ -408,7 +408,7 @@ class BViT(nn.Module):
                 qkvs.append((q[:, :, :1], k, v))
             del qkv, q, k, v
         if g > 0:
-            out = class_row_finish(logits, pieces, self.head_dim, g, self.embed_dim, self.head_dim ** -0.5, False)
+            out = class_row_finish(logits, pieces, self.head_dim, g, self.embed_dim, self.head_dim ** -0.5)
         else:
             out = self._broad(qkvs)
         return x[:, :1] + self.broad_scale * out
