@@ -14,7 +14,8 @@ Supported models
   is timm's ``Attention`` (``timm.layers.Attention``). Each block hands the q, k, v its own
   attention used (after qkv bias and q_norm / k_norm) to the broad attention of BViT:
   ``adaptive_avg_pool1d(softmax(Q Kᵀ · d^-0.5) V, D)`` with Q, K, V concatenated over the L blocks
-  along the channel axis (:func:`bvit.layers.broad_attention`), added with ``scale`` to every token
+  along the channel axis, computed by the same functions as BViT's own (``bvit.layers``: each
+  block's attention hands its q, k, v to a ``BroadTap``), added with ``scale`` to every token
   of the last block's output, before the final norm and the head. With a class-token head
   (``global_pool='token'``, or the distilled head) ``forward`` computes only the rows that reach
   the logits (1, or 2 for the distilled model); ``forward_features`` returns every token.
@@ -67,7 +68,7 @@ from timm.models.swin_transformer import (
     SwinTransformer, SwinTransformerBlock, SwinTransformerStage, WindowAttention, window_partition, window_reverse)
 from timm.models.vision_transformer import VisionTransformer
 
-from .layers import broad_attention
+from .layers import BroadTap, broad_attention, broad_group, broad_output
 
 try:  # timm >= 1.0.15 builds additive masks for the non-fused path with these
     from timm.layers import maybe_add_mask, resolve_self_attn_mask
@@ -89,17 +90,19 @@ SUPPORTED = (
 
 # Attention modules that hand on their q, k, v ----------------------------------------------------
 
-class _QKVSink:
-    """Mixin: when ``_broad_sink`` is a list, ``forward`` appends its (q, k, v) to it."""
-    _broad_sink: Optional[List[QKV]] = None
+class _QKVTap:
+    """Mixin: when ``_broad_tap`` is set (by :func:`_run_block`), ``forward`` hands its q, k, v to
+    it (a :class:`bvit.layers.BroadTap`, as BViT's own attention does; timm's blocks take no such
+    argument, so it is set on the module for the one call)."""
+    _broad_tap: Optional[BroadTap] = None
 
     def _broad_record(self, q: Tensor, k: Tensor, v: Tensor) -> None:
-        sink = self._broad_sink
-        if sink is not None:
-            sink.append((q, k, v))
+        tap = self._broad_tap
+        if tap is not None:
+            tap.record(q, k, v)
 
 
-class BroadAttention(_QKVSink, Attention):
+class BroadAttention(_QKVTap, Attention):
     """timm ``Attention`` that also hands on the q, k, v it used (q, k after q_norm / k_norm).
 
     Its output is computed with the same operations as timm's, so it is bitwise the same; the
@@ -133,7 +136,7 @@ class BroadAttention(_QKVSink, Attention):
         return self.proj_drop(self.proj(out))
 
 
-class BroadWindowAttention(_QKVSink, WindowAttention):
+class BroadWindowAttention(_QKVTap, WindowAttention):
     """timm Swin ``WindowAttention`` that also hands on its windowed q, k, v (B·nW, H, N, d).
 
     Same operations as timm's (fused or explicit path by ``fused_attn``), so the same output.
@@ -163,24 +166,40 @@ class BroadWindowAttention(_QKVSink, WindowAttention):
         return self.proj_drop(self.proj(out))
 
 
-def _run_block(block: nn.Module, x: Tensor, **kwargs: Any) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Run ``block`` (whose ``attn`` is one of the classes above): (x, q, k, v) of its attention."""
+class _KeepQKV(BroadTap):
+    """A tap that keeps the q, k, v themselves (Swin re-windows them before the broad attention)."""
+
+    def record(self, q: Tensor, k: Tensor, v: Tensor) -> None:
+        self.qkv = (q, k, v)
+
+
+def _run_block(block: nn.Module, x: Tensor, tap: BroadTap, **kwargs: Any) -> Tensor:
+    """Run ``block`` (whose ``attn`` is one of the classes above), its q, k, v handed to ``tap``."""
     attn = block.attn
-    sink: List[QKV] = []
-    attn._broad_sink = sink
+    attn._broad_tap = tap
     try:
         x = block(x, **kwargs)
     finally:
-        attn._broad_sink = None
-    if len(sink) != 1:
-        raise RuntimeError(
-            f'{type(block).__name__} called its attention {len(sink)} times; broad attention expects once')
-    q, k, v = sink[0]
-    return x, q, k, v
+        attn._broad_tap = None
+    if tap.values is None and getattr(tap, 'qkv', None) is None:
+        raise RuntimeError(f'{type(block).__name__} did not call its attention; broad attention expects one call')
+    return x
+
+
+def _run_blocks(blocks: Sequence[nn.Module], x: Tensor, taps: Sequence[BroadTap], ckpt: bool,
+                **kwargs: Any) -> Tensor:
+    """The blocks in turn, each handing its q, k, v to its tap; each block recomputed in the
+    backward pass with ``ckpt``."""
+    for blk, tap in zip(blocks, taps):
+        if ckpt:
+            x = checkpoint(_run_block, blk, x, tap, use_reentrant=False, **kwargs)
+        else:
+            x = _run_block(blk, x, tap, **kwargs)
+    return x
 
 
 def _use_checkpoint(enabled: bool) -> bool:
-    return enabled and torch.is_grad_enabled() and not torch.jit.is_scripting()
+    return enabled and not torch.jit.is_scripting()
 
 
 # Vision Transformer --------------------------------------------------------------------------
@@ -190,10 +209,10 @@ class _BroadViTMixin:
     broad_scale: float
     _broad_base: type
 
-    def _broad_trunk(
-            self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False,
-    ) -> Tuple[Tensor, List[Tensor], List[Tensor], List[Tensor]]:
-        """Images -> (last block's tokens, q, k, v lists), as timm's forward_features before its norm."""
+    def _broad_tokens(self, x: Tensor, rows: Optional[int], attn_mask: Optional[Tensor] = None,
+                      is_causal: bool = False) -> Tensor:
+        """Images -> the last block's tokens (B, N, D) plus the scaled broad output of the query
+        rows [0, rows) (all when None), as timm's forward_features before its norm."""
         x = self.patch_embed(x)
         x = self._pos_embed(x)
         x = self.patch_drop(x)
@@ -201,25 +220,18 @@ class _BroadViTMixin:
         kwargs: Dict[str, Any] = {}
         if attn_mask is not None or is_causal:
             kwargs = dict(attn_mask=attn_mask, is_causal=is_causal)
-        qs: List[Tensor] = []
-        ks: List[Tensor] = []
-        vs: List[Tensor] = []
-        ckpt = _use_checkpoint(self.grad_checkpointing)
-        for blk in self.blocks:
-            if ckpt:
-                x, q, k, v = checkpoint(_run_block, blk, x, use_reentrant=False, **kwargs)
-            else:
-                x, q, k, v = _run_block(blk, x, **kwargs)
-            qs.append(q)
-            ks.append(k)
-            vs.append(v)
-        return x, qs, ks, vs
+        attn = self.blocks[0].attn
+        rows = x.shape[1] if rows is None else rows
+        group = broad_group(len(self.blocks), attn.num_heads, attn.head_dim, self.embed_dim)
+        taps = [BroadTap(rows, i, group) for i in range(len(self.blocks))]
+        x = _run_blocks(self.blocks, x, taps, _use_checkpoint(self.grad_checkpointing), **kwargs)
+        logits = torch.stack([t.logits for t in taps]).sum(0)
+        out = broad_output(logits, [t.values for t in taps], attn.head_dim, group, attn.scale, attn_mask, is_causal)
+        return x[:, :rows] + self.broad_scale * out.to(x.dtype)
 
     def forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
         """Images -> normed tokens (B, N, D), with the scaled broad output added to every token."""
-        x, qs, ks, vs = self._broad_trunk(x, attn_mask, is_causal)
-        x = x + self.broad_scale * broad_attention(qs, ks, vs, self.embed_dim, attn_mask=attn_mask, is_causal=is_causal)
-        return self.norm(x)
+        return self.norm(self._broad_tokens(x, None, attn_mask, is_causal))
 
     def _broad_head_rows(self) -> Optional[int]:
         """Leading tokens that alone reach the logits (class-token heads), else None."""
@@ -240,9 +252,7 @@ class _BroadViTMixin:
         rows = self._broad_head_rows()
         if rows is None or attn_mask is not None or is_causal:
             return self.forward_head(self.forward_features(x, attn_mask=attn_mask, is_causal=is_causal))
-        x, qs, ks, vs = self._broad_trunk(x)
-        x = x[:, :rows] + self.broad_scale * broad_attention([q[:, :, :rows] for q in qs], ks, vs, self.embed_dim)
-        return self.forward_head(self.norm(x))
+        return self.forward_head(self.norm(self._broad_tokens(x, rows)))
 
 
 class BroadVisionTransformer(_BroadViTMixin, VisionTransformer):
@@ -309,15 +319,11 @@ class BroadSwinTransformerStage(SwinTransformerStage):
     def forward(self, x: Tensor) -> Tensor:
         x = self.downsample(x)
         B, H, W, C = x.shape
-        qs: List[Tensor] = []
-        ks: List[Tensor] = []
-        vs: List[Tensor] = []
-        ckpt = _use_checkpoint(self.grad_checkpointing)
-        for blk in self.blocks:
-            x, q, k, v = checkpoint(_run_block, blk, x, use_reentrant=False) if ckpt else _run_block(blk, x)
-            qs.append(_to_stage_windows(q, blk, H, W))
-            ks.append(_to_stage_windows(k, blk, H, W))
-            vs.append(_to_stage_windows(v, blk, H, W))
+        taps = [_KeepQKV(0, i, 1) for i in range(len(self.blocks))]
+        x = _run_blocks(self.blocks, x, taps, _use_checkpoint(self.grad_checkpointing))
+        qs = [_to_stage_windows(t.qkv[0], blk, H, W) for t, blk in zip(taps, self.blocks)]
+        ks = [_to_stage_windows(t.qkv[1], blk, H, W) for t, blk in zip(taps, self.blocks)]
+        vs = [_to_stage_windows(t.qkv[2], blk, H, W) for t, blk in zip(taps, self.blocks)]
         return x + self.broad_scale * self._broad(qs, ks, vs, B, H, W, C)
 
     def _broad(self, qs: List[Tensor], ks: List[Tensor], vs: List[Tensor], B: int, H: int, W: int, C: int) -> Tensor:
@@ -483,12 +489,12 @@ def remove_broad_attention(model: nn.Module) -> nn.Module:
     if isinstance(model, (_BroadViTMixin, BroadSwinTransformer)):
         for m in model.modules():
             base = getattr(type(m), '_broad_base', None)
-            if base is None and isinstance(m, _QKVSink):
+            if base is None and isinstance(m, _QKVTap):
                 base = WindowAttention if isinstance(m, WindowAttention) else Attention
             if base is not None:
                 m.__dict__.pop('broad_scale', None)
                 m.__dict__.pop('broad_rel_pos_bias', None)
-                m.__dict__.pop('_broad_sink', None)
+                m.__dict__.pop('_broad_tap', None)
                 m.__class__ = base
         return model
     if hasattr(model, 'broad') and hasattr(model, 'broad_scale'):

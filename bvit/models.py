@@ -7,7 +7,6 @@ patch embedding (stored as a Conv2d), no qkv bias, LayerNorm eps 1e-5, and the b
 output, scaled by 0.4 and pooled to the embedding width, added to every token of the last layer.
 """
 
-import contextlib
 import math
 import os
 import re
@@ -18,27 +17,21 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import register_notrace_function, resample_abs_pos_embed, resample_patch_embed, trunc_normal_
 from timm.models import adapt_input_conv, build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
-try:  # torch >= 2.6 tells symbolic tracing apart from torch.export
-    from torch.fx._symbolic_trace import is_fx_symbolic_tracing as _fx_tracing
-except ImportError:  # pragma: no cover
-    from torch.fx._symbolic_trace import is_fx_tracing as _fx_tracing
 
-from .layers import (
-    QKV, Block, _pool_groups, attention_probs, broad_attention, broad_attention_class_row, broad_attention_probs,
-    class_row_columns, class_row_finish, class_row_pooling, has_forward_hooks,
-)
+from .layers import Block, BroadTap, attention_probs, broad_group, broad_output, broad_probs
 
 _int_or_pair = Union[int, Tuple[int, int]]
 
-# Leaves for torch.fx.symbolic_trace (and so torchvision's create_feature_extractor): these branch
-# on shapes, so a trace records a call to them instead of tracing through. timm's own FX tracer
-# learns the same from ``register_notrace_function`` below.
-for _leaf in ('broad_attention', 'class_row_pooling', 'class_row_finish'):
-    torch.fx.wrap(_leaf)
+# The helpers below that branch on shapes are leaves for torch.fx.symbolic_trace (and so
+# torchvision's create_feature_extractor): a trace records a call to them instead of tracing
+# through. timm's own FX tracer learns the same from ``register_notrace_function``. The broad
+# attention's own leaves are declared in bvit.layers; broad_output is called from here too.
+torch.fx.wrap('broad_output')
 
 
 def _pair(x: _int_or_pair) -> Tuple[int, int]:
@@ -219,8 +212,8 @@ class BViT(nn.Module):
             Block(embed_dim, num_heads, head_dim, mlp_ratio, qkv_bias, proj_drop=drop_rate,
                   attn_drop=attn_drop_rate, drop_path=dpr[i], norm_eps=norm_eps)
             for i in range(depth)])
-        self._pool_group = self._class_row_group()
-        self._pool_cache: Dict[Any, Any] = {}
+        if broad:
+            self._broad_group()  # ValueError now for a width the broad attention cannot pool
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
         self.head_drop = nn.Dropout(drop_rate)
         self.head: nn.Module = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -232,12 +225,6 @@ class BViT(nn.Module):
     @staticmethod
     def _table_rows(img_size: Tuple[int, int], patch_size: int) -> int:
         return (img_size[0] // patch_size) * (img_size[1] // patch_size) + 1
-
-    def _class_row_group(self) -> int:
-        """Pooling group g of the broad output when its runs stay inside a head (so the class row
-        can be streamed layer by layer, see :func:`bvit.layers.class_row_pooling`), else 0."""
-        width = self.num_heads * len(self.blocks) * self.head_dim
-        return _pool_groups(width, self.embed_dim, width // self.num_heads) or 0
 
     def init_weights(self) -> None:
         trunc_normal_(self.pos_embed, std=.02)
@@ -261,8 +248,6 @@ class BViT(nn.Module):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
-        for blk in self.blocks:
-            blk.grad_checkpointing = enable
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -321,37 +306,53 @@ class BViT(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return self.pos_drop(x + pos)
 
-    def _run_blocks(self, x: Tensor, keep: bool) -> Tuple[Tensor, List[QKV], List[Tensor]]:
-        """Tokens through the blocks -> (tokens, each block's (q, k, v), each block's attention
-        input); the lists stay empty unless ``keep``."""
-        qkvs: List[QKV] = []
-        ys: List[Tensor] = []
-        for blk in self.blocks:
-            if keep:
-                x, qkv, y = blk(x)
-                qkvs.append(qkv)
-                ys.append(y)
-            else:
-                x = blk.forward_tokens(x)
-        return x, qkvs, ys
+    def _recompute(self) -> bool:
+        return self.grad_checkpointing and not torch.jit.is_scripting()
 
-    def _broad(self, qkvs: List[QKV]) -> Tensor:
-        """The pooled broad output (B, N+1, D) of every token, before ``broad_scale``."""
-        return broad_attention([t[0] for t in qkvs], [t[1] for t in qkvs], [t[2] for t in qkvs], self.embed_dim)
+    @torch.jit.unused
+    def _checkpoint(self, i: int, x: Tensor, tap: Optional[BroadTap]) -> Tensor:
+        """Block i, recomputed in the backward pass (gradient checkpointing)."""
+        return checkpoint(self.blocks[i], x, broad=tap, use_reentrant=False)
+
+    def _run_blocks(self, x: Tensor, rows: int) -> Tuple[Tensor, Tensor, List[Tensor]]:
+        """Tokens (B, N, D) through the blocks -> (tokens, Σ_l broad logits (B, H, rows, N), each
+        layer's broad values (B, H, N, w)), taken from each block's attention as it runs
+        (:class:`bvit.layers.BroadTap`); with ``rows == 0`` (no broad attention) they are empty."""
+        group = self._broad_group() if rows > 0 else 0
+        logits = x.new_zeros(0)
+        values: List[Tensor] = []
+        for i, blk in enumerate(self.blocks):
+            tap = BroadTap(rows, i, group) if rows > 0 else None
+            x = self._checkpoint(i, x, tap) if self._recompute() else blk(x, broad=tap)
+            if tap is not None:
+                s, v = tap.logits, tap.values
+                assert s is not None and v is not None
+                logits = s if i == 0 else logits + s
+                values.append(v)
+        return x, logits, values
+
+    def _broad_group(self) -> int:
+        return broad_group(len(self.blocks), self.num_heads, self.head_dim, self.embed_dim)
+
+    def _broad_out(self, logits: Tensor, values: List[Tensor]) -> Tensor:
+        """The pooled broad output (B, R, D) from the layers' terms (:func:`bvit.layers.broad_output`)."""
+        return broad_output(logits, values, self.head_dim, self._broad_group(), self.head_dim ** -0.5)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Images (B, C, H, W) -> normed tokens (B, N+1, D), broad output added on every token."""
-        x, qkvs, _ = self._run_blocks(self._embed(x), keep=self.broad)
+        x = self._embed(x)
+        x, logits, values = self._run_blocks(x, x.shape[1] if self.broad else 0)
         if self.broad:
-            x = x + self.broad_scale * self._broad(qkvs)
+            x = x + self.broad_scale * self._broad_out(logits, values).to(x.dtype)
         return self.norm(x)
 
     @torch.jit.ignore
     def forward_broad(self, x: Tensor) -> Tensor:
         """Images -> the broad attention's pooled output (B, N+1, D), before ``broad_scale``:
         ``forward_features(x) == norm(x_L + broad_scale * forward_broad(x))``."""
-        _, qkvs, _ = self._run_blocks(self._embed(x), keep=True)
-        return self._broad(qkvs)
+        x = self._embed(x)
+        x, logits, values = self._run_blocks(x, x.shape[1])
+        return self._broad_out(logits, values).to(x.dtype)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """Tokens (B, N+1, D) -> logits (B, classes), or pooled features (B, D) with pre_logits;
@@ -367,209 +368,13 @@ class BViT(nn.Module):
         """Images (B, C, H, W) -> logits (B, num_classes), or (B, D) features if num_classes == 0.
 
         Equal to ``forward_head(forward_features(x))``. With the class-token head only the class
-        token's row of the broad attention reaches the output, so only that row is computed:
-        streamed layer by layer (each layer leaves its logits and its values pooled to the
-        columns it reaches), or, in eager training with plain ``nn.Linear`` qkv projections,
-        from the blocks' attention inputs with a hand-written backward
-        (:func:`bvit.layers.broad_attention_class_row`). Every path gives the same logits.
+        token's row of the broad attention reaches the output, so only that row is computed.
         """
         if not self.broad or self.global_pool != 'token':
             return self.forward_head(self.forward_features(x))
-        x = self._embed(x)
-        if not torch.jit.is_scripting() and self._eager_fast_path():
-            x = self._class_row_fast(x)
-        else:
-            x = self._class_row_modules(x)
+        x, logits, values = self._run_blocks(self._embed(x), 1)
+        x = x[:, :1] + self.broad_scale * self._broad_out(logits, values).to(x.dtype)
         return self.forward_head(self.norm(x))
-
-    @torch.jit.unused
-    def _eager_fast_path(self) -> bool:
-        """The class-row fast paths read the qkv weights directly: only in eager mode, and only
-        when every ``qkv`` is a plain ``nn.Linear`` (not wrapped by LoRA, quantization, FSDP...)."""
-        if torch.jit.is_tracing() or _fx_tracing():
-            return False
-        return all(type(blk.attn.qkv) is nn.Linear for blk in self.blocks)
-
-    def _class_row_modules(self, x: Tensor) -> Tensor:
-        """Class token (B, 1, D) after the blocks plus its broad output, from the blocks' own
-        q, k, v (so any ``qkv`` module is honoured); scriptable and traceable."""
-        g = self._pool_group
-        logits = x.new_empty(0)
-        pieces: List[Tensor] = []
-        qkvs: List[QKV] = []
-        for i, blk in enumerate(self.blocks):
-            x, qkv, _ = blk(x)
-            q, k, v = qkv
-            if g > 0:
-                s = (q[:, :, :1] @ k.transpose(-2, -1)).squeeze(2)                # (B, H, N)
-                logits = s if i == 0 else logits + s
-                pieces.append(v @ class_row_pooling(i, self.head_dim, g, v.dtype, v.device))
-            else:
-                qkvs.append((q[:, :, :1], k, v))
-            del qkv, q, k, v
-        if g > 0:
-            out = class_row_finish(logits, pieces, self.head_dim, g, self.embed_dim, self.head_dim ** -0.5)
-        else:
-            out = self._broad(qkvs)
-        return x[:, :1] + self.broad_scale * out
-
-    @torch.jit.unused
-    def _class_row_fast(self, x: Tensor) -> Tensor:
-        """Eager class row from the attention inputs y_l (B, N, D) and the qkv weights.
-
-        Training (gradients on): every y_l is kept for the hand-written backward of
-        :func:`bvit.layers.broad_attention_class_row`. Inference: streamed, see
-        :meth:`_class_row_stream`."""
-        H, d, D = self.num_heads, self.head_dim, self.embed_dim
-        if not torch.is_grad_enabled() and self._pool_group > 0:
-            return self._class_row_stream(x)
-        attns = [blk.attn for blk in self.blocks]
-        x, _, ys = self._run_blocks(x, keep=True)
-        biases = [a.qkv.bias for a in attns] if attns[0].qkv.bias is not None else None
-        return x[:, :1] + self.broad_scale * broad_attention_class_row(
-            ys, [a.qkv.weight for a in attns], biases, H, d, D)
-
-    @torch.jit.unused
-    def _class_row_stream(self, x: Tensor) -> Tensor:
-        """Inference: the class token (B, 1, D) after the blocks plus its broad output, each layer's
-        share taken as soon as the layer has run, so no layer's (B, N, D) input outlives it.
-
-        Everything after the broad softmax is linear (the value projection, then the output
-        pooling), and each pooled column reads at most two adjacent layers. So block l leaves
-
-        - its logits q_cls·k_lᵀ = (q_cls W_k) y_lᵀ: one (B, H, D) x (B, D, N) product with its
-          attention input y_l, added in place into one running (B, H, N) sum;
-        - its values already projected and pooled to the w_l columns per head they reach,
-          y_l (W_v S_l): extra rows appended to the block's own qkv weight, so they come out of
-          the qkv product the block runs anyway (18 rows to its 576 for BViT-5M, 36 to 1152 for
-          22M, padded to a multiple of 8), then copied out, (B, N, H·w_l), so that the product
-          itself can be let go. At batch 32 with 197 tokens a separate narrow product cost
-          0.8 / 2.2 ms a layer (5M / 22M), the wider qkv product 0.1-0.4 / 0-1.3 ms more than
-          the plain one (two runs each on this noisy machine).
-
-        The block's attention and MLP are its own code (:meth:`Attention.attend` on the same
-        product). A block, attention or qkv with forward hooks runs whole, so that they fire, and
-        its values come from a product of their own."""
-        offsets, fold = self._stream_layout(x.dtype, x.device)
-        amp = torch.is_autocast_enabled(x.device.type)
-        pieces: List[Tensor] = []
-        logits: Optional[Tensor] = None
-        for i, blk in enumerate(self.blocks):
-            x, logits, piece, whole = self._stream_attention(i, x, logits, offsets[i + 1] - offsets[i], amp)
-            pieces.append(piece)
-            if not whole:
-                x = blk.forward_mlp(x)  # here, so that no reference to the block's input outlives it
-        assert logits is not None
-        with self._head_precision(x, amp):
-            out = self._stream_finish(logits, torch.cat(pieces, -1), fold.to(logits.dtype))
-        return x[:, :1] + self.broad_scale * out
-
-    @torch.jit.unused
-    def _stream_attention(self, i: int, x: Tensor, logits: Optional[Tensor], width: int,
-                          amp: bool) -> Tuple[Tensor, Tensor, Tensor, bool]:
-        """Block i's attention half and its share of the streamed class row: tokens (B, N, D) ->
-        (x + attention (B, N, D), the class row logits summed so far (B, H, N), added in place
-        into ``logits`` unless None, its values projected and pooled (B, N, width), whether the
-        block ran whole, MLP included: it does when it has hooks)."""
-        blk = self.blocks[i]
-        attn = blk.attn
-        B, H, d = x.shape[0], self.num_heads, self.head_dim
-        w, b, wk = self._stream_weights(i, attn.qkv.weight, attn.qkv.bias)
-        v0, v1 = 3 * H * d, 3 * H * d + width                                            # the appended rows
-        whole = has_forward_hooks(blk, attn, attn.qkv)
-        t: Optional[Tensor] = None
-        if whole:
-            x, qkv, y = blk(x)
-            q0 = qkv[0][:, :, 0]                                                           # (B, H, d)
-            values = F.linear(y, w[v0:v1], None if b is None else b[v0:v1])               # (B, N, width)
-            del qkv
-        else:
-            y = blk.norm1(x)
-            t = F.linear(y, w, b)                                                          # (B, N, 3·H·d + e)
-            q0 = t[:, 0, :v0 // 3].view(B, H, d)
-            values = t[:, :, v0:v1]
-        with self._head_precision(x, amp):
-            if amp:
-                q0, wk = q0.to(y.dtype), wk.to(y.dtype)
-            r = torch.bmm(q0.transpose(0, 1), wk).transpose(0, 1)                        # q_cls W_k: (B, H, D)
-            yt = y.transpose(1, 2)                                                         # (B, D, N), a view
-            logits = torch.bmm(r, yt) if logits is None else logits.baddbmm_(r, yt)      # (B, H, N)
-            piece = values.to(y.dtype, copy=True) if amp else values.clone()
-        del y, yt, values, q0, r
-        if t is not None:
-            x = x + blk.drop_path1(attn.attend(t)[0])       # t is let go on return, before the MLP
-        return x, logits, piece, whole
-
-    @staticmethod
-    def _head_precision(x: Tensor, amp: bool) -> Any:
-        """Under autocast, the head's own small products run unautocast, in its inputs' dtype."""
-        return torch.autocast(x.device.type, enabled=False) if amp else contextlib.nullcontext()
-
-    @torch.jit.unused
-    def _stream_finish(self, logits: Tensor, values: Tensor, fold: Tensor) -> Tensor:
-        """The class row's pooled broad output (B, 1, D) from the summed logits (B, H, N) and the
-        layers' pooled values (B, N, Σ H·w_l): the softmax over the tokens, one product of every
-        head's map with every column, and ``fold`` (H, Σ H·w_l, D/H) keeps each head's own
-        columns and adds them into the output columns they reach."""
-        attn = (logits * self.head_dim ** -0.5).softmax(-1)
-        red = torch.bmm(attn, values)                                                     # (B, H, Σ H·w_l)
-        out = torch.bmm(red.transpose(0, 1), fold).transpose(0, 1)                        # (B, H, D/H)
-        return out.reshape(out.shape[0], 1, self.embed_dim)
-
-    @torch.jit.unused
-    def _stream_layout(self, dtype: torch.dtype, device: torch.device) -> Tuple[List[int], Tensor]:
-        """Where each layer's pooled values go in the streamed head's buffer: offsets (L + 1)
-        into its Σ_l H·w_l columns (layer l's laid out (H, w_l)), and the 0/1 matrix
-        (H, Σ H·w_l, D/H) that folds head h's columns into the pooled output's columns."""
-        key = ('layout', dtype, device)
-        hit = self._pool_cache.get(key)
-        if hit is not None:
-            return hit
-        H, d, g, L = self.num_heads, self.head_dim, self._pool_group, len(self.blocks)
-        offsets = [0]
-        spans = [class_row_columns(i, d, g) for i in range(L)]
-        for c0, c1 in spans:
-            offsets.append(offsets[-1] + H * (c1 - c0))
-        fold = torch.zeros(H, offsets[-1], self.embed_dim // H, dtype=dtype, device=device)
-        for i, (c0, c1) in enumerate(spans):
-            w = c1 - c0
-            for h in range(H):
-                rows = torch.arange(w, device=device) + offsets[i] + h * w
-                fold[h, rows, torch.arange(c0, c1, device=device)] = 1
-        value = (offsets, fold)
-        if not torch.compiler.is_compiling():
-            self._pool_cache[key] = value
-        return value
-
-    @torch.jit.unused
-    def _stream_weights(self, i: int, weight: Tensor, bias: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor], Tensor]:
-        """Layer i's qkv weight (3·H·d, D) with the rows of its pooled values appended: W_v S_l
-        (the value projection composed with its part of the output pooling, H·w_l rows laid out
-        (H, w_l)), then zero rows up to a multiple of 8 (on this project's AVX2 CPU a 594-row
-        product ran 39% slower than a 600-row one, and 1188 rows 19% slower than 1192, at 50
-        tokens and batch 32). Bias likewise, or None; and W_k as (H, d, D), a view. Kept until the
-        weights change (inference reuses them on every call): one more qkv weight per layer,
-        5.3 MiB for BViT-5M, 21 MiB for 22M."""
-        # Under torch.compile / torch.export the weights are fake tensors: computed, not cached.
-        cache = not torch.compiler.is_compiling()
-        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device,
-               None if bias is None else (bias.data_ptr(), bias._version)) if cache else None
-        hit = self._pool_cache.get(i) if cache else None
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        H, d, D, g = self.num_heads, self.head_dim, self.embed_dim, self._pool_group
-        pool = class_row_pooling(i, d, g, weight.dtype, weight.device)                   # (d, w)
-        rows = torch.einsum('hjc,jw->hwc', weight.view(3, H, d, D)[2], pool).reshape(-1, D)
-        pad = -(weight.shape[0] + rows.shape[0]) % 8
-        w = torch.cat([weight, rows, rows.new_zeros(pad, D)]).detach()
-        b = None
-        if bias is not None:
-            vb = (bias.view(3, H, d)[2] @ pool).reshape(-1)  # rows of the map sum to 1: the bias passes as is
-            b = torch.cat([bias, vb, vb.new_zeros(pad)]).detach()
-        value = (w, b, w[H * d:2 * H * d].view(H, d, D))
-        if cache:
-            self._pool_cache[i] = (key, value)
-        return value
 
     @torch.jit.ignore
     def forward_intermediates(
@@ -604,15 +409,17 @@ class BViT(nn.Module):
         x = self._embed(x)
         grid_h, grid_w = self._grid_of(height, width)
         blocks = self.blocks[:last + 1] if stop_early and intermediates_only else self.blocks
-        keep = self.broad and not intermediates_only
+        rows = x.shape[1] if self.broad and not intermediates_only else 0
         taken: List[Tensor] = []
-        qkvs: List[QKV] = []
+        logits: Optional[Tensor] = None
+        values: List[Tensor] = []
+        group = self._broad_group() if rows else 0
         for i, blk in enumerate(blocks):
-            if keep:
-                x, qkv, _ = blk(x)
-                qkvs.append(qkv)
-            else:
-                x = blk.forward_tokens(x)
+            tap = BroadTap(rows, i, group) if rows else None
+            x = self._checkpoint(i, x, tap) if self._recompute() else blk(x, broad=tap)
+            if tap is not None:
+                logits = tap.logits if logits is None else logits + tap.logits
+                values.append(tap.values)
             if i in take:
                 taken.append(self.norm(x) if norm else x)
         out: List[Any] = []
@@ -623,8 +430,8 @@ class BViT(nn.Module):
             out.append((patches, t[:, :self.num_prefix_tokens]) if return_prefix_tokens else patches)
         if intermediates_only:
             return out
-        if self.broad:
-            x = x + self.broad_scale * self._broad(qkvs)
+        if rows:
+            x = x + self.broad_scale * self._broad_out(logits, values).to(x.dtype)
         return self.norm(x), out
 
     def _grid_of(self, height: int, width: int) -> Tuple[int, int]:
@@ -648,26 +455,37 @@ class BViT(nn.Module):
         take, last = feature_take_indices(len(self.blocks), indices)
         self.blocks = self.blocks[:last + 1]
         self.feature_info = self.feature_info[:last + 1]
-        self._pool_group = self._class_row_group()
-        self._pool_cache.clear()
         if prune_norm:
             self.norm = nn.Identity()
         if prune_head:
             self.reset_classifier(0, '')
         return take
 
+    @torch.jit.ignore
     def attention_maps(self, x: Tensor) -> AttentionMaps:
         """Explicit attention maps of every layer and of the broad attention, for inspection.
 
         Materialises the (N+1) x (N+1) maps that the normal forward never builds. Wrap the call in
         ``torch.no_grad()`` unless gradients through the maps are wanted.
         """
-        _, qkvs, _ = self._run_blocks(self._embed(x), keep=True)
-        qs, ks = [t[0] for t in qkvs], [t[1] for t in qkvs]
-        scale = self.head_dim ** -0.5
-        layers = [attention_probs(q, k, scale) for q, k in zip(qs, ks)]
         grid = self._grid_of(x.shape[-2], x.shape[-1])
-        return AttentionMaps(layers, broad_attention_probs(qs, ks, scale), grid)
+        x = self._embed(x)
+        group = self._broad_group()
+        taps = [_MapTap(x.shape[1], i, group) for i in range(len(self.blocks))]
+        for i, (blk, tap) in enumerate(zip(self.blocks, taps)):
+            x = self._checkpoint(i, x, tap) if self._recompute() else blk(x, broad=tap)
+        scale = self.head_dim ** -0.5
+        layers = [attention_probs(tap.q, tap.k, scale) for tap in taps]
+        logits = torch.stack([tap.logits for tap in taps]).sum(0)
+        return AttentionMaps(layers, broad_probs(logits, scale), grid)
+
+
+class _MapTap(BroadTap):
+    """A :class:`~bvit.layers.BroadTap` that also keeps the layer's q, k, for ``attention_maps``."""
+
+    def record(self, q: Tensor, k: Tensor, v: Tensor) -> None:
+        super().record(q, k, v)
+        self.q, self.k = q, k
 
 
 # Released checkpoints ---------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import timm
 
 import bvit.models as M
-from bvit.layers import broad_attention, broad_attention_class_row
+from bvit.layers import broad_attention
 from bvit.flops import count_flops, count_params
 
 FIXTURE = Path(__file__).parent / 'fixtures' / 'official_bvit_5m_golden.pt'
@@ -206,7 +206,8 @@ def explicit_broad(q, k, v, out_dim, scale):
     return F.adaptive_avg_pool1d(O.transpose(1, 2).flatten(2), out_dim)
 
 
-@pytest.mark.parametrize('heads,layers,head_dim,out_dim', [(3, 12, 64, 192), (2, 3, 8, 16), (2, 5, 6, 7), (4, 2, 4, 3)])
+# (2, 4, 6, 12): groups of 4 that straddle layers (6 channels each), as the released 12 over 64 do.
+@pytest.mark.parametrize('heads,layers,head_dim,out_dim', [(3, 12, 64, 192), (2, 3, 8, 16), (2, 4, 6, 12), (4, 2, 4, 16)])
 def test_broad_attention_matches_explicit(heads, layers, head_dim, out_dim):
     torch.manual_seed(0)
     mk = lambda n: [torch.randn(2, heads, n, head_dim, dtype=torch.float64) for _ in range(layers)]
@@ -218,11 +219,25 @@ def test_broad_attention_matches_explicit(heads, layers, head_dim, out_dim):
     assert torch.allclose(cls, ref[:, :1], atol=1e-10)
 
 
+def test_broad_attention_refuses_groups_it_cannot_pool():
+    mk = lambda: [torch.randn(1, 2, 3, 6) for _ in range(5)]
+    with pytest.raises(ValueError, match='60 values to 7'):
+        broad_attention(mk(), mk(), mk(), 7)
+
+
+@pytest.mark.parametrize('rows', [1, 4])
+def test_broad_attention_gradcheck(rows):
+    torch.manual_seed(0)
+    mk = lambda n: [torch.randn(2, 2, n, 6, dtype=torch.float64, requires_grad=True) for _ in range(4)]
+    q, k, v = mk(rows), mk(4), mk(4)
+    assert torch.autograd.gradcheck(lambda *t: broad_attention(t[:4], t[4:8], t[8:], 12), (*q, *k, *v))
+
+
 def test_broad_attention_mask():
     torch.manual_seed(0)
     q, k, v = ([torch.randn(2, 3, 5, 4, dtype=torch.float64) for _ in range(3)] for _ in range(3))
     zero = torch.zeros(1, 1, 5, 5, dtype=torch.float64)
-    assert torch.allclose(broad_attention(q, k, v, 7, attn_mask=zero), broad_attention(q, k, v, 7), atol=1e-12)
+    assert torch.allclose(broad_attention(q, k, v, 12, attn_mask=zero), broad_attention(q, k, v, 12), atol=1e-12)
     keep = torch.ones(5, 5, dtype=torch.bool)
     keep[:, 3] = False  # no row may look at token 3
     Q, K, V = torch.cat(q, -1), torch.cat(k, -1), torch.cat(v, -1)
@@ -237,8 +252,12 @@ def test_attention_maps_properties():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         maps = model.attention_maps(x)
-        _, qkvs, _ = model._run_blocks(model._embed(x), keep=True)
-        qs, ks, vs = zip(*qkvs)
+        outs = []
+        hooks = [blk.attn.qkv.register_forward_hook(lambda m, a, o: outs.append(o)) for blk in model.blocks]
+        x_last = model._run_blocks(model._embed(x), 0)[0]
+        for h in hooks:
+            h.remove()
+        qs, ks, vs = zip(*(o.reshape(2, -1, 3, 3, 64).permute(2, 0, 3, 1, 4) for o in outs))
     n = model.num_patches + 1
     assert len(maps.layers) == 3 and maps.grid_size == (4, 4)
     for a in maps.layers + [maps.broad]:
@@ -251,7 +270,6 @@ def test_attention_maps_properties():
         assert torch.allclose(a, (q @ k.transpose(-1, -2) * scale).softmax(-1), atol=1e-6)
     # The fused forward equals an explicit one built from the broad map.
     with torch.no_grad():
-        x_last, _, _ = model._run_blocks(model._embed(x), keep=False)
         o = (maps.broad @ torch.cat(vs, -1)).transpose(1, 2).flatten(2)
         explicit = model.norm(x_last + 0.4 * F.adaptive_avg_pool1d(o, model.embed_dim))
         assert torch.allclose(model.forward_features(x), explicit, atol=1e-5)
@@ -284,8 +302,7 @@ def test_broad_false_twin_and_scale():
     import bvit.models as mod
     calls = []
     saved = {}
-    targets = [(mod, name) for name in ('broad_attention', 'broad_attention_class_row', 'class_row_finish')]
-    targets.append((mod.BViT, '_stream_finish'))  # the streamed class row of inference
+    targets = [(mod, 'broad_output')]
     for owner, name in targets:
         saved[owner, name] = orig = getattr(owner, name)
         setattr(owner, name, lambda *a, _orig=orig, **k: calls.append(1) or _orig(*a, **k))
@@ -298,25 +315,6 @@ def test_broad_false_twin_and_scale():
     finally:
         for (owner, name), fn in saved.items():
             setattr(owner, name, fn)
-
-
-@pytest.mark.parametrize('bias', [False, True])
-def test_class_row_from_inputs_matches_and_gradchecks(bias):
-    """The class-row broad attention computed from the blocks' inputs equals the q, k, v one, and
-    its hand-written backward passes gradcheck."""
-    torch.manual_seed(0)
-    B, N, D, H, d, L = 2, 5, 6, 2, 3, 3
-    ys = [torch.randn(B, N, D, dtype=torch.float64, requires_grad=True) for _ in range(L)]
-    ws = [torch.randn(3 * H * d, D, dtype=torch.float64, requires_grad=True) for _ in range(L)]
-    bs = [torch.randn(3 * H * d, dtype=torch.float64, requires_grad=True) for _ in range(L)] if bias else None
-    out = broad_attention_class_row(ys, ws, bs, H, d, 4)
-    qkv = [F.linear(y, w, b).reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4)
-           for y, w, b in zip(ys, ws, bs or [None] * L)]
-    ref = broad_attention([t[0][:, :, :1] for t in qkv], [t[1] for t in qkv], [t[2] for t in qkv], 4)
-    assert out.shape == (B, 1, 4)
-    assert torch.allclose(out, ref, atol=1e-12)
-    fn = lambda *t: broad_attention_class_row(t[:L], t[L:2 * L], t[2 * L:] or None, H, d, 4)
-    assert torch.autograd.gradcheck(fn, (*ys, *ws, *(bs or [])))
 
 
 # --- conventions, shapes, gradients ---------------------------------------------------------------

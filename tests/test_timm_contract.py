@@ -1,5 +1,5 @@
-"""BViT as a timm model: features, intermediates, dynamic size, pooling, script/FX/export, and the
-equality of every path the forward can take (fast class row, streamed class row, module path).
+"""BViT as a timm model: features, intermediates, dynamic size, pooling, script/FX/export, hooks,
+timm's attention extraction, and one class-row computation whatever the client does to the weights.
 
 Both registered models are checked, at a small input (64 px) so the suite stays fast; depth,
 width and heads are the real ones. Tolerances are those timm's own tests use for its ViTs
@@ -19,6 +19,7 @@ NAMES = ['bvit_5m', 'bvit_22m']
 # (stem, patch): both give a 4x4 grid at 64 px, so the two stems are compared like for like.
 STEMS = [('conv', 8), ('none', 16)]
 TOL = dict(rtol=1e-5, atol=1e-5)
+EXACT = dict(rtol=0, atol=0)   # timm's own FX/script checks compare with ==
 
 
 def make(name='bvit_5m', stem='conv', patch=8, **kw):
@@ -55,65 +56,73 @@ def model(request):
     return make(name, stem, patch)
 
 
-# Paths of the class row -------------------------------------------------------------------------
+# One class row: every client sees the same computation ------------------------------------------
 
-def test_every_forward_path_gives_the_same_logits(model):
+def block_qkv(model, x):
+    """Each block's q, k, v (B, H, N, d), read by forward hooks on the qkv projections."""
+    outs = []
+    hooks = [blk.attn.qkv.register_forward_hook(lambda m, a, o: outs.append(o)) for blk in model.blocks]
+    try:
+        model.forward_features(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    B, N, _ = outs[0].shape
+    H, d = model.num_heads, model.head_dim
+    return [o.reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0) for o in outs]
+
+
+def test_forward_equals_the_full_path_with_gradients(model):
+    """The class row alone (forward) against every token's broad output then the head: logits in
+    inference, and logits and every gradient in training."""
     x = images()
     with torch.no_grad():
-        ref = full_path(model, x)
-        streamed = model(x)                           # inference: streamed layer by layer
-    fast = model(x)                                   # gradients on: hand-written class row
-    modules = model._class_row_modules(model._embed(x))
-    via_modules = model.forward_head(model.norm(modules))
-    for out in (streamed, fast, via_modules):
-        torch.testing.assert_close(out, ref, **TOL)
-    assert ref.abs().max() > 0.1                       # not a degenerate comparison
+        torch.testing.assert_close(model(x), full_path(model, x), **TOL)
+    target = torch.tensor([3, 7])
+    grads = []
+    for fn in (model, lambda t: full_path(model, t)):
+        model.zero_grad()
+        nn.functional.cross_entropy(fn(x), target).backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
+    assert_grads_close(grads[0], grads[1])
+    assert grads[0]['blocks.0.attn.qkv.weight'].abs().max() > 0
 
 
-def test_training_gradients_of_the_fast_path_equal_the_full_path():
-    for name, (stem, patch) in zip(NAMES, STEMS):
-        model = make(name, stem, patch, qkv_bias=True).train()  # dropout 0: train mode is deterministic
+def test_momentum_teacher_updated_through_data_gives_its_own_logits(model):
+    """DINO / MoCo / BYOL update a teacher with ``.data`` writes, which leave ``_version`` and
+    ``data_ptr`` as they were: every call must read the weights as they are now."""
+    student = copy.deepcopy(model)
+    x = images()
+    previous = None
+    for step in range(4):
+        with torch.no_grad():
+            for p in student.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+            for pt, ps in zip(model.parameters(), student.parameters()):
+                pt.data.mul_(0.9).add_(0.1 * ps.detach().data)
+            out = model(x)
+            torch.testing.assert_close(out, full_path(model, x), **TOL)
+            if previous is not None:
+                assert not torch.allclose(out, previous, atol=1e-4), step
+            previous = out
+    with torch.no_grad():
+        model.blocks[4].attn.qkv.weight.data.mul_(2)
+        torch.testing.assert_close(model(x), full_path(model, x), **TOL)
+
+
+def test_a_model_built_and_run_under_inference_mode():
+    with torch.inference_mode():
+        model = make()
         x = images()
-        target = torch.tensor([3, 7])
-        grads = []
-        for fn in (model, lambda t: full_path(model, t)):
-            model.zero_grad()
-            nn.functional.cross_entropy(fn(x), target).backward()
-            grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
-        assert_grads_close(grads[0], grads[1])
-        assert grads[0]['blocks.0.attn.qkv.weight'].abs().max() > 0
-
-
-def test_streamed_inference_with_hooks_changed_weights_and_autocast():
-    """The streamed class row appends its value rows to each block's qkv product: hooks on the
-    block, its attention or its qkv still fire (that block runs whole, same logits); new weights
-    are picked up (the appended rows are cached per weight version); bf16 autocast gives what the
-    full path gives under autocast."""
-    model = make(qkv_bias=True)
-    x = images()
+        out = model(x)
+        torch.testing.assert_close(out, full_path(model, x), **TOL)
+    plain = make()
     with torch.no_grad():
-        ref = full_path(model, x)
-        for i, mod in enumerate((model.blocks[2], model.blocks[4].attn, model.blocks[7].attn.qkv)):
-            seen = []
-            handle = mod.register_forward_hook(lambda m, a, o: seen.append(1))
-            torch.testing.assert_close(model(x), ref, **TOL)
-            handle.remove()
-            assert seen == [1], i
-        w, b, _ = model._stream_weights(3, model.blocks[3].attn.qkv.weight, model.blocks[3].attn.qkv.bias)
-        assert w.shape[0] % 8 == 0 and w.shape[0] > 3 * model.embed_dim and b.shape == w.shape[:1]
-        model.blocks[3].attn.qkv.weight.mul_(1.5)                   # in place: a new version
-        model.blocks[9].attn.qkv.bias.add_(0.3)
-        ref2 = full_path(model, x)
-        assert not torch.allclose(ref, ref2, atol=1e-3)
-        torch.testing.assert_close(model(x), ref2, **TOL)
-        with torch.autocast('cpu', dtype=torch.bfloat16):
-            amp, amp_ref = model(x), full_path(model, x)
-    torch.testing.assert_close(amp.float(), amp_ref.float(), rtol=0, atol=2e-2)
-    torch.testing.assert_close(amp.float(), ref2, rtol=0, atol=5e-2)
+        torch.testing.assert_close(out, plain(x), rtol=0, atol=0)
 
 
 class LowRank(nn.Module):
-    """A LoRA-style wrapper: the base Linear plus a low-rank update."""
+    """A LoRA-style wrapper (as peft's ``lora.Linear``): the base Linear plus a low-rank update."""
 
     def __init__(self, base: nn.Linear, rank: int = 2) -> None:
         super().__init__()
@@ -126,40 +135,122 @@ class LowRank(nn.Module):
     def forward(self, x):
         return self.base(x) + self.up(self.down(x))
 
+    def merged(self) -> nn.Linear:
+        """The base Linear with the update folded into its weight (peft's ``merge_and_unload``)."""
+        with torch.no_grad():
+            self.base.weight += self.up.weight @ self.down.weight
+        return self.base
 
-def test_a_wrapped_qkv_is_honoured_by_every_path():
+
+def test_a_wrapped_then_merged_qkv_gives_the_wrapped_logits():
+    """LoRA on qkv (after the base model has run once), trained a step, then merged: the merged
+    model gives the wrapped model's logits, not the base model's."""
     plain = make()
-    wrapped = copy.deepcopy(plain)
-    for blk in wrapped.blocks:
-        blk.attn.qkv = LowRank(blk.attn.qkv)
-    assert not wrapped._eager_fast_path() and plain._eager_fast_path()
     x = images()
     with torch.no_grad():
-        ref = full_path(wrapped, x)
-        assert not torch.allclose(ref, full_path(plain, x), atol=1e-3)  # the wrapper matters
-        torch.testing.assert_close(wrapped(x), ref, **TOL)
-    wrapped.train()
-    out = wrapped(x)
-    torch.testing.assert_close(out, full_path(wrapped, x), **TOL)
-    out.sum().backward()
-    assert wrapped.blocks[0].attn.qkv.down.weight.grad.abs().max() > 0
+        base_out = plain(x)
+    for blk in plain.blocks:
+        blk.attn.qkv = LowRank(blk.attn.qkv)
+    nn.functional.cross_entropy(plain(x), torch.tensor([1, 2])).backward()
+    assert plain.blocks[0].attn.qkv.down.weight.grad.abs().max() > 0
+    with torch.no_grad():
+        wrapped_out = plain(x)
+        torch.testing.assert_close(wrapped_out, full_path(plain, x), **TOL)
+        assert not torch.allclose(wrapped_out, base_out, atol=1e-3)
+        for blk in plain.blocks:
+            blk.attn.qkv = blk.attn.qkv.merged()
+        torch.testing.assert_close(plain(x), wrapped_out, **TOL)
 
 
-def test_unaligned_pooling_and_qkv_bias_paths():
-    # 3 heads of 48 over 3 layers pool 432 values to 192: the groups are not whole runs inside
-    # one head, so there is no streaming (the generic pooled path); still exact.
-    for kw in (dict(depth=3, head_dim=48), dict(qkv_bias=True)):
+def test_hooks_see_what_they_see_on_a_timm_vit(model):
+    """A forward hook on every block gets the block's output tokens (a Tensor, stackable); hooks
+    on the attention and qkv fire once per call; the blocks' outputs are forward_intermediates'."""
+    x = images()
+    feats, attn_out, qkv_out = [], [], []
+    handles = [blk.register_forward_hook(lambda m, i, o: feats.append(o)) for blk in model.blocks]
+    handles += [blk.attn.register_forward_hook(lambda m, i, o: attn_out.append(o)) for blk in model.blocks]
+    handles += [blk.attn.qkv.register_forward_hook(lambda m, i, o: qkv_out.append(o)) for blk in model.blocks]
+    with torch.no_grad():
+        out = model(x)
+        _, inter = model.forward_intermediates(x, output_fmt='NLC')
+    for h in handles:
+        h.remove()
+    L = len(model.blocks)
+    assert len(feats) == len(attn_out) == len(qkv_out) == 2 * L
+    stacked = torch.stack(feats[:L])
+    assert stacked.shape == (L, 2, 17, model.embed_dim)
+    torch.testing.assert_close(stacked[:, :, 1:], torch.stack(inter), rtol=0, atol=0)
+    assert all(type(o) is torch.Tensor and o.shape == (2, 17, model.embed_dim) for o in attn_out)
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x), rtol=0, atol=0)
+
+
+def test_forward_hooks_can_change_a_block_output():
+    model = make()
+    x = images()
+    with torch.no_grad():
+        ref = model(x)
+        handle = model.blocks[5].register_forward_hook(lambda m, i, o: o * 1.5)
+        changed = model(x)
+        changed_full = full_path(model, x)
+        handle.remove()
+    assert not torch.allclose(changed, ref, atol=1e-3)
+    torch.testing.assert_close(changed, changed_full, **TOL)
+
+
+@pytest.mark.parametrize('method', ['fx', 'hook'])
+def test_timm_attention_extract(method):
+    """timm's AttentionExtract, with fused attention off as timm needs for it, finds every layer's
+    map, equal to attention_maps()."""
+    from timm.layers import set_fused_attn, use_fused_attn
+    from timm.utils import AttentionExtract
+    was = use_fused_attn()
+    set_fused_attn(False)
+    try:
+        model = make()
+    finally:
+        set_fused_attn(was)
+    assert not model.blocks[0].attn.fused_attn
+    x = images()
+    extract = AttentionExtract(model, method=method)
+    with torch.no_grad():
+        maps = extract(x)
+        ref = model.attention_maps(x)
+        fused = make()
+        torch.testing.assert_close(model(x), fused(x), **TOL)
+    assert len(maps) == len(model.blocks)
+    for got, want in zip(maps.values(), ref.layers):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_pickle_holds_no_state_from_a_call(model):
+    import pickle
+    before = len(pickle.dumps(model))
+    with torch.no_grad():
+        model(images())
+        model.forward_features(images())
+    after = len(pickle.dumps(model))
+    assert after == before
+    assert not any(isinstance(v, torch.Tensor) for m in model.modules() for v in vars(m).values())
+
+
+def test_unaligned_pooling_is_refused_with_the_reason():
+    # 3 heads of 48 over 3 layers: 432 values cannot be pooled to 192 in whole groups.
+    with pytest.raises(ValueError, match='432 values to 192'):
+        make(depth=3, head_dim=48)
+    twin = make(depth=3, head_dim=48, broad=False)          # no broad attention: nothing to pool
+    assert twin(images()).shape == (2, 10)
+
+
+def test_qkv_bias_and_another_head_dim():
+    for kw in (dict(qkv_bias=True), dict(head_dim=32)):
         model = make(**kw)
         with torch.no_grad():
             for blk in model.blocks:
                 if blk.attn.qkv.bias is not None:
                     blk.attn.qkv.bias.normal_()
-        assert (model._pool_group == 0) == ('depth' in kw)
-        x = images()
-        with torch.no_grad():
+            x = images()
             torch.testing.assert_close(model(x), full_path(model, x), **TOL)
-            torch.testing.assert_close(model.forward_head(model.norm(model._class_row_modules(model._embed(x)))),
-                                       full_path(model, x), **TOL)
 
 
 # Features and intermediates ---------------------------------------------------------------------
@@ -172,7 +263,7 @@ def test_forward_intermediates_are_the_block_outputs(model):
         tokens = model._embed(x)
         outs = []
         for blk in model.blocks:
-            tokens = blk(tokens)[0]
+            tokens = blk(tokens)
             outs.append(tokens)
         torch.testing.assert_close(inter[0], outs[2][:, 1:], rtol=0, atol=0)
         torch.testing.assert_close(inter[1], outs[-1][:, 1:], rtol=0, atol=0)
@@ -310,8 +401,8 @@ def test_torchscript_equals_eager(name):
         scripted = torch.jit.script(model)
         x = images()
         with torch.no_grad():
-            torch.testing.assert_close(scripted(x), model(x), **TOL)
-            torch.testing.assert_close(scripted.forward_features(x), model.forward_features(x), **TOL)
+            torch.testing.assert_close(scripted(x), model(x), **EXACT)
+            torch.testing.assert_close(scripted.forward_features(x), model.forward_features(x), **EXACT)
 
 
 def test_dynamic_size_scripted_and_traced():
@@ -321,8 +412,8 @@ def test_dynamic_size_scripted_and_traced():
         x = images(size=size)
         with torch.no_grad():
             ref = model(x)
-            torch.testing.assert_close(scripted(x), ref, **TOL)
-            torch.testing.assert_close(traced(x), ref, **TOL)
+            torch.testing.assert_close(scripted(x), ref, **EXACT)
+            torch.testing.assert_close(traced(x), ref, **EXACT)
 
 
 @pytest.mark.parametrize('name', NAMES)
@@ -331,8 +422,8 @@ def test_fx_trace_forward_backward_and_script(name):
     traced = torch.fx.symbolic_trace(model)
     x = images()
     with torch.no_grad():
-        torch.testing.assert_close(traced(x), model(x), **TOL)
-    # backward through the traced graph (module path) equals eager training (fast path)
+        torch.testing.assert_close(traced(x), model(x), **EXACT)
+    # backward through the traced graph: the same operations as eager training
     model.train()
     traced.train()
     grads = []
@@ -342,12 +433,13 @@ def test_fx_trace_forward_backward_and_script(name):
         fn(x).square().sum().backward()
         src = traced if fn is traced else model
         grads.append({k: p.grad.clone() for k, p in src.named_parameters()})
-    assert_grads_close(grads[0], grads[1])
+    for k in grads[1]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], **EXACT, msg=k)
     model.eval()
     traced.eval()
     scripted = torch.jit.script(traced)
     with torch.no_grad():
-        torch.testing.assert_close(scripted(x), model(x), **TOL)
+        torch.testing.assert_close(scripted(x), model(x), **EXACT)
 
 
 def test_torchvision_feature_extractor():
@@ -358,7 +450,7 @@ def test_torchvision_feature_extractor():
     x = images()
     with torch.no_grad():
         out = ext(x)
-        torch.testing.assert_close(out['logits'], model(x), **TOL)
+        torch.testing.assert_close(out['logits'], model(x), **EXACT)
         seen = {}
         hook = model.blocks[5].mlp.fc2.register_forward_hook(lambda m, i, o: seen.setdefault('o', o))
         model(x)
@@ -372,6 +464,99 @@ def test_torch_export_and_compile():
     with torch.no_grad():
         ref = model(x)
         exported = torch.export.export(model, (x,))
-        torch.testing.assert_close(exported.module()(x), ref, **TOL)
+        torch.testing.assert_close(exported.module()(x), ref, **EXACT)
         compiled = torch.compile(model, backend='aot_eager')   # dynamo capture without a C++ toolchain
-        torch.testing.assert_close(compiled(x), ref, **TOL)
+        torch.testing.assert_close(compiled(x), ref, **EXACT)
+
+
+def _train_steps(model, x, target, steps=2):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), target)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_compiled_training_steps_equal_eager():
+    """torch.compile (aot_eager: dynamo and AOTAutograd, no C++ toolchain) trains as eager does."""
+    eager = make().train()
+    compiled_model = copy.deepcopy(eager)
+    x, target = images(), torch.tensor([1, 8])
+    losses = _train_steps(eager, x, target)
+    compiled_losses = _train_steps(torch.compile(compiled_model, backend='aot_eager'), x, target)
+    assert compiled_losses == losses
+    for (k, a), b in zip(eager.state_dict().items(), compiled_model.state_dict().values()):
+        torch.testing.assert_close(b, a, **EXACT, msg=k)
+
+
+def test_grad_checkpointing_gives_the_same_gradients(model):
+    x, target = images(), torch.tensor([1, 8])
+    grads = []
+    for enable in (False, True):
+        model.set_grad_checkpointing(enable)
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x), target).backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
+    model.set_grad_checkpointing(False)
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], **EXACT, msg=k)
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16], ids=['bf16', 'fp16'])
+def test_low_precision_weights_and_autocast(dtype):
+    """The layers' logits are summed in float32: with bf16 / fp16 weights, and under bf16
+    autocast, the logits stay within the precision of the dtype of the float32 model's
+    (bf16 keeps 8 significant bits, fp16 11: bounds 3e-2 / 4e-3 of the logits' scale)."""
+    model = make()
+    x = images()
+    with torch.no_grad():
+        ref = model(x)
+        scale = ref.abs().max().item()
+        tol = (3e-2 if dtype == torch.bfloat16 else 4e-3) * scale
+        low = copy.deepcopy(model).to(dtype)
+        out = low(x.to(dtype))
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.float(), ref, rtol=0, atol=tol)
+        torch.testing.assert_close(out, low.forward_head(low.forward_features(x.to(dtype))), rtol=0, atol=tol)
+        if dtype == torch.bfloat16:
+            with torch.autocast('cpu', dtype=dtype):
+                amp = model(x)
+            torch.testing.assert_close(amp.float(), ref, rtol=0, atol=tol)
+
+
+def _ddp_compiled_worker(rank, init_file, out_dir):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=2)
+    try:
+        x = images(seed=10 + rank)
+        target = torch.tensor([rank, 9 - rank])
+        for compiled in (False, True):
+            model = make().train()
+            ddp = DDP(model)
+            # as PyTorch documents for DDP: wrap first, then compile the wrapped model
+            net = torch.compile(ddp, backend='aot_eager') if compiled else ddp
+            _train_steps(net, x, target, steps=2)
+            if rank == 0:
+                torch.save(model.state_dict(), f'{out_dir}/{"compiled" if compiled else "eager"}.pt')
+    finally:
+        dist.destroy_process_group()
+
+
+def test_compiled_training_under_ddp_equals_eager(tmp_path):
+    """Two gloo processes, DDP then torch.compile (aot_eager, so DDPOptimizer splits the graph at
+    bucket boundaries): after two AdamW steps the weights equal eager DDP's (to 1e-6: the
+    all-reduce of buckets may sum in another order)."""
+    import torch.multiprocessing as mp
+    mp.spawn(_ddp_compiled_worker, args=(str(tmp_path / 'init'), str(tmp_path)), nprocs=2, join=True)
+    eager = torch.load(tmp_path / 'eager.pt', weights_only=True)
+    compiled = torch.load(tmp_path / 'compiled.pt', weights_only=True)
+    start = make().state_dict()
+    assert not torch.equal(eager['blocks.0.attn.qkv.weight'], start['blocks.0.attn.qkv.weight'])
+    for k in eager:
+        torch.testing.assert_close(compiled[k], eager[k], rtol=0, atol=1e-6, msg=k)
