@@ -101,7 +101,7 @@ def test_use_ema_exports_the_ema_weights(tmp_path, capsys):
     assert torch.equal(_logits(reloaded, x), _logits(ema, x))
     torch.save({'model': model.state_dict(), 'args': _train_args()}, ckpt)
     assert E.main([str(ckpt), str(tmp_path / 'no_ema'), '--use-ema']) == 2
-    assert capsys.readouterr().err == f'error: {ckpt}: the checkpoint holds no model_ema weights\n'
+    assert capsys.readouterr().err == f'error: {ckpt}: the checkpoint holds no model_ema weights (nor state_dict_ema)\n'
     assert not (tmp_path / 'no_ema').exists()
 
 
