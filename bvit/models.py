@@ -883,8 +883,11 @@ def checkpoint_filter_fn(state_dict: Any, model: nn.Module, use_ema: bool = Fals
     patch embedding as a Conv2d kernel, the position table resampled (bicubic) from the
     checkpoint's patch grid to the model's and sized to the model's table, and the first convs
     adapted to the model's ``in_chans``. The classifier is left as saved. ValueError when the file
-    holds no state dict or a table that cannot be resampled.
+    holds no state dict or a table that cannot be resampled. A T2T-ViT model gets
+    :func:`bvit.t2t.checkpoint_filter_fn` (the authors' T2T-ViT files).
     """
+    if isinstance(model, _t2t.T2TViT):  # T2T-ViT's own layout and table (bvit.t2t)
+        return _t2t.checkpoint_filter_fn(state_dict, model, use_ema)
     sd = convert_official_state_dict(state_dict, use_ema)
     if 'pos_embed' in sd and isinstance(model, BViT):
         pe = sd['pos_embed']
@@ -994,3 +997,5 @@ __all__ = [
     'CHECKPOINT_SAFE_GLOBALS', 'checkpoint_globals',
     'resample_pos_embed', 'patch_grid', 'MODEL_ARGS',
 ]
+
+from . import t2t as _t2t  # noqa: E402  (registers the T2T-ViT models; imports this module's loaders)
