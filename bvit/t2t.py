@@ -369,6 +369,18 @@ class T2TViT(VisionTransformer):
                 m.init_features()
 
 
+def rename_authors_keys(sd: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+    """The authors' T2T-ViT key names to this module's (``tokens_to_token.`` -> ``patch_embed.``,
+    a Performer layer's ``mlp.0.`` / ``mlp.2.`` -> ``mlp.fc1.`` / ``mlp.fc2.``); other keys unchanged."""
+    out: Dict[str, Tensor] = {}
+    for key, value in sd.items():
+        key = re.sub(r'^tokens_to_token\.', 'patch_embed.', key)
+        key = re.sub(r'^(patch_embed\.attention[12])\.mlp\.0\.', r'\1.mlp.fc1.', key)
+        key = re.sub(r'^(patch_embed\.attention[12])\.mlp\.2\.', r'\1.mlp.fc2.', key)
+        out[key] = value
+    return out
+
+
 def checkpoint_filter_fn(state_dict: Any, model: nn.Module, use_ema: bool = False) -> Dict[str, Tensor]:
     """Adapt an authors' T2T-ViT file, or one of this project's, to ``model`` (a :class:`T2TViT`).
 
@@ -381,13 +393,7 @@ def checkpoint_filter_fn(state_dict: Any, model: nn.Module, use_ema: bool = Fals
     for their 384 px model. The classifier is left as saved. ValueError for a table that is not
     1 + a square grid or weights of another input channel count.
     """
-    sd = unwrap_state_dict(state_dict, use_ema)
-    out: Dict[str, Tensor] = {}
-    for key, value in sd.items():
-        key = re.sub(r'^tokens_to_token\.', 'patch_embed.', key)
-        key = re.sub(r'^(patch_embed\.attention[12])\.mlp\.0\.', r'\1.mlp.fc1.', key)
-        key = re.sub(r'^(patch_embed\.attention[12])\.mlp\.2\.', r'\1.mlp.fc2.', key)
-        out[key] = value
+    out = rename_authors_keys(unwrap_state_dict(state_dict, use_ema))
     pe = out.get('pos_embed')
     target = getattr(model, 'pos_embed', None)
     if pe is not None and target is not None and tuple(pe.shape) != tuple(target.shape):
@@ -527,6 +533,6 @@ def t2t_vit_t_24(pretrained: bool = False, **kwargs: Any) -> T2TViT:
 
 __all__ = [
     'T2TViT', 'TokensToToken', 'TokenPerformer', 'TokenTransformer', 'TokenAttention', 'sinusoid_pos_table',
-    'performer_features', 'performer_attention', 'soft_split_size', 't2t_grid', 'checkpoint_filter_fn', 'model_args',
+    'performer_features', 'performer_attention', 'soft_split_size', 't2t_grid', 'checkpoint_filter_fn', 'rename_authors_keys', 'model_args',
     'arch_of_state_dict', 'T2T_MODEL_ARGS', 'SOFT_SPLITS',
 ] + list(T2T_MODEL_ARGS)

@@ -291,3 +291,67 @@ def test_timm_basics():
         model(torch.randn(1, 3, 48, 48))
     scripted = torch.jit.script(timm.create_model('t2t_vit_7', **SMALL).eval())
     assert scripted(x).shape == (2, 10)
+
+
+def test_macs_beside_the_readme():
+    """bvit.flops at 224 px (one image), the Performer's einsums and the token transformer's
+    3136-token attention included: 1.147 / 6.089 GMACs beside the README's 1.1G / 6.1G."""
+    from bvit.flops import T2T_README_GMACS, count_flops
+    for name, flops in (('t2t_vit_7', 2_293_727_232), ('t2t_vit_t_14', 12_177_443_840)):
+        assert count_flops(timm.create_model(name), 224) == flops
+        assert abs(flops / 2e9 - T2T_README_GMACS[name]) < 0.05
+
+
+TRAIN = ['--data-set', 'DIGITS', '--input-size', '32', '--batch-size', '16', '--val-subset', '16', '--num_workers', '0',
+         '--threads', '1', '--print-freq', '1000']
+
+
+def test_train_hp_epoch_with_broad_then_eval_resume(tmp_path):
+    """One train_hp.py epoch of --arch t2t_vit_7 --broad on the demo digits at 32 px (a 2x2 token
+    grid), then --eval --resume of its checkpoint: the same top-1 and loss as its last evaluation."""
+    import train_hp
+    out = tmp_path / 'run'
+    argv = TRAIN + ['--arch', 't2t_vit_7', '--broad', '--epochs', '1', '--train-subset', '64', '--warmup-epochs', '0',
+                    '--output_dir', str(out)]
+    assert train_hp.cli(argv) == 0
+    ckpt = torch.load(out / 'checkpoint.pth', weights_only=True)
+    assert ckpt['args']['arch'] == 't2t_vit_7' and ckpt['args']['broad'] is True and ckpt['epoch'] == 0
+    stats = train_hp.main(train_hp.parse_args(TRAIN + ['--arch', 't2t_vit_7', '--broad', '--eval', '--resume',
+                                                       str(out / 'checkpoint.pth')]))
+    model = add_broad_attention(timm.create_model('t2t_vit_7', **SMALL), 0.4)
+    model.load_state_dict(ckpt['model'])
+    from datasets import build_dataset
+    val, _ = build_dataset(False, train_hp.parse_args(TRAIN))
+    images = torch.stack([val[i][0] for i in range(16)])
+    targets = torch.tensor([val[i][1] for i in range(16)])
+    logits = _logits(model, images)
+    assert stats['images'] == 16
+    assert stats['acc1'] == pytest.approx(100.0 * (logits.argmax(1) == targets).float().mean().item())
+    assert stats['loss'] == pytest.approx(F.cross_entropy(logits, targets).item(), rel=1e-5)
+
+
+def test_train_hp_eval_resume_of_an_authors_file(tmp_path):
+    import train_hp
+    torch.manual_seed(0)
+    src, ema = timm.create_model('t2t_vit_7', **SMALL), timm.create_model('t2t_vit_7', **SMALL)
+    path = str(authors_file(tmp_path / 'release.pth.tar', src, ema))
+    bare = tmp_path / 'bare.pth'
+    for flag, model in (([], src), (['--eval-ema'], ema)):
+        torch.save(model.state_dict(), bare)
+        base = TRAIN + ['--arch', 't2t_vit_7', '--eval', '--resume']
+        got = train_hp.main(train_hp.parse_args(base + [path] + flag))
+        want = train_hp.main(train_hp.parse_args(base + [str(bare)]))
+        assert (got['loss'], got['acc1']) == (want['loss'], want['acc1'])
+
+
+def test_export_of_an_authors_file(tmp_path, capsys):
+    pytest.importorskip('onnxruntime')
+    from bvit import export as E
+    torch.manual_seed(0)
+    src = timm.create_model('t2t_vit_7', **SMALL).eval()
+    path = authors_file(tmp_path / 'release.pth.tar', src)
+    assert E.main([str(path), str(tmp_path / 'out')]) == 0
+    assert 'exported t2t_vit_7 (10 classes, 3x32x32 input)' in capsys.readouterr().out
+    reloaded = timm.create_model(f'local-dir:{tmp_path / "out"}', pretrained=True)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(_logits(reloaded, x), _logits(src, x))
