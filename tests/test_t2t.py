@@ -355,3 +355,16 @@ def test_export_of_an_authors_file(tmp_path, capsys):
     reloaded = timm.create_model(f'local-dir:{tmp_path / "out"}', pretrained=True)
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(_logits(reloaded, x), _logits(src, x))
+
+
+def test_imagenet_config_is_the_t2t_recipe():
+    import train_hp
+    repo = Path(__file__).resolve().parents[1]
+    a = train_hp.parse_args(['--config', str(repo / 'configs' / 't2t_vit_14_imagenet.yaml'), '--data-path', '.'])
+    assert (a.arch, a.broad, a.broad_scale, a.input_size, a.batch_size, a.lr, a.weight_decay) == (
+        't2t_vit_14', True, 0.4, 224, 64, 5e-4, 0.05)
+    assert (a.opt, a.opt_eps, a.clip_grad, a.sched, a.warmup_epochs, a.warmup_lr, a.min_lr, a.epochs) == (
+        'adamw', 1e-8, None, 'cosine', 10, 1e-6, 1e-5, 300)
+    assert (a.drop_path, a.mixup, a.cutmix, a.smoothing, a.reprob, a.model_ema, a.model_ema_decay, a.amp,
+            a.repeated_aug, a.train_interpolation, a.eval_crop_ratio) == (
+        0.1, 0.8, 1.0, 0.1, 0.25, True, 0.99996, True, False, 'random', 0.9)
