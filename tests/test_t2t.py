@@ -232,7 +232,7 @@ def test_position_table_resampled_for_another_size(tmp_path):
 # --- broad attention ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize('name', ['t2t_vit_7', 't2t_vit_t_14'])
-def test_broad_attention_at_scale_0_is_the_original_model(name):
+def test_broad_attention_at_scale_0_is_the_original_model(name, tmp_path):
     torch.manual_seed(0)
     model = timm.create_model(name, **SMALL).eval()
     x = torch.randn(2, 3, 32, 32)
@@ -247,6 +247,9 @@ def test_broad_attention_at_scale_0_is_the_original_model(name):
     plain = timm.create_model(name, **SMALL)
     plain.load_state_dict(model.state_dict())  # converted weights load into the plain model as they are
     assert torch.equal(_logits(plain, x), ref)
+    fresh = add_broad_attention(timm.create_model(name, **SMALL), scale=0.)  # and an authors' file into a converted one
+    M.load_checkpoint(fresh, authors_file(tmp_path / 'authors.pth.tar', plain))
+    assert torch.equal(_logits(fresh, x), ref)
 
 
 def test_one_training_step_with_broad_attention():
@@ -289,8 +292,13 @@ def test_timm_basics():
     assert _logits(dyn, torch.randn(1, 3, 48, 64)).shape == (1, 256)
     with pytest.raises(AssertionError, match='img_size'):
         model(torch.randn(1, 3, 48, 48))
-    scripted = torch.jit.script(timm.create_model('t2t_vit_7', **SMALL).eval())
-    assert scripted(x).shape == (2, 10)
+    final, inter = pooled.eval().forward_intermediates(x, indices=[0, 6])
+    assert torch.equal(final, feats) and [t.shape for t in inter] == [(2, 256, 2, 2)] * 2
+    pooled.set_input_size(48)  # a 3x3 grid: the table resampled by timm
+    assert pooled.pos_embed.shape == (1, 10, 256) and not pooled.pos_embed.requires_grad
+    assert _logits(pooled, torch.randn(1, 3, 48, 48)).shape == (1, 256)
+    eager = timm.create_model('t2t_vit_7', **SMALL).eval()
+    torch.testing.assert_close(torch.jit.script(eager)(x), _logits(eager, x), rtol=1e-5, atol=1e-6)
 
 
 def test_macs_beside_the_readme():
