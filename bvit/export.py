@@ -1,4 +1,4 @@
-"""Export a BViT checkpoint as timm shares models (config.json + model.safetensors) and as ONNX.
+"""Export a BViT or T2T-ViT checkpoint as timm shares models (config.json + model.safetensors) and as ONNX.
 
 Command line::
 
@@ -6,8 +6,8 @@ Command line::
 
 CHECKPOINT is anything :func:`bvit.models.load_checkpoint` reads: a checkpoint of train_hp.py
 (the model's arguments come from the ``args`` it stores: arch, classes, input size, patch size,
-stem, broad attention and its scale), a released BViT file (bvit_5m or bvit_22m by its width), or
-a bare state dict. OUT_DIR receives::
+stem, broad attention and its scale), a released BViT file (bvit_5m or bvit_22m by its width), an
+authors' T2T-ViT file (the model read off its weights), or a bare state dict. OUT_DIR receives::
 
     config.json, model.safetensors   timm's hub layout (timm.models.save_for_hf):
                                      timm.create_model('local-dir:OUT_DIR', pretrained=True)
@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from . import models as bvit_models
+from . import t2t
 from .rebuild import build_from_checkpoint
 
 EXPORT_FILES = ('config.json', 'model.safetensors', 'model.onnx')
@@ -122,7 +123,8 @@ def _write(model: nn.Module, folder: str, ckpt_args: Dict[str, Any]) -> Dict[str
     """All three files into ``folder``, then the checks; returns the largest logit differences."""
     from timm.models import save_for_hf
     model.pretrained_cfg = {**model.pretrained_cfg, **_preprocessing(ckpt_args)}
-    save_for_hf(model, folder, model_args=bvit_model_args(model), safe_serialization=True)
+    args = t2t.model_args(model) if isinstance(model, t2t.T2TViT) else bvit_model_args(model)
+    save_for_hf(model, folder, model_args=args, safe_serialization=True)
     c, h, w = model.in_chans, *model.img_size
     gen = torch.Generator().manual_seed(0)
     export_onnx(model, os.path.join(folder, 'model.onnx'), torch.randn(2, c, h, w, generator=gen))

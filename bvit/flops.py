@@ -1,8 +1,10 @@
 """Parameters and FLOPs of the registered BViT models, counted with ``torch.utils.flop_counter``.
 
-    python -m bvit.flops [--img-size 224] [--num-classes 1000]
+    python -m bvit.flops [--img-size 224] [--num-classes 1000] [--t2t]
 
-One line per model and stem, for the classification forward ``model(x)`` of one image.
+One line per model and stem, for the classification forward ``model(x)`` of one image; ``--t2t``
+adds the T2T-ViT models beside the MACs their README gives (the Performer's einsums are matrix
+products, so they are counted).
 ``GFLOPs`` counts a multiply-add as 2 (flop_counter's convention); ``GMACs`` is half of it, the
 unit vision papers (BViT's included) call "FLOPs".
 """
@@ -64,12 +66,31 @@ def table(names: Optional[List[str]] = None, img_size: int = 224, num_classes: i
     return rows
 
 
+# MACs of the T2T-ViT README (yitu-opensource/T2T-ViT, "T2T-ViT Models"), 224 px.
+T2T_README_GMACS = {'t2t_vit_7': 1.1, 't2t_vit_10': 1.5, 't2t_vit_12': 1.8, 't2t_vit_14': 4.8, 't2t_vit_19': 8.5,
+                    't2t_vit_24': 13.8, 't2t_vit_t_14': 6.1, 't2t_vit_t_19': 9.8, 't2t_vit_t_24': 15.0}
+
+
+def t2t_table(img_size: int = 224, num_classes: int = 1000) -> List[Dict]:
+    """Rows of {model, params, trainable, gflops, gmacs, readme_gmacs, tokens} for the T2T-ViTs."""
+    rows = []
+    for name, readme in T2T_README_GMACS.items():
+        model = timm.create_model(name, img_size=img_size, num_classes=num_classes)
+        flops = count_flops(model, img_size)
+        rows.append(dict(model=name, params=count_params(model),
+                         trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                         gflops=flops / 1e9, gmacs=flops / 2e9, readme_gmacs=readme if img_size == 224 else None,
+                         tokens=model.patch_embed.num_patches + 1))
+    return rows
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--img-size', type=int, default=224, help='input resolution')
     parser.add_argument('--num-classes', type=int, default=1000, help='classes of the head')
     parser.add_argument('--twins', action='store_true', help='also list the broad=False twins')
     parser.add_argument('--deit', action='store_true', help="also list timm's deit_tiny/deit_small for comparison")
+    parser.add_argument('--t2t', action='store_true', help='also list the T2T-ViT models beside their README\'s MACs')
     args = parser.parse_args(argv)
     print(f"{'model':10s} {'stem':5s} {'broad':6s} {'tokens':>6s} {'params':>12s} {'GFLOPs':>8s} {'GMACs':>7s}")
     for r in table(img_size=args.img_size, num_classes=args.num_classes, twins=args.twins):
@@ -81,6 +102,12 @@ def main(argv: Optional[List[str]] = None) -> None:
             flops = count_flops(model, args.img_size)
             tokens = model.patch_embed.num_patches + model.num_prefix_tokens
             print(f"{name:23s} {tokens:6d} {count_params(model):12,d} {flops / 1e9:8.3f} {flops / 2e9:7.3f}")
+    if args.t2t:
+        print(f"{'model':13s} {'tokens':>6s} {'params':>12s} {'trainable':>12s} {'GFLOPs':>8s} {'GMACs':>7s} README")
+        for r in t2t_table(args.img_size, args.num_classes):
+            readme = f"{r['readme_gmacs']:.1f}" if r['readme_gmacs'] is not None else '-'
+            print(f"{r['model']:13s} {r['tokens']:6d} {r['params']:12,d} {r['trainable']:12,d} {r['gflops']:8.3f} "
+                  f"{r['gmacs']:7.3f} {readme:>6s}")
 
 
 if __name__ == '__main__':

@@ -7,6 +7,8 @@ patch embedding (stored as a Conv2d), no qkv bias, LayerNorm eps 1e-5, and the b
 output, scaled by 0.4 and pooled to the embedding width, added to every token of the last layer.
 """
 
+import argparse
+import contextlib
 import math
 import os
 import re
@@ -505,22 +507,37 @@ _OFFICIAL_RENAMES = [
     (r'^mlp_head\.1\.', 'head.'),
 ]
 _WRAPPER_PREFIXES = ('module.', '_orig_mod.', 'model.')
+_EMA_KEYS = ('model_ema', 'state_dict_ema')
+
+# The one class besides tensors and plain data that real checkpoint files hold: the run's
+# ``args`` as an argparse.Namespace, stored by BViT's released train_hp.py and DeiT's main.py
+# (under 'args') and by timm's CheckpointSaver (which T2T-ViT's releases come from).
+CHECKPOINT_SAFE_GLOBALS = (argparse.Namespace,)
+
+
+def checkpoint_globals() -> contextlib.AbstractContextManager:
+    """``torch.serialization.safe_globals`` for :data:`CHECKPOINT_SAFE_GLOBALS`: inside it,
+    ``torch.load(weights_only=True)`` also rebuilds those classes and still refuses any other."""
+    return torch.serialization.safe_globals(list(CHECKPOINT_SAFE_GLOBALS))
 
 
 def unwrap_state_dict(obj: Any, use_ema: bool = False) -> Dict[str, Tensor]:
     """The state dict inside whatever ``torch.load(path, weights_only=True)`` returned.
 
-    Accepts a bare state dict or one under ``model`` (DeiT), ``state_dict`` (Lightning) or, with
-    ``use_ema``, ``model_ema``; strips ``module.`` (DDP), ``_orig_mod.`` (torch.compile) and
-    ``model.`` (Lightning wrapper) prefixes. Raises ValueError if no state dict is found.
+    Accepts a bare state dict or one under ``model`` (DeiT, BViT's release), ``state_dict``
+    (timm's CheckpointSaver, Lightning) or ``net`` (T2T-ViT's CIFAR transfer files) or, with
+    ``use_ema``, ``model_ema`` (DeiT) or ``state_dict_ema`` (timm's saver); strips ``module.``
+    (DDP, DataParallel), ``_orig_mod.`` (torch.compile) and ``model.`` (Lightning wrapper)
+    prefixes. Raises ValueError if no state dict is found.
     """
     if isinstance(obj, Mapping):
         if use_ema:
-            if not isinstance(obj.get('model_ema'), Mapping):
-                raise ValueError('the checkpoint holds no model_ema weights')
-            obj = obj['model_ema']
+            key = next((k for k in _EMA_KEYS if isinstance(obj.get(k), Mapping)), None)
+            if key is None:
+                raise ValueError('the checkpoint holds no model_ema weights (nor state_dict_ema)')
+            obj = obj[key]
         else:
-            for key in ('model', 'state_dict', 'model_ema'):
+            for key in ('model', 'state_dict', 'net') + _EMA_KEYS:
                 if isinstance(obj.get(key), Mapping):
                     obj = obj[key]
                     break
@@ -586,23 +603,39 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None
 def read_checkpoint(path: Union[str, os.PathLike]) -> Any:
     """``torch.load(path, weights_only=True)`` on CPU, with errors a person can act on.
 
-    Raises FileNotFoundError for a missing file and ValueError for one that is not a readable
-    PyTorch checkpoint (truncated, corrupt, or holding arbitrary pickled objects).
+    Besides tensors and plain data, the classes of :data:`CHECKPOINT_SAFE_GLOBALS` are rebuilt
+    (the ``argparse.Namespace`` that released training scripts store as ``args``; it is returned
+    as it is, and this project's readers of ``args`` take only a dict, so its values are not
+    interpreted). Raises FileNotFoundError for a missing file and ValueError for one that is not a
+    readable PyTorch checkpoint (truncated, corrupt, or holding any other pickled object, which
+    is named and never unpickled).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f'checkpoint not found: {path}')
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        with checkpoint_globals():
+            return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # torch raises several types for bad files; all mean the same here
         if not zipfile.is_zipfile(path):
             reason = 'truncated, or not written by torch.save'
         elif 'weights only load failed' in str(e).lower():
-            reason = ('it holds pickled Python objects besides tensors and plain data; refusing to load it '
-                      '(torch.load with weights_only=True)')
+            reason = (f'it holds pickled Python objects ({_foreign_globals(path)}) besides tensors, plain data and '
+                      'argparse.Namespace; refusing to load it (torch.load with weights_only=True)')
         else:
             reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise ValueError(f'{path} is not a readable PyTorch checkpoint: {reason}') from None
+
+
+def _foreign_globals(path: str) -> str:
+    """The classes and functions a checkpoint would unpickle beyond the allowed ones, read off
+    its pickle without running it (``torch.serialization.get_unsafe_globals_in_checkpoint``)."""
+    allowed = {f'{c.__module__}.{c.__qualname__}' for c in CHECKPOINT_SAFE_GLOBALS}
+    try:
+        names = [n for n in torch.serialization.get_unsafe_globals_in_checkpoint(path) if n not in allowed]
+    except Exception:  # pragma: no cover - an unreadable pickle: torch's own message suffices
+        names = []
+    return ', '.join(names[:3]) + (', ...' if len(names) > 3 else '') if names else 'unknown'
 
 
 def load_checkpoint(model: nn.Module, path: Union[str, os.PathLike], use_ema: bool = False) -> Any:
@@ -664,13 +697,16 @@ def checkpoint_filter_fn(state_dict: Any, model: nn.Module, use_ema: bool = Fals
     ``pretrained_filter_fn``, :func:`load_checkpoint`, ``--finetune``, ``--eval --resume``, export).
 
     ``state_dict``: what ``torch.load(path, weights_only=True)`` returned: a released BViT file, one
-    of this project's checkpoints (``use_ema`` picks ``model_ema``) or a bare state dict, with any
+    of this project's checkpoints (``use_ema`` picks ``model_ema`` / ``state_dict_ema``) or a bare state dict, with any
     ``module.``/``_orig_mod.``/``model.`` prefixes. Done here: the release's key names, its Linear
     patch embedding as a Conv2d kernel, the position table resampled (bicubic) from the
     checkpoint's patch grid to the model's and sized to the model's table, and the first convs
     adapted to the model's ``in_chans``. The classifier is left as saved. ValueError when the file
-    holds no state dict or a table that cannot be resampled.
+    holds no state dict or a table that cannot be resampled. A T2T-ViT model gets
+    :func:`bvit.t2t.checkpoint_filter_fn` (the authors' T2T-ViT files).
     """
+    if isinstance(model, _t2t.T2TViT):  # T2T-ViT's own layout and table (bvit.t2t)
+        return _t2t.checkpoint_filter_fn(state_dict, model, use_ema)
     sd = convert_official_state_dict(state_dict, use_ema)
     if 'pos_embed' in sd and isinstance(model, BViT):
         pe = sd['pos_embed']
@@ -756,9 +792,10 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> BViT:
     args = {**MODEL_ARGS[variant], **kwargs}
     # features_only goes through timm's FeatureGetterNet, i.e. forward_intermediates: the last 3
     # blocks by default, as for timm's ViTs.
-    return build_model_with_cfg(
-        BViT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'), **args)
+    with checkpoint_globals():  # pretrained files may hold the run's argparse.Namespace
+        return build_model_with_cfg(
+            BViT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+            feature_cfg=dict(out_indices=out_indices, feature_cls='getter'), **args)
 
 
 @register_model
@@ -776,5 +813,8 @@ def bvit_22m(pretrained: bool = False, **kwargs: Any) -> BViT:
 __all__ = [
     'BViT', 'AttentionMaps', 'bvit_5m', 'bvit_22m', 'resolve_arch', 'unwrap_state_dict',
     'convert_official_state_dict', 'checkpoint_filter_fn', 'check_state_dict', 'read_checkpoint', 'load_checkpoint',
+    'CHECKPOINT_SAFE_GLOBALS', 'checkpoint_globals',
     'resample_pos_embed', 'patch_grid', 'MODEL_ARGS',
 ]
+
+from . import t2t as _t2t  # noqa: E402  (registers the T2T-ViT models; imports this module's loaders)

@@ -1,7 +1,8 @@
 """Rebuild the model a checkpoint holds, for tools that get only a file (visualize, export).
 
 The architecture comes, in increasing priority, from the weights (width, depth, heads, patch
-size, stem, classes, input channels, the input size the position table was sized for), from the
+size, stem, classes, input channels, the input size the position table was sized for; for T2T-ViT
+width, depth, token-layer type, classes and the table's grid), from the
 ``args`` that train_hp.py stores in its checkpoints (arch, input size, patch size, stem, classes,
 ``--no-broad``, broad scale) and from explicit overrides. The weights are then adapted by
 :func:`bvit.models.checkpoint_filter_fn`, the one place that does so, and checked key by key.
@@ -15,6 +16,7 @@ import timm
 from torch import Tensor, nn
 
 from . import models as bvit_models
+from . import t2t
 
 # Names under which a training script may have stored each model setting in its ``args``.
 _ARG_ALIASES: Dict[str, Tuple[str, ...]] = {
@@ -83,6 +85,12 @@ def model_settings(ckpt_args: Optional[Mapping[str, Any]], state_dict: Mapping[s
     overrides = dict(overrides or {})
     inferred = infer_bvit_config(state_dict)
     arch = overrides.get('arch') or _lookup(args, 'arch')
+    t2t_arch = t2t.arch_of_state_dict(state_dict)
+    if arch is None and t2t_arch is not None:  # a T2T-ViT file (the authors' store no usable args)
+        arch = t2t_arch
+        rows = state_dict['pos_embed'].shape[1] - 1 if 'pos_embed' in state_dict else 0
+        if math.isqrt(rows) ** 2 == rows and rows:
+            inferred['img_size'] = math.isqrt(rows) * 16
     if arch is None:
         if 'depth' not in inferred:
             raise ValueError('the checkpoint stores no arch and its keys are not a BViT; pass the architecture')
@@ -107,6 +115,8 @@ def model_settings(ckpt_args: Optional[Mapping[str, Any]], state_dict: Mapping[s
             if key in inferred:
                 kwargs[key] = inferred[key]
     kwargs['num_classes'] = inferred.get('num_classes', 1000)
+    if arch in t2t.T2T_MODEL_ARGS and 'img_size' in inferred:
+        kwargs['img_size'] = inferred['img_size']
     for name, kw in (('input_size', 'img_size'), ('patch_size', 'patch_size'), ('stem', 'stem'),
                      ('num_classes', 'num_classes'), ('broad_scale', 'broad_scale'),
                      ('global_pool', 'global_pool')):
@@ -136,11 +146,15 @@ def build_from_checkpoint(obj: Any, overrides: Optional[Mapping[str, Any]] = Non
     its weights do not fit.
     """
     sd = bvit_models.convert_official_state_dict(obj, use_ema)  # key names, to read the architecture off
+    sd = t2t.rename_authors_keys(sd)
     ckpt_args = obj.get('args') if isinstance(obj, Mapping) else None
     ckpt_args = dict(ckpt_args) if isinstance(ckpt_args, Mapping) else {}
     name, kwargs = model_settings(ckpt_args, sd, overrides)
-    if bvit_only and name not in bvit_models.MODEL_ARGS:
-        raise ValueError(f'it holds a {name} model, not a BViT')
+    if bvit_only and name not in bvit_models.MODEL_ARGS and name not in t2t.T2T_MODEL_ARGS:
+        raise ValueError(f'it holds a {name} model, not a BViT or T2T-ViT')
+    if name in t2t.T2T_MODEL_ARGS and ckpt_args.get('broad'):
+        raise ValueError(f'it holds {name} with broad attention (train_hp.py --broad), which timm.create_model '
+                         'cannot rebuild from its arguments; evaluate it with train_hp.py --eval --resume')
     try:
         model = timm.create_model(name, **kwargs)
     except (TypeError, ValueError) as e:

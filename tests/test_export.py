@@ -101,7 +101,7 @@ def test_use_ema_exports_the_ema_weights(tmp_path, capsys):
     assert torch.equal(_logits(reloaded, x), _logits(ema, x))
     torch.save({'model': model.state_dict(), 'args': _train_args()}, ckpt)
     assert E.main([str(ckpt), str(tmp_path / 'no_ema'), '--use-ema']) == 2
-    assert capsys.readouterr().err == f'error: {ckpt}: the checkpoint holds no model_ema weights\n'
+    assert capsys.readouterr().err == f'error: {ckpt}: the checkpoint holds no model_ema weights (nor state_dict_ema)\n'
     assert not (tmp_path / 'no_ema').exists()
 
 
@@ -173,7 +173,7 @@ def test_non_bvit_checkpoint_is_refused(tmp_path, capsys):
     ckpt = tmp_path / 'vit.pth'
     torch.save({'model': vit.state_dict(), 'args': _train_args('--arch', 'vit_tiny_patch16_224')}, ckpt)
     assert E.main([str(ckpt), str(tmp_path / 'out')]) == 2
-    assert capsys.readouterr().err == f'error: {ckpt}: it holds a vit_tiny_patch16_224 model, not a BViT\n'
+    assert capsys.readouterr().err == f'error: {ckpt}: it holds a vit_tiny_patch16_224 model, not a BViT or T2T-ViT\n'
     assert not (tmp_path / 'out').exists()
 
 
