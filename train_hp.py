@@ -18,9 +18,12 @@ Under SLURM, ``srun python train_hp.py ...`` (one task per GPU) takes rank, worl
 rank from SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID (see README, "SLURM").
 
 Exit status: 0 done; 2 expected problems (bad flags, data, configs or checkpoints; more unreadable
-images than --max-bad-images), with one ``error: ...`` line on stderr; 1 a diverging run (NaN
+images than --max-bad-images; a checkpoint that cannot be written), with one ``error: ...`` line on
+stderr; 1 a diverging run (NaN
 loss), the last checkpoint kept; 3 stopped by SIGTERM or SIGINT after a finished optimizer step,
-with a resumable checkpoint (``--resume OUTPUT_DIR/checkpoint.pth`` continues mid-epoch).
+with a resumable checkpoint (``--resume OUTPUT_DIR/checkpoint.pth`` continues mid-epoch). In a
+distributed run a failing rank prints its line at once and exits with its status without a
+collective teardown, so that its peers, waiting for it, are ended by the launcher (README, "SLURM").
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import difflib
 import os
 import sys
 import time
+import traceback
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -43,8 +47,9 @@ from losses import DistillationLoss, build_base_criterion
 from samplers import RepeatAugSampler, ShardSampler
 from utils import (
     CHECKPOINT_FORMAT, STOP_EXIT_STATUS, NonFiniteLossError, RunStopped, StopSignal, UsageError, all_reduce_sum,
-    append_log_line, args_to_dict, atomic_save, cleanup_distributed, environment_info, epoch_seed, format_seconds,
-    gather_objects, ignore_stop_signals, init_distributed, is_main_process, load_finetune_weights,
+    append_log_line, args_to_dict, atomic_save, barrier, cleanup_distributed, environment_info, epoch_seed,
+    exit_without_teardown, format_seconds, gather_objects, get_rank, ignore_stop_signals, init_distributed, is_dist,
+    is_main_process, load_finetune_weights,
     load_model_weights, log, model_state_from, plain, read_checkpoint, resolve_device, seed_everything,
     setup_determinism, write_line,
 )
@@ -530,6 +535,17 @@ def make_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, schedule
     }
 
 
+def save_checkpoint(obj: Dict[str, Any], path: str) -> None:
+    """:func:`utils.atomic_save`, with a write that fails (disk full, no permission) as one line:
+    the previous file at ``path`` is kept as it was."""
+    try:
+        atomic_save(obj, path)
+    except OSError as e:
+        reason = e.strerror or str(e) or type(e).__name__
+        raise UsageError(f'cannot write {path}: {reason}; the previous {os.path.basename(path)}, if any, is kept as '
+                         f'it was (free space or choose another --output_dir, then continue with --resume)') from None
+
+
 def restore_training_state(obj: Any, path: str, model: nn.Module, optimizer: torch.optim.Optimizer,
                            scheduler: Any, scaler: torch.amp.GradScaler, model_ema: Optional[nn.Module]) -> Tuple[int, float]:
     """Load everything a run needs to continue; returns (next epoch, best top-1 so far).
@@ -719,9 +735,13 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
     device = init_distributed(args, device)
     args.device_resolved = str(device)
     try:
-        return _run(args, device)
-    finally:
-        cleanup_distributed()
+        stats = _run(args, device)
+    except RunStopped:
+        cleanup_distributed()  # every rank stops here together (rank 0's save is behind a barrier)
+        raise
+    # any other error leaves without a collective teardown: its peers may be waiting for this rank (see cli)
+    cleanup_distributed()
+    return stats
 
 
 def _run(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
@@ -880,9 +900,9 @@ def _epochs(args: argparse.Namespace, device: torch.device, t: Dict[str, Any], s
         if output_dir and is_main_process():
             ckpt = make_checkpoint(t['model_without_ddp'], t['optimizer'], t['scheduler'], t['scaler'],
                                    t['model_ema'], epoch, max_accuracy, args)
-            atomic_save(ckpt, os.path.join(output_dir, 'checkpoint.pth'))
+            save_checkpoint(ckpt, os.path.join(output_dir, 'checkpoint.pth'))
             if is_best:
-                atomic_save(ckpt, os.path.join(output_dir, 'best.pth'))
+                save_checkpoint(ckpt, os.path.join(output_dir, 'best.pth'))
         _append_epoch_log(args, epoch, train_stats, epoch_stats, ema_stats, max_accuracy,
                           time.time() - epoch_start)
         if all_reduce_sum([float(stop.requested)], device)[0] > 0 and epoch + 1 < args.epochs:
@@ -922,7 +942,8 @@ def _save_stopped(args: argparse.Namespace, t: Dict[str, Any], epoch: int, max_a
     if args.output_dir and is_main_process():
         ckpt = make_checkpoint(t['model_without_ddp'], t['optimizer'], t['scheduler'], t['scaler'], t['model_ema'],
                                epoch - 1, max_accuracy, args, position=position)
-        atomic_save(ckpt, os.path.join(args.output_dir, 'checkpoint.pth'))  # further signals only set the flag
+        save_checkpoint(ckpt, os.path.join(args.output_dir, 'checkpoint.pth'))  # further signals only set the flag
+    barrier()  # no rank exits with status 3 (which a launcher may answer by killing the job) before the file is there
     _stop_run(args, stop, f'at epoch {epoch}, iteration {state["batches_done"]}/{state["batches_total"]}',
                   'a resumable checkpoint.pth')
 
@@ -945,18 +966,32 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
         args = parse_args(argv)
         main(args)
     except UsageError as e:
-        _print_error(str(e))
-        return 2
+        return _failed(2, str(e))
     except NonFiniteLossError as e:
-        _print_error(str(e))
-        return 1
+        return _failed(1, str(e))
     except RunStopped:
         return STOP_EXIT_STATUS
+    except BaseException as e:  # a bug, or (on a peer of a failed rank) a broken collective
+        if not is_dist():
+            raise
+        traceback.print_exc()
+        return _failed(130 if isinstance(e, KeyboardInterrupt) else 1,
+                       f'{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ""} '
+                       '(traceback above; a broken collective means another process ended first: see its line)')
     return 0
 
 
+def _failed(status: int, message: str) -> int:
+    """Print the ``error:`` line at once; in a distributed run then end this process without a
+    collective teardown (:func:`utils.exit_without_teardown`), else return ``status``."""
+    _print_error(message)
+    if is_dist():
+        exit_without_teardown(status)
+    return status
+
+
 def _print_error(message: str) -> None:
-    rank = os.environ.get('RANK', '0')
+    rank = str(get_rank()) if is_dist() else os.environ.get('RANK', '0')
     tag = 'error' if rank in ('', '0') else f'error [rank {rank}]'
     message = ' '.join(message.split())  # one line
     write_line(sys.stderr, f'{tag}: {message}')

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from collections import deque
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, NoReturn, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -212,8 +212,37 @@ def is_main_process() -> bool:
 
 
 def cleanup_distributed() -> None:
+    """The collective end of a run (every rank gets here): the normal and the preempted ends only.
+    A failing rank must not call it (see :func:`exit_without_teardown`)."""
     if is_dist():
         dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait until every rank gets here (a no-op in a single process)."""
+    if is_dist():
+        dist.barrier()
+
+
+def exit_without_teardown(status: int) -> NoReturn:
+    """End this process now with ``status``: the failure path of a distributed run.
+
+    The peers of a rank that fails (a non-finite loss, too many unreadable images, a checkpoint
+    it cannot write) may be blocked in a collective waiting for it (DDP's gradient all-reduce, a
+    barrier). ``destroy_process_group()`` or any other collective here would wait for them in
+    turn, under NCCL until its watchdog's timeout (10 minutes and more), and hide the cause
+    behind a timeout trace. So the failing rank prints its line first (the caller does), flushes
+    and leaves with ``os._exit``: no collective, no atexit handlers. The launcher then ends the
+    peers (torchrun stops the other workers when one fails; under SLURM ``srun
+    --kill-on-bad-exit=1``, as ``scripts/slurm_train.sbatch`` runs it); a gloo peer also sees the
+    closed connection and fails at once. Data-loader workers notice their parent is gone and exit.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
 
 
 def all_reduce_sum(values: Sequence[float], device: torch.device) -> List[float]:
@@ -467,25 +496,46 @@ def args_to_dict(args: Any) -> Dict[str, Any]:
 CHECKPOINT_FORMAT = 'bvit-train-1'
 
 
+class _KeepWriteError:
+    """A file's ``write`` that remembers the OSError it raised: torch.save turns it into a
+    RuntimeError that no longer says why (``unexpected pos 46 vs 0``)."""
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self.error: Optional[OSError] = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def atomic_save(obj: Any, path: str) -> None:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``:
-    a run killed mid-write leaves the previous file intact."""
+    a run killed mid-write leaves the previous file intact, and so does a failed write (disk
+    full: the OSError of the write is raised, the temporary file removed)."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f'.{os.path.basename(path)}.tmp-{os.getpid()}')
     try:
         with open(tmp, 'wb') as f:
-            torch.save(obj, f)
+            writer = _KeepWriteError(f)
+            try:
+                torch.save(obj, writer)
+            except RuntimeError:
+                if writer.error is not None:
+                    raise writer.error from None
+                raise
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-def save_on_master(obj: Any, path: str) -> None:
-    if is_main_process():
-        atomic_save(obj, path)
 
 
 def append_log_line(output_dir: str, stats: Mapping[str, Any]) -> None:
@@ -593,8 +643,9 @@ def load_finetune_weights(model: nn.Module, path: str) -> List[str]:
 
 __all__ = [
     'UsageError', 'NonFiniteLossError', 'resolve_device', 'init_distributed', 'is_dist', 'get_world_size',
-    'get_rank', 'is_main_process', 'cleanup_distributed', 'all_reduce_sum', 'log', 'write_line', 'environment_info',
+    'get_rank', 'is_main_process', 'cleanup_distributed', 'barrier', 'exit_without_teardown', 'all_reduce_sum',
+    'log', 'write_line', 'environment_info',
     'seed_everything', 'epoch_seed', 'setup_determinism', 'SmoothedValue', 'ProgressPrinter', 'plain',
-    'args_to_dict', 'atomic_save', 'save_on_master', 'append_log_line', 'unwrap_model', 'read_checkpoint',
+    'args_to_dict', 'atomic_save', 'append_log_line', 'unwrap_model', 'read_checkpoint',
     'model_state_from', 'load_model_weights', 'head_keys', 'interpolate_pos_embed', 'load_finetune_weights',
 ]

@@ -908,9 +908,18 @@ def _slurm_job_with_free_port() -> int:
 
 
 def _two_processes(cmds: List[List[Any]], envs: List[Dict[str, str]]) -> List[Tuple[int, str, str]]:
+    """Start the commands together; their (status, stdout, stderr). A process still running after
+    5 minutes (these runs take seconds) is killed and the test fails: a hang never blocks the suite."""
     procs = [subprocess.Popen([str(c) for c in cmd], cwd=REPO, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for cmd, env in zip(cmds, envs)]
-    outputs = [p.communicate() for p in procs]
+    outputs = []
+    for p in procs:
+        try:
+            outputs.append(p.communicate(timeout=300))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail(f'{p.args} did not end: {[q.communicate()[1][-2000:] for q in procs]}')
     return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
 
 
@@ -987,6 +996,192 @@ def test_unreadable_images_are_skipped_named_counted_and_limited(tmp_path, capsy
     assert len(lines) == 1 and lines[0].startswith('error: 2 unreadable images, more than --max-bad-images 1')
     assert str(bad_val) in lines[0] and '(val split)' in lines[0]
     assert not (tmp_path / 'limited' / 'checkpoint.pth').exists()
+
+
+# One rank fails: its line first, every rank ends ------------------------------------------------------
+
+class _Exited(Exception):
+    pass
+
+
+def _stand_in_distributed(monkeypatch) -> List[Any]:
+    """A distributed run's calls, recorded instead of made: the collectives of a teardown
+    (destroy_process_group, barrier), os._exit and the lines written to stderr, in order."""
+    calls: List[Any] = []
+    for module in (train_hp, utils):
+        monkeypatch.setattr(module, 'is_dist', lambda: True)
+        monkeypatch.setattr(module, 'get_rank', lambda: 1)
+    monkeypatch.setattr(torch.distributed, 'destroy_process_group', lambda *a, **k: calls.append('destroy'))
+    monkeypatch.setattr(torch.distributed, 'barrier', lambda *a, **k: calls.append('barrier'))
+    monkeypatch.setattr(train_hp, 'write_line', lambda stream, text: calls.append(('line', text)))
+
+    def exit_now(status):
+        calls.append(('exit', status))
+        raise _Exited
+
+    monkeypatch.setattr(os, '_exit', exit_now)
+    return calls
+
+
+@pytest.mark.parametrize('error, status, line', [
+    (utils.UsageError('2 unreadable images, more than --max-bad-images 1'), 2,
+     'error [rank 1]: 2 unreadable images, more than --max-bad-images 1'),
+    (utils.NonFiniteLossError('the training loss is nan'), 1, 'error [rank 1]: the training loss is nan'),
+    (RuntimeError('Connection closed by peer [127.0.0.1]:1234'), 1,
+     'error [rank 1]: RuntimeError: Connection closed by peer [127.0.0.1]:1234 (traceback above; a broken collective '
+     'means another process ended first: see its line)'),
+], ids=['usage', 'nan', 'peer-gone'])
+def test_a_failing_rank_prints_its_line_then_exits_without_a_collective_teardown(monkeypatch, error, status, line):
+    calls = _stand_in_distributed(monkeypatch)
+
+    def failing_run(args, device):
+        raise error
+
+    monkeypatch.setattr(train_hp, '_run', failing_run)
+    with pytest.raises(_Exited):
+        train_hp.cli(TINY + ['--epochs', '1'])
+    assert calls == [('line', line), ('exit', status)]  # the line, then os._exit: no destroy, no barrier
+
+
+def test_the_normal_and_the_preempted_ends_keep_the_collective_teardown(monkeypatch):
+    calls = _stand_in_distributed(monkeypatch)
+    monkeypatch.setattr(train_hp, '_run', lambda args, device: {})
+    assert train_hp.cli(TINY + ['--epochs', '1']) == 0
+    assert calls == ['destroy']
+
+    def stopped(args, device):
+        raise utils.RunStopped('at epoch 0')
+
+    calls.clear()
+    monkeypatch.setattr(train_hp, '_run', stopped)
+    assert train_hp.cli(TINY + ['--epochs', '1']) == 3
+    assert calls == ['destroy']
+
+
+@pytest.mark.parametrize('rank', [0, 1])
+def test_no_rank_exits_with_3_before_rank_0_has_saved_mid_epoch(tmp_path, monkeypatch, rank):
+    calls = _stand_in_distributed(monkeypatch)
+    monkeypatch.setattr(train_hp, 'is_main_process', lambda: rank == 0)
+    monkeypatch.setattr(train_hp, 'gather_objects', lambda state: [state, state])
+    monkeypatch.setattr(train_hp, 'make_checkpoint', lambda *a, **k: {})
+    monkeypatch.setattr(train_hp, 'save_checkpoint', lambda obj, path: calls.append('save'))
+    monkeypatch.setattr(train_hp, 'log', lambda *a, **k: None)
+    args = train_hp.parse_args(TINY + ['--output_dir', str(tmp_path)])
+    args.world_size = 2
+    t = dict(model_without_ddp=None, optimizer=None, scheduler=None, scaler=None, model_ema=None)
+    stop = utils.StopSignal()
+    stop.signum = signal.SIGTERM
+    with pytest.raises(utils.RunStopped):
+        train_hp._save_stopped(args, t, 1, 0.0, {'batches_done': 2, 'batches_total': 4}, stop)
+    assert calls == (['save', 'barrier'] if rank == 0 else ['barrier'])
+
+
+FAIL_WRITE = """
+import builtins, errno, os, sys
+sys.path.insert(0, os.getcwd())
+real_open, opened = builtins.open, []
+
+
+class Full:
+    def __init__(self, f):
+        self.f, self.written = f, 0
+    def write(self, data):
+        if self.written + len(data) > 4096:  # the disk fills up 4 KiB into the file
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.written += len(data)
+        return self.f.write(data)
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+    def __enter__(self):
+        return self
+    def __exit__(self, *exc):
+        return self.f.__exit__(*exc)
+
+
+def open_on_a_full_disk(path, mode='r', *a, **k):
+    f = real_open(path, mode, *a, **k)
+    if '.checkpoint.pth.tmp-' in str(path):
+        opened.append(path)
+        if len(opened) == 2:  # the second checkpoint.pth (epoch 1) finds the disk full
+            return Full(f)
+    return f
+
+
+builtins.open = open_on_a_full_disk
+import train_hp
+sys.exit(train_hp.cli(sys.argv[1:]))
+"""
+
+
+def _launch(kind: str, script: Any, argv: List[Any]) -> List[Tuple[int, str, str]]:
+    """A 2-process run: 'torchrun' (one result: the launcher's) or 'srun' (two tasks as srun starts them)."""
+    if kind == 'torchrun':
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', script, *argv]
+        return _two_processes([cmd], [clean_env()])
+    job = _slurm_job_with_free_port()
+    envs = []
+    for rank in range(2):
+        env = clean_env()
+        env.update(SLURM_PROCID=str(rank), SLURM_NTASKS='2', SLURM_LOCALID=str(rank), SLURM_JOB_ID=str(job),
+                   SLURM_JOB_NODELIST='localhost')
+        envs.append(env)
+    return _two_processes([[sys.executable, script, *argv]] * 2, envs)
+
+
+ERROR_LINE = re.compile(r'^error(?: \[rank (\d)\])?: (.*)$', re.M)
+
+
+def _first_error(results: List[Tuple[int, str, str]], cause: str) -> Tuple[str, str]:
+    """(rank, line) of the one error line naming ``cause``: the first error line of its stream
+    (under torchrun, the stream of every worker and the launcher)."""
+    causes = [(err, m) for _, _, err in results for m in ERROR_LINE.finditer(err) if cause in m.group(2)]
+    assert len(causes) == 1, [err[-3000:] for _, _, err in results]
+    err, m = causes[0]
+    assert next(ERROR_LINE.finditer(err)).group(0) == m.group(0), err[-3000:]
+    return m.group(1) or '0', m.group(0)
+
+
+@pytest.mark.parametrize('kind', ['torchrun', 'srun'])
+def test_one_rank_with_an_unreadable_image_ends_every_rank(tmp_path, capsys, kind):
+    from PIL import Image
+    folder = tmp_path / 'folder'
+    for split, n in (('train', 6), ('val', 2)):
+        for c in ('a', 'b'):
+            (folder / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.new('RGB', (16, 16), (40 * i, 90 * (c == 'a'), 120)).save(folder / split / c / f'{i}.png')
+    out = tmp_path / 'out'
+    argv = TINY + ['--data-set', 'FOLDER', '--data-path', folder, '--batch-size', '2', '--no-repeated-aug',
+                   '--no-model-ema', '--max-bad-images', '0', '--output_dir', out]
+    assert run_cli(argv + ['--epochs', '1'], capsys)[0] == 0  # epoch 0 by one process, all images readable
+    before = (out / 'checkpoint.pth').read_bytes()
+    bad = folder / 'train' / 'b' / '4.png'
+    bad.write_bytes(bad.read_bytes()[:60])  # one rank's shard now holds a truncated image
+    results = _launch(kind, 'train_hp.py', argv + ['--epochs', '2', '--resume', out / 'checkpoint.pth'])
+    assert all(rc != 0 for rc, _, _ in results), results
+    rank, line = _first_error(results, 'unreadable images, more than --max-bad-images 0')
+    assert str(bad) in line and 'OSError: image file is truncated' in line
+    if kind == 'srun':  # the other task names what it met, after the cause
+        other = results[1 - int(rank)]
+        assert other[0] == 1 and 'another process ended first' in other[2]
+    assert (out / 'checkpoint.pth').read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == ['best.pth', 'checkpoint.pth', 'log.txt']
+
+
+@pytest.mark.parametrize('kind', ['torchrun', 'srun'])
+def test_rank_0_failing_to_write_its_checkpoint_ends_every_rank(tmp_path, kind):
+    script = tmp_path / 'full_disk.py'
+    script.write_text(FAIL_WRITE)
+    out = tmp_path / 'out'
+    results = _launch(kind, script, TINY + ['--train-subset', '64', '--no-model-ema', '--epochs', '2', '--output_dir', out])
+    assert all(rc != 0 for rc, _, _ in results), results
+    rank, line = _first_error(results, 'No space left on device')
+    assert rank == '0' and line.startswith(f'error: cannot write {out / "checkpoint.pth"}: No space left on device; '
+                                           'the previous checkpoint.pth, if any, is kept')
+    if kind == 'srun':
+        assert results[0][0] == 2 and results[1][0] == 1
+    assert torch.load(out / 'checkpoint.pth', weights_only=True)['epoch'] == 0  # epoch 0's, intact
+    assert sorted(p.name for p in out.iterdir()) == ['best.pth', 'checkpoint.pth', 'log.txt']  # no temp file left
 
 
 # Flags that do what they say ------------------------------------------------------------------------
