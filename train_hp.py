@@ -254,6 +254,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--print-freq', default=10, type=int,
                    help='progress line every N iterations; with several processes the loss sums and the stop '
                         'flag of SIGTERM/SIGINT are all-reduced on these iterations only')
+    g.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor', metavar='BACKEND',
+                   help="torch.compile the model (not the loss) with this backend after DDP wrapping, as timm's "
+                        "train.py; the flag alone: inductor; off by default. The evaluation runs a compiled "
+                        'copy too (same parameters); the EMA stays eager')
+    g.add_argument('--torchcompile-mode', type=str, default=None, metavar='MODE',
+                   help="torch.compile mode with --torchcompile, e.g. 'default', 'reduce-overhead', 'max-autotune'")
     g.add_argument('--log-all-ranks', action='store_true',
                    help='print the per-epoch summary on every process, not only rank 0')
 
@@ -435,6 +441,12 @@ def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
         except (TypeError, ValueError) as e:
             raise UsageError(f'--broad: {e}') from None
     return model
+
+
+def compile_model(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+    """``--torchcompile BACKEND`` (``--torchcompile-mode``): ``torch.compile(model)``, which shares
+    ``model``'s parameters; compilation happens at the first call."""
+    return torch.compile(model, backend=args.torchcompile, mode=args.torchcompile_mode)
 
 
 def build_teacher(args: argparse.Namespace, num_classes: int, device: torch.device) -> Optional[nn.Module]:
@@ -646,6 +658,14 @@ def _check_flags(args: argparse.Namespace) -> None:
             raise UsageError(f'{flag} must be at least 1, got {value}')
     if args.eval_ema and not args.eval:
         raise UsageError('--eval-ema goes with --eval')
+    if args.torchcompile_mode and not args.torchcompile:
+        raise UsageError('--torchcompile-mode goes with --torchcompile')
+    if args.torchcompile:
+        from torch._dynamo import list_backends
+        backends = list_backends(exclude_tags=())
+        if args.torchcompile not in backends:
+            raise UsageError(f'--torchcompile {args.torchcompile}: not a torch.compile backend here; one of '
+                             f'{", ".join(backends)}')
     if list(args.decay_milestones) != sorted(set(args.decay_milestones)):
         raise UsageError(f'--decay-milestones must increase, got {" ".join(map(str, args.decay_milestones))}')
 
@@ -774,13 +794,15 @@ def _run(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
     args.n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f'model {args.arch}: {args.n_parameters:,} trainable parameters, {nb_classes} classes, input '
         f'{args.input_size}; data {args.data_set}: {len(dataset_train) if dataset_train is not None else "-"} train / '
-        f'{len(dataset_val)} val images; {args.world_size} process(es), precision {args.precision}')
+        f'{len(dataset_val)} val images; {args.world_size} process(es), precision {args.precision}' +
+        (f'; torch.compile backend {args.torchcompile}' + (f' mode {args.torchcompile_mode}' if args.torchcompile_mode
+                                                            else '') if args.torchcompile else ''))
     evaluator = Evaluator(loader_val, device, autocast_context(device, amp_dtype), reduce_eval, args)
     if args.eval:
         if resume_obj is not None:
             load_model_weights(model, resume_obj, args.resume, use_ema=args.eval_ema)
         model.to(device)
-        return evaluator(model)
+        return evaluator(compile_model(model, args) if args.torchcompile else model)
     assert dataset_train is not None
     return _train(args, device, model, dataset_train, evaluator, resume_obj, amp_dtype)
 
@@ -816,6 +838,11 @@ def _train(args: argparse.Namespace, device: torch.device, model: nn.Module, dat
                                device=torch.device('cpu') if args.model_ema_force_cpu else None)
     if args.distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+    if args.torchcompile:
+        # after DDP, as PyTorch documents for DDP (its DDPOptimizer splits the graph at the gradient
+        # buckets, so the all-reduce overlaps the backward) and as timm's train.py does
+        model = compile_model(model, args)
+    eval_model = compile_model(model_without_ddp, args) if args.torchcompile else model_without_ddp
     optimizer, lr = build_optimizer(args, model_without_ddp)
     scheduler = build_scheduler(args, optimizer)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -844,7 +871,8 @@ def _train(args: argparse.Namespace, device: torch.device, model: nn.Module, dat
     log(f'training epochs {start_epoch}..{args.epochs - 1}, lr {lr:.3g} (total batch {args.batch_size * args.world_size})')
     objects = dict(model=model, model_without_ddp=model_without_ddp, model_ema=model_ema, optimizer=optimizer,
                    scheduler=scheduler, scaler=scaler, mixup_fn=mixup_fn, criterion=criterion, amp_dtype=amp_dtype,
-                   sampler_train=sampler_train, loader_train=loader_train, evaluator=evaluator)
+                   sampler_train=sampler_train, loader_train=loader_train, evaluator=evaluator,
+                   eval_model=eval_model)
     stop = StopSignal().install()
     try:
         return _epochs(args, device, objects, start_epoch, max_accuracy, position, stop)
@@ -891,7 +919,7 @@ def _epochs(args: argparse.Namespace, device: torch.device, t: Dict[str, Any], s
         ema_stats = None
         is_best = False
         if eval_due(epoch, args.epochs, args.eval_freq):
-            test_stats = epoch_stats = t['evaluator'](t['model_without_ddp'])
+            test_stats = epoch_stats = t['evaluator'](t['eval_model'])
             if t['model_ema'] is not None and not (args.model_ema_force_cpu and device.type == 'cuda'):
                 ema_stats = t['evaluator'](t['model_ema'].module, ema=True)
             is_best = test_stats['acc1'] > max_accuracy or not os.path.exists(os.path.join(output_dir, 'best.pth'))
