@@ -49,9 +49,8 @@ from utils import (
     CHECKPOINT_FORMAT, STOP_EXIT_STATUS, NonFiniteLossError, RunStopped, StopSignal, UsageError, all_reduce_sum,
     append_log_line, args_to_dict, atomic_save, barrier, cleanup_distributed, environment_info, epoch_seed,
     exit_without_teardown, format_seconds, gather_objects, get_rank, ignore_stop_signals, init_distributed, is_dist,
-    is_main_process, load_finetune_weights,
-    load_model_weights, log, model_state_from, plain, read_checkpoint, resolve_device, seed_everything,
-    setup_determinism, write_line,
+    is_main_process, load_finetune_weights, load_model_weights, log, model_state_from, plain, read_checkpoint,
+    resolve_device, seed_everything, setup_determinism, setup_tf32, write_line,
 )
 
 BVIT_NAMES = 'BViT-5, BViT-22 (also BViT_5, BViT-21, BViT_21, bvit_5m, bvit_22m)'
@@ -203,12 +202,18 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group('data')
     g.add_argument('--data-path', default=None, type=str,
-                   help='data set root (DIGITS needs none; FASHION_MNIST: a folder with its four IDX files, '
+                   help='data set root (DIGITS and FAKE need none; FASHION_MNIST: a folder with its four IDX files, '
                         'gzip or not, default /usr/share/datasets/fashion-mnist)')
     g.add_argument('--data-set', default='IMNET', type=str, metavar='NAME', help=f'one of {", ".join(DATASETS)} '
                    '(CIFAR = CIFAR100, as in DeiT; INAT = iNaturalist 2018, INAT19 = 2019)')
     g.add_argument('--inat-category', default='name', choices=list(INAT_CATEGORIES), help='iNaturalist label level')
     g.add_argument('--download', action='store_true', help='download CIFAR10/CIFAR100/FASHION_MNIST into --data-path if missing')
+    g.add_argument('--fake-size', default=12800, type=int, metavar='N', help='--data-set FAKE: training images')
+    g.add_argument('--fake-val-size', default=1000, type=int, metavar='N', help='--data-set FAKE: validation images')
+    g.add_argument('--fake-classes', default=1000, type=int, metavar='N', help='--data-set FAKE: classes')
+    g.add_argument('--fake-signal', default=0.5, type=float, metavar='A',
+                   help='--data-set FAKE: weight of the fixed pattern of its class added to each image, so that '
+                        'the loss can fall (0: pure random images and labels)')
     g.add_argument('--train-subset', default=None, type=int, metavar='N',
                    help='train on a fixed random subset of N training images (quick runs and tests)')
     g.add_argument('--val-subset', default=None, type=int, metavar='N',
@@ -237,6 +242,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--seed', default=0, type=int,
                    help='random seed: the model is initialised alike on every rank; the data order and '
                         'augmentation of each epoch depend on (seed, epoch, rank)')
+    g.add_argument('--no-tf32', action='store_false', dest='tf32',
+                   help="on CUDA, keep float32 matmuls and convolutions in full float32 (by default they use "
+                        "TF32, and cuDNN benchmark is on, as in timm's train.py)")
     g.add_argument('--deterministic', action='store_true',
                    help='deterministic kernels, cuDNN benchmark off (slower on GPUs)')
     g.add_argument('--resume', default='', help='continue from this checkpoint.pth, also one written mid-epoch '
@@ -653,6 +661,10 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise UsageError('--epochs, --num_workers, --threads and --max-bad-images must not be negative')
     if not 0 < args.eval_crop_ratio <= 1:
         raise UsageError(f'--eval-crop-ratio must be in (0, 1], got {args.eval_crop_ratio}')
+    for flag, value in (('--fake-size', args.fake_size), ('--fake-val-size', args.fake_val_size),
+                        ('--fake-classes', args.fake_classes)):
+        if value < 1:
+            raise UsageError(f'{flag} must be at least 1, got {value}')
     for flag, value in (('--train-subset', args.train_subset), ('--val-subset', args.val_subset)):
         if value is not None and value < 1:
             raise UsageError(f'{flag} must be at least 1, got {value}')
@@ -682,11 +694,12 @@ def precision(args: argparse.Namespace, device: torch.device) -> Tuple[Optional[
     """(autocast dtype or None, its description). ``--amp`` is the default on CUDA; on the CPU it
     applies only when given (CPU autocast, a gradient scaler with fp16)."""
     amp = args.amp if args.amp is not None else device.type == 'cuda'
+    tf32 = ', TF32 float32 matmuls and convolutions' if device.type == 'cuda' and args.tf32 else ''
     if not amp:
-        return None, 'float32'
+        return None, 'float32' + tf32
     dtype = torch.bfloat16 if args.amp_dtype == 'bf16' else torch.float16
     return dtype, (f'{args.amp_dtype} autocast on {device.type}' +
-                   (' with gradient scaler' if dtype == torch.float16 else ''))
+                   (' with gradient scaler' if dtype == torch.float16 else '') + tf32)
 
 
 def eval_line(stats: Dict[str, Any], ema: bool = False) -> str:
@@ -768,6 +781,8 @@ def _run(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     setup_determinism(args.deterministic)
+    if device.type == 'cuda':
+        setup_tf32(args.tf32)
     # the same seed on every rank: identical initial weights, so the EMA copy taken before DDP
     # broadcasts rank 0's weights is identical too (with seed + rank, as in DeiT, it is not)
     seed_everything(args.seed)

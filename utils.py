@@ -316,6 +316,13 @@ def setup_determinism(deterministic: bool) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+def setup_tf32(enabled: bool) -> None:
+    """CUDA runs: float32 matmuls and cuDNN convolutions in TF32 (10-bit mantissa inputs, float32
+    accumulation), as timm's ``train.py`` sets them; ``--no-tf32`` keeps them in full float32."""
+    torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
+    torch.backends.cudnn.allow_tf32 = bool(enabled)
+
+
 # Preemption: signals, random states ---------------------------------------------------------------
 
 class StopSignal:
@@ -645,7 +652,7 @@ __all__ = [
     'UsageError', 'NonFiniteLossError', 'resolve_device', 'init_distributed', 'is_dist', 'get_world_size',
     'get_rank', 'is_main_process', 'cleanup_distributed', 'barrier', 'exit_without_teardown', 'all_reduce_sum',
     'log', 'write_line', 'environment_info',
-    'seed_everything', 'epoch_seed', 'setup_determinism', 'SmoothedValue', 'ProgressPrinter', 'plain',
+    'seed_everything', 'epoch_seed', 'setup_determinism', 'setup_tf32', 'SmoothedValue', 'ProgressPrinter', 'plain',
     'args_to_dict', 'atomic_save', 'append_log_line', 'unwrap_model', 'read_checkpoint',
     'model_state_from', 'load_model_weights', 'head_keys', 'interpolate_pos_embed', 'load_finetune_weights',
 ]
