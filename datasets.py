@@ -136,8 +136,10 @@ def _three_augment(args: Any) -> transforms.Compose:
 
 def build_transform(is_train: bool, args: Any) -> Any:
     """Training: timm's ``create_transform`` (random-resized crop, flip, RandAugment, random
-    erasing as set by the flags) or 3-Augment with ``--ThreeAugment``. Evaluation: resize to
-    ``input_size / eval_crop_ratio`` (bicubic), center crop ``input_size``, normalise."""
+    erasing as set by the flags) or 3-Augment with ``--ThreeAugment``. Evaluation: timm's
+    ``create_transform(is_training=False)``: resize the shorter side to
+    ``floor(input_size / eval_crop_ratio)`` (bicubic; DeiT's ``int(...)`` too), center crop
+    ``input_size``, normalise."""
     if is_train:
         if args.ThreeAugment:
             return _three_augment(args)
@@ -149,13 +151,9 @@ def build_transform(is_train: bool, args: Any) -> Any:
             hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=aa,
             interpolation=args.train_interpolation, mean=tuple(args.mean), std=tuple(args.std),
             re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
-    size = int(round(args.input_size / args.eval_crop_ratio))
-    return transforms.Compose([
-        transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(args.input_size),
-        transforms.ToTensor(),
-        transforms.Normalize(args.mean, args.std),
-    ])
+    from timm.data import create_transform
+    return create_transform(input_size=args.input_size, is_training=False, interpolation='bicubic',
+                            mean=tuple(args.mean), std=tuple(args.std), crop_pct=args.eval_crop_ratio)
 
 
 # DIGITS -------------------------------------------------------------------------------------------

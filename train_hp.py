@@ -394,7 +394,12 @@ _OWN_FLAG_KWARGS = {'num_classes': '--data-set', 'img_size': '--input-size', 'pa
 
 
 def model_kwargs(args: Any) -> Dict[str, Any]:
-    """``--model-kwargs KEY=VALUE ...`` as a dict (values read as Python literals, else strings)."""
+    """``--model-kwargs KEY=VALUE ...`` as a dict (values read as Python literals, else strings).
+
+    Not timm's ``ParseKwargs`` action: that stores a dict in the arguments (checkpoints store the
+    list of ``KEY=VALUE`` strings, compared on ``--resume``), raises a traceback for a value that
+    is not a literal and has a syntax error (``a b``) or an item without ``=``, and lets a key
+    override a flag of this script (``num_classes``, ``img_size``, ...), which is refused here."""
     import ast
     items = args.get('model_kwargs') if isinstance(args, dict) else getattr(args, 'model_kwargs', None)
     out: Dict[str, Any] = {}

@@ -13,13 +13,13 @@ import signal
 import sys
 import threading
 import time
-from collections import deque
 from typing import Any, Dict, List, Mapping, NoReturn, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from timm.layers import resample_abs_pos_embed
+from timm.utils import random_seed
 from torch import Tensor, nn
 
 import bvit.models as bvit_models
@@ -292,11 +292,9 @@ def environment_info(args: Any) -> str:
 # Seeding ------------------------------------------------------------------------------------------
 
 def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's (all devices) global generators."""
-    seed = int(seed) % (2 ** 32)
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    """Seed Python's, NumPy's and torch's (all devices) global generators: timm's ``random_seed``
+    (``seed`` below 2**32, as every seed of this script is)."""
+    random_seed(int(seed))
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -408,40 +406,6 @@ def gather_objects(obj: Any) -> List[Any]:
 
 # Metric logging -----------------------------------------------------------------------------------
 
-class SmoothedValue:
-    """A series of values: the median/average of the last ``window`` and the global average."""
-
-    def __init__(self, window: int = 20, fmt: str = '{median:.4f} ({global_avg:.4f})') -> None:
-        self.values: deque = deque(maxlen=window)
-        self.total = 0.0
-        self.count = 0
-        self.fmt = fmt
-
-    def update(self, value: float, n: int = 1) -> None:
-        self.values.append(value)
-        self.count += n
-        self.total += value * n
-
-    @property
-    def median(self) -> float:
-        return float(np.median(self.values)) if self.values else float('nan')
-
-    @property
-    def avg(self) -> float:
-        return float(np.mean(self.values)) if self.values else float('nan')
-
-    @property
-    def global_avg(self) -> float:
-        return self.total / self.count if self.count else float('nan')
-
-    @property
-    def value(self) -> float:
-        return self.values[-1] if self.values else float('nan')
-
-    def __str__(self) -> str:
-        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg, value=self.value)
-
-
 def format_seconds(seconds: float) -> str:
     return str(datetime.timedelta(seconds=int(round(seconds))))
 
@@ -552,20 +516,10 @@ def append_log_line(output_dir: str, stats: Mapping[str, Any]) -> None:
             f.write(json.dumps(plain(stats)) + '\n')
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside DDP / torch.compile wrappers."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, '_orig_mod') and isinstance(getattr(model, '_orig_mod'), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
 def read_checkpoint(path: str) -> Any:
-    """The object in a checkpoint file (``weights_only=True``), UsageError for a missing,
-    truncated or foreign file (see ``bvit.models.read_checkpoint``)."""
+    """``bvit.models.read_checkpoint``, the one reader (``weights_only=True``), for the scripts:
+    its FileNotFoundError / ValueError become a UsageError with the same message (one ``error:``
+    line, exit status 2)."""
     try:
         return bvit_models.read_checkpoint(path)
     except (FileNotFoundError, ValueError) as e:
@@ -652,7 +606,7 @@ __all__ = [
     'UsageError', 'NonFiniteLossError', 'resolve_device', 'init_distributed', 'is_dist', 'get_world_size',
     'get_rank', 'is_main_process', 'cleanup_distributed', 'barrier', 'exit_without_teardown', 'all_reduce_sum',
     'log', 'write_line', 'environment_info',
-    'seed_everything', 'epoch_seed', 'setup_determinism', 'setup_tf32', 'SmoothedValue', 'ProgressPrinter', 'plain',
-    'args_to_dict', 'atomic_save', 'append_log_line', 'unwrap_model', 'read_checkpoint',
+    'seed_everything', 'epoch_seed', 'setup_determinism', 'setup_tf32', 'ProgressPrinter', 'plain',
+    'args_to_dict', 'atomic_save', 'append_log_line', 'read_checkpoint',
     'model_state_from', 'load_model_weights', 'head_keys', 'interpolate_pos_embed', 'load_finetune_weights',
 ]

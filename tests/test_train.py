@@ -23,7 +23,8 @@ from torch import nn
 import train_hp
 import utils
 from engine import evaluate, train_one_epoch
-from losses import DistillationLoss, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy, build_base_criterion
+from losses import DistillationLoss, build_base_criterion
+from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / 'tests' / 'fixtures' / 'official_bvit_5m_golden.pt'
@@ -637,6 +638,31 @@ def test_model_is_in_training_mode_inside_the_training_loop():
     assert modes == [False] * 3 and model.training  # evaluation puts the mode back
 
 
+def test_timm_helpers_in_place_of_own_copies_give_the_same_numbers():
+    import random
+    import numpy as np
+    from timm.utils import unwrap_model
+    import datasets
+    utils.seed_everything(7)  # timm's random_seed
+    draws = (random.random(), float(np.random.rand()), torch.rand(1).item())
+    random.seed(7)
+    np.random.seed(7)
+    torch.manual_seed(7)
+    assert draws == (random.random(), float(np.random.rand()), torch.rand(1).item())
+    model = _Tiny()
+    assert unwrap_model(torch.compile(model)) is model  # engine's EMA update reads the plain module
+    # the evaluation transform (timm's create_transform): DeiT's resize to int(size / ratio), bicubic, center crop
+    from PIL import Image
+    from torchvision import transforms
+    img = Image.fromarray(np.random.RandomState(0).randint(0, 255, (40, 50, 3), dtype=np.uint8))
+    for size, ratio in ((16, 0.875), (20, 0.875), (24, 1.0)):
+        args = train_hp.parse_args(['--input-size', str(size), '--eval-crop-ratio', str(ratio)])
+        ref = transforms.Compose([transforms.Resize(int(size / ratio), interpolation=transforms.InterpolationMode.BICUBIC),
+                                  transforms.CenterCrop(size), transforms.ToTensor(),
+                                  transforms.Normalize(train_hp.IMAGENET_MEAN, train_hp.IMAGENET_STD)])
+        assert torch.equal(datasets.build_transform(False, args)(img), ref(img)), (size, ratio)
+
+
 def test_evaluate_counts_each_image_once():
     model = _Tiny().eval()
     loader = _loader(11, batch=4)
@@ -660,6 +686,17 @@ def test_losses():
         F.cross_entropy(logits, target).item(), rel=1e-6)
     assert isinstance(build_base_criterion(True, 0.1, False), SoftTargetCrossEntropy)
     assert isinstance(build_base_criterion(False, 0.1, False), LabelSmoothingCrossEntropy)
+    # --bce-loss, timm's BinaryCrossEntropy: integer targets one-hot, positive mixed targets 1 (DeiT III)
+    bce = build_base_criterion(True, 0.1, True)
+    assert isinstance(bce, BinaryCrossEntropy)
+    one_hot = F.one_hot(target, 5).float()
+    assert bce(logits, target).item() == pytest.approx(F.binary_cross_entropy_with_logits(logits, one_hot).item(),
+                                                       rel=1e-6)
+    mixed = 0.7 * one_hot + 0.3 * one_hot.roll(1, 0)
+    assert bce(logits, mixed).item() == pytest.approx(
+        F.binary_cross_entropy_with_logits(logits, mixed.gt(0).float()).item(), rel=1e-6)
+    assert build_base_criterion(False, 0.0, False)(logits, target).item() == pytest.approx(
+        F.cross_entropy(logits, target).item(), rel=1e-6)
     teacher = nn.Linear(4, 5)
     x = torch.randn(6, 4)
     student = teacher(x).detach()
