@@ -790,7 +790,9 @@ def test_amp_on_cpu_is_used_when_asked_and_states_its_precision(tmp_path, capsys
     assert scaler['scale'] == 65536.0  # the CPU gradient scaler ran and was saved
     assert train_hp.precision(train_hp.parse_args([]), torch.device('cpu')) == (None, 'float32')  # CPU default
     assert train_hp.precision(train_hp.parse_args(['--amp-dtype', 'bf16']), torch.device('cuda'))[0] == torch.bfloat16
-    assert train_hp.precision(train_hp.parse_args(['--no-amp']), torch.device('cuda')) == (None, 'float32')
+    assert train_hp.precision(train_hp.parse_args(['--no-amp']), torch.device('cuda')) == (
+        None, 'float32, TF32 float32 matmuls and convolutions')
+    assert train_hp.precision(train_hp.parse_args(['--no-amp', '--no-tf32']), torch.device('cuda')) == (None, 'float32')
 
 
 # Preemption: SIGTERM / SIGINT, exact resume -------------------------------------------------------
