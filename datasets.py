@@ -3,8 +3,9 @@
 ``--data-set``: IMNET (ImageFolder ``train/`` + ``val/``, 1000 classes), CIFAR10 / CIFAR100 (the
 python-version folders ``cifar-10-batches-py`` / ``cifar-100-python``; ``CIFAR`` is CIFAR100, as
 in DeiT), INAT / INAT19 (iNaturalist 2018 / 2019 json layout), FOLDER (any ImageFolder pair, class
-count from the folders), DIGITS (scikit-learn's bundled 8x8 digits, no download) and FASHION_MNIST
-(the four IDX files of Fashion-MNIST, gzip or not, read by torchvision's FashionMNIST class).
+count from the folders), DIGITS (scikit-learn's bundled 8x8 digits, no download), FASHION_MNIST
+(the four IDX files of Fashion-MNIST, gzip or not, read by torchvision's FashionMNIST class) and
+FAKE (torchvision's FakeData: random images, for throughput and smoke runs without a data set).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from torchvision import transforms
 
 from utils import UsageError
 
-DATASETS = ('IMNET', 'CIFAR10', 'CIFAR100', 'CIFAR', 'INAT', 'INAT19', 'FOLDER', 'DIGITS', 'FASHION_MNIST')
+DATASETS = ('IMNET', 'CIFAR10', 'CIFAR100', 'CIFAR', 'INAT', 'INAT19', 'FOLDER', 'DIGITS', 'FASHION_MNIST', 'FAKE')
 INAT_CATEGORIES = ('kingdom', 'phylum', 'class', 'order', 'supercategory', 'family', 'genus', 'name')
 
 FOLDER_LAYOUT = ('expected <data-path>/train/<class>/<image> and <data-path>/val/<class>/<image>, '
@@ -135,8 +136,10 @@ def _three_augment(args: Any) -> transforms.Compose:
 
 def build_transform(is_train: bool, args: Any) -> Any:
     """Training: timm's ``create_transform`` (random-resized crop, flip, RandAugment, random
-    erasing as set by the flags) or 3-Augment with ``--ThreeAugment``. Evaluation: resize to
-    ``input_size / eval_crop_ratio`` (bicubic), center crop ``input_size``, normalise."""
+    erasing as set by the flags) or 3-Augment with ``--ThreeAugment``. Evaluation: timm's
+    ``create_transform(is_training=False)``: resize the shorter side to
+    ``floor(input_size / eval_crop_ratio)`` (bicubic; DeiT's ``int(...)`` too), center crop
+    ``input_size``, normalise."""
     if is_train:
         if args.ThreeAugment:
             return _three_augment(args)
@@ -148,13 +151,9 @@ def build_transform(is_train: bool, args: Any) -> Any:
             hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=aa,
             interpolation=args.train_interpolation, mean=tuple(args.mean), std=tuple(args.std),
             re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
-    size = int(round(args.input_size / args.eval_crop_ratio))
-    return transforms.Compose([
-        transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(args.input_size),
-        transforms.ToTensor(),
-        transforms.Normalize(args.mean, args.std),
-    ])
+    from timm.data import create_transform
+    return create_transform(input_size=args.input_size, is_training=False, interpolation='bicubic',
+                            mean=tuple(args.mean), std=tuple(args.std), crop_pct=args.eval_crop_ratio)
 
 
 # DIGITS -------------------------------------------------------------------------------------------
@@ -365,6 +364,35 @@ class INatDataset(Dataset):
         return img, target
 
 
+# FAKE ---------------------------------------------------------------------------------------------
+
+class FakeImages(tv_datasets.FakeData):
+    """``--data-set FAKE``: torchvision's ``FakeData`` (random images of the input size, random
+    labels; index i gives the same image and label in every epoch and process), for throughput
+    and smoke runs without a data set, through the split's usual transform. The splits differ
+    (the validation images come from other seeds). With ``signal`` > 0 a fixed pattern of its
+    class, ``signal`` times a unit-variance tensor, is added to each transformed image, so that a
+    model can learn (random labels alone cannot be learnt: the loss would stay at ln(classes));
+    it costs one addition per image. ``FakeData`` seeds torch's generators for every image (and
+    restores the CPU one only): on a GPU, use loader workers (``--num_workers`` > 0), as usual."""
+
+    def __init__(self, size: int, input_size: int, num_classes: int, train: bool, transform: Any,
+                 signal: float) -> None:
+        super().__init__(size=size, image_size=(3, input_size, input_size), num_classes=num_classes,
+                         transform=transform, random_offset=0 if train else 10 ** 9)
+        self.classes = [str(c) for c in range(num_classes)]
+        self.signal = float(signal)
+        g = torch.Generator().manual_seed(12345)
+        self.patterns = torch.randn(num_classes, 3, input_size, input_size, generator=g) if signal else None
+
+    def __getitem__(self, index: int) -> Tuple[Any, int]:
+        img, target = super().__getitem__(index)
+        target = int(target)
+        if self.patterns is not None and isinstance(img, torch.Tensor) and img.shape == self.patterns.shape[1:]:
+            img = img + self.signal * self.patterns[target]
+        return img, target
+
+
 # Building -----------------------------------------------------------------------------------------
 
 def canonical_data_set(name: str) -> str:
@@ -378,7 +406,7 @@ def _check_data_path(args: Any) -> str:
     path = args.data_path
     if not path:
         raise UsageError(f'--data-path is required for --data-set {args.data_set} '
-                         '(only DIGITS, bundled with scikit-learn, needs none)')
+                         '(only DIGITS, bundled with scikit-learn, and FAKE need none)')
     if not os.path.isdir(path):
         if args.data_set in ('CIFAR10', 'CIFAR100') and args.download:
             return path
@@ -452,6 +480,9 @@ def build_dataset(is_train: bool, args: Any, transform: Optional[Any] = None) ->
         ds: Dataset = DigitsDataset(train=is_train, transform=transform)
     elif name == 'FASHION_MNIST':
         ds = _fashion_mnist(args, is_train, transform)
+    elif name == 'FAKE':
+        ds = FakeImages(args.fake_size if is_train else args.fake_val_size, args.input_size, args.fake_classes,
+                        is_train, transform, args.fake_signal)
     else:
         root = _check_data_path(args)
         if name in ('IMNET', 'FOLDER'):
@@ -498,5 +529,5 @@ def build_datasets(args: Any, need_train: bool = True) -> Tuple[Optional[Dataset
     return train, val, nb_classes
 
 
-__all__ = ['DATASETS', 'INAT_CATEGORIES', 'DigitsDataset', 'FashionMNISTFolder', 'INatDataset', 'build_transform', 'build_dataset',
+__all__ = ['DATASETS', 'INAT_CATEGORIES', 'DigitsDataset', 'FakeImages', 'FashionMNISTFolder', 'INatDataset', 'build_transform', 'build_dataset',
            'build_datasets', 'canonical_data_set']

@@ -7,11 +7,12 @@ import time
 from typing import Any, Callable, ContextManager, Dict, Iterable, Optional, Sequence, Set, Tuple
 
 import torch
+from timm.utils import accuracy, dispatch_clip_grad, unwrap_model
 from torch import nn
 
 from utils import (
     NonFiniteLossError, ProgressPrinter, StopSignal, UsageError, all_reduce_sum, format_seconds, get_world_size,
-    is_dist, log, rng_state, set_rng_state, unwrap_model,
+    is_dist, log, rng_state, set_rng_state,
 )
 
 
@@ -52,18 +53,22 @@ def unpack_batch(batch: Sequence[Any], bad: Optional[UnreadableImages]) -> Tuple
 
 def _optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler],
                     params: Sequence[torch.Tensor], clip_grad: Optional[float]) -> None:
+    """Backward, clipping (timm's ``dispatch_clip_grad``, norm mode), optimizer step; with an
+    enabled GradScaler (fp16) what timm's ``NativeScaler`` does. Kept here rather than
+    ``NativeScaler`` because the scaler is also off (float32, bf16) and saved in checkpoints as
+    the ``torch.amp.GradScaler`` state it is."""
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None and scaler.is_enabled():
         scaler.scale(loss).backward()
         if clip_grad:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, clip_grad)
+            dispatch_clip_grad(params, clip_grad, mode='norm')
         scaler.step(optimizer)
         scaler.update()
     else:
         loss.backward()
         if clip_grad:
-            torch.nn.utils.clip_grad_norm_(params, clip_grad)
+            dispatch_clip_grad(params, clip_grad, mode='norm')
         optimizer.step()
 
 
@@ -204,11 +209,11 @@ def evaluate(
                 outputs = (outputs[0] + outputs[1]) / 2
             outputs = outputs.float()
             loss_sum += torch.nn.functional.cross_entropy(outputs, targets, reduction='sum').item()
-            k = min(5, outputs.shape[1])
-            hit = outputs.topk(k, dim=1).indices.eq(targets.unsqueeze(1))
-            correct1 += hit[:, 0].sum().item()
-            correct5 += hit.any(dim=1).sum().item()
-            count += images.shape[0]
+            n = images.shape[0]
+            acc1, acc5 = accuracy(outputs, targets, topk=(1, 5))  # timm's, in % of the batch (top-5 of <5 classes: all)
+            correct1 += round(acc1.item() * n / 100.0)  # back to counts, so that every image weighs the same
+            correct5 += round(acc5.item() * n / 100.0)
+            count += n
         progress.step(i)
     if reduce:
         loss_sum, correct1, correct5, count, skipped = all_reduce_sum(

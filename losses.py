@@ -1,4 +1,4 @@
-"""Training losses: label-smoothing and soft-target cross entropy, binary cross entropy
+"""Training losses: timm's label-smoothing and soft-target cross entropy and binary cross entropy
 (``--bce-loss``), and DeiT-style knowledge distillation from a timm teacher."""
 from __future__ import annotations
 
@@ -6,43 +6,8 @@ from typing import Any, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import Tensor, nn
-
-
-class LabelSmoothingCrossEntropy(nn.Module):
-    """Cross entropy against ``(1 - smoothing)`` on the true class plus ``smoothing`` spread
-    uniformly over all classes; integer targets (B,)."""
-
-    def __init__(self, smoothing: float = 0.1) -> None:
-        super().__init__()
-        if not 0.0 <= smoothing < 1.0:
-            raise ValueError(f'smoothing must be in [0, 1), got {smoothing}')
-        self.smoothing = smoothing
-
-    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        logp = F.log_softmax(logits.float(), dim=-1)
-        nll = -logp.gather(-1, target.long().unsqueeze(-1)).squeeze(-1)
-        uniform = -logp.mean(dim=-1)
-        return ((1.0 - self.smoothing) * nll + self.smoothing * uniform).mean()
-
-
-class SoftTargetCrossEntropy(nn.Module):
-    """Cross entropy against a target distribution (B, C), e.g. from mixup / cutmix."""
-
-    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-
-
-class BinaryCrossEntropy(nn.Module):
-    """``--bce-loss`` (DeiT III): one sigmoid per class. Integer targets become one-hot; soft
-    (mixed) targets are set to 1 wherever they are positive, as in DeiT III."""
-
-    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        if target.ndim == 1:
-            target = F.one_hot(target.long(), logits.shape[-1])
-        else:
-            target = target.gt(0.0)
-        return F.binary_cross_entropy_with_logits(logits.float(), target.to(torch.float32))
 
 
 def _split_outputs(outputs: Union[Tensor, Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor]:
@@ -99,11 +64,11 @@ class DistillationLoss(nn.Module):
 
 
 def build_base_criterion(mixup_active: bool, smoothing: float, bce: bool) -> nn.Module:
-    """The classification loss: BCE with ``--bce-loss``; soft-target CE when mixup/cutmix make
+    """The classification loss (timm's): BCE with ``--bce-loss``; soft-target CE when mixup/cutmix make
     the targets (the smoothing is then inside the mixed targets); label smoothing CE when
     ``smoothing`` > 0; plain CE otherwise."""
-    if bce:
-        return BinaryCrossEntropy()
+    if bce:  # DeiT III: positive (mixed) targets become 1 (target_threshold 0), integer ones one-hot
+        return BinaryCrossEntropy(smoothing=0.0, target_threshold=0.0)
     if mixup_active:
         return SoftTargetCrossEntropy()
     if smoothing > 0:
@@ -111,5 +76,4 @@ def build_base_criterion(mixup_active: bool, smoothing: float, bce: bool) -> nn.
     return nn.CrossEntropyLoss()
 
 
-__all__ = ['LabelSmoothingCrossEntropy', 'SoftTargetCrossEntropy', 'BinaryCrossEntropy', 'DistillationLoss',
-           'build_base_criterion']
+__all__ = ['DistillationLoss', 'build_base_criterion']

@@ -25,6 +25,9 @@ class RepeatAugSampler(Sampler[int]):
     shuffled shard (like ``DistributedSampler``). The order depends only on ``seed`` and the
     epoch given to :meth:`set_epoch`, which the training loop calls every epoch, also with one
     process; its ``start`` skips the first indices of the epoch (a run resumed mid-epoch).
+    Kept rather than timm's ``RepeatAugSampler`` for that ``start``: timm's restarts an epoch
+    from its first index, so a run resumed mid-epoch would see other batches than an
+    uninterrupted one.
     """
 
     def __init__(self, dataset: Sized, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
@@ -77,7 +80,9 @@ class ShardSampler(Sampler[int]):
     """Indices ``rank, rank + W, ...`` of a dataset, in order, without padding.
 
     The shards of all ranks partition the dataset exactly (their sizes differ by at most one),
-    so metrics summed over ranks count every image once, whatever the dataset size.
+    so metrics summed over ranks count every image once, whatever the dataset size. Kept rather
+    than timm's ``OrderedDistributedSampler``, which pads every shard to the same length with
+    repeated indices (as torch's ``DistributedSampler``), so summed metrics count a few images twice.
     """
 
     def __init__(self, dataset: Sized, num_replicas: int = 1, rank: int = 0) -> None:

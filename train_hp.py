@@ -18,9 +18,12 @@ Under SLURM, ``srun python train_hp.py ...`` (one task per GPU) takes rank, worl
 rank from SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID (see README, "SLURM").
 
 Exit status: 0 done; 2 expected problems (bad flags, data, configs or checkpoints; more unreadable
-images than --max-bad-images), with one ``error: ...`` line on stderr; 1 a diverging run (NaN
+images than --max-bad-images; a checkpoint that cannot be written), with one ``error: ...`` line on
+stderr; 1 a diverging run (NaN
 loss), the last checkpoint kept; 3 stopped by SIGTERM or SIGINT after a finished optimizer step,
-with a resumable checkpoint (``--resume OUTPUT_DIR/checkpoint.pth`` continues mid-epoch).
+with a resumable checkpoint (``--resume OUTPUT_DIR/checkpoint.pth`` continues mid-epoch). In a
+distributed run a failing rank prints its line at once and exits with its status without a
+collective teardown, so that its peers, waiting for it, are ended by the launcher (README, "SLURM").
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import difflib
 import os
 import sys
 import time
+import traceback
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -43,10 +47,10 @@ from losses import DistillationLoss, build_base_criterion
 from samplers import RepeatAugSampler, ShardSampler
 from utils import (
     CHECKPOINT_FORMAT, STOP_EXIT_STATUS, NonFiniteLossError, RunStopped, StopSignal, UsageError, all_reduce_sum,
-    append_log_line, args_to_dict, atomic_save, cleanup_distributed, environment_info, epoch_seed, format_seconds,
-    gather_objects, ignore_stop_signals, init_distributed, is_main_process, load_finetune_weights,
-    load_model_weights, log, model_state_from, plain, read_checkpoint, resolve_device, seed_everything,
-    setup_determinism, write_line,
+    append_log_line, args_to_dict, atomic_save, barrier, cleanup_distributed, environment_info, epoch_seed,
+    exit_without_teardown, format_seconds, gather_objects, get_rank, ignore_stop_signals, init_distributed, is_dist,
+    is_main_process, load_finetune_weights, load_model_weights, log, model_state_from, plain, read_checkpoint,
+    resolve_device, seed_everything, setup_determinism, setup_tf32, write_line,
 )
 
 BVIT_NAMES = 'BViT-5, BViT-22 (also BViT_5, BViT-21, BViT_21, bvit_5m, bvit_22m)'
@@ -198,12 +202,18 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group('data')
     g.add_argument('--data-path', default=None, type=str,
-                   help='data set root (DIGITS needs none; FASHION_MNIST: a folder with its four IDX files, '
+                   help='data set root (DIGITS and FAKE need none; FASHION_MNIST: a folder with its four IDX files, '
                         'gzip or not, default /usr/share/datasets/fashion-mnist)')
     g.add_argument('--data-set', default='IMNET', type=str, metavar='NAME', help=f'one of {", ".join(DATASETS)} '
                    '(CIFAR = CIFAR100, as in DeiT; INAT = iNaturalist 2018, INAT19 = 2019)')
     g.add_argument('--inat-category', default='name', choices=list(INAT_CATEGORIES), help='iNaturalist label level')
     g.add_argument('--download', action='store_true', help='download CIFAR10/CIFAR100/FASHION_MNIST into --data-path if missing')
+    g.add_argument('--fake-size', default=12800, type=int, metavar='N', help='--data-set FAKE: training images')
+    g.add_argument('--fake-val-size', default=1000, type=int, metavar='N', help='--data-set FAKE: validation images')
+    g.add_argument('--fake-classes', default=1000, type=int, metavar='N', help='--data-set FAKE: classes')
+    g.add_argument('--fake-signal', default=0.5, type=float, metavar='A',
+                   help='--data-set FAKE: weight of the fixed pattern of its class added to each image, so that '
+                        'the loss can fall (0: pure random images and labels)')
     g.add_argument('--train-subset', default=None, type=int, metavar='N',
                    help='train on a fixed random subset of N training images (quick runs and tests)')
     g.add_argument('--val-subset', default=None, type=int, metavar='N',
@@ -232,6 +242,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--seed', default=0, type=int,
                    help='random seed: the model is initialised alike on every rank; the data order and '
                         'augmentation of each epoch depend on (seed, epoch, rank)')
+    g.add_argument('--no-tf32', action='store_false', dest='tf32',
+                   help="on CUDA, keep float32 matmuls and convolutions in full float32 (by default they use "
+                        "TF32, and cuDNN benchmark is on, as in timm's train.py)")
     g.add_argument('--deterministic', action='store_true',
                    help='deterministic kernels, cuDNN benchmark off (slower on GPUs)')
     g.add_argument('--resume', default='', help='continue from this checkpoint.pth, also one written mid-epoch '
@@ -249,6 +262,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--print-freq', default=10, type=int,
                    help='progress line every N iterations; with several processes the loss sums and the stop '
                         'flag of SIGTERM/SIGINT are all-reduced on these iterations only')
+    g.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor', metavar='BACKEND',
+                   help="torch.compile the model (not the loss) with this backend after DDP wrapping, as timm's "
+                        "train.py; the flag alone: inductor; off by default. The evaluation runs a compiled "
+                        'copy too (same parameters); the EMA stays eager')
+    g.add_argument('--torchcompile-mode', type=str, default=None, metavar='MODE',
+                   help="torch.compile mode with --torchcompile, e.g. 'default', 'reduce-overhead', 'max-autotune'")
     g.add_argument('--log-all-ranks', action='store_true',
                    help='print the per-epoch summary on every process, not only rank 0')
 
@@ -375,7 +394,12 @@ _OWN_FLAG_KWARGS = {'num_classes': '--data-set', 'img_size': '--input-size', 'pa
 
 
 def model_kwargs(args: Any) -> Dict[str, Any]:
-    """``--model-kwargs KEY=VALUE ...`` as a dict (values read as Python literals, else strings)."""
+    """``--model-kwargs KEY=VALUE ...`` as a dict (values read as Python literals, else strings).
+
+    Not timm's ``ParseKwargs`` action: that stores a dict in the arguments (checkpoints store the
+    list of ``KEY=VALUE`` strings, compared on ``--resume``), raises a traceback for a value that
+    is not a literal and has a syntax error (``a b``) or an item without ``=``, and lets a key
+    override a flag of this script (``num_classes``, ``img_size``, ...), which is refused here."""
     import ast
     items = args.get('model_kwargs') if isinstance(args, dict) else getattr(args, 'model_kwargs', None)
     out: Dict[str, Any] = {}
@@ -430,6 +454,12 @@ def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
         except (TypeError, ValueError) as e:
             raise UsageError(f'--broad: {e}') from None
     return model
+
+
+def compile_model(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+    """``--torchcompile BACKEND`` (``--torchcompile-mode``): ``torch.compile(model)``, which shares
+    ``model``'s parameters; compilation happens at the first call."""
+    return torch.compile(model, backend=args.torchcompile, mode=args.torchcompile_mode)
 
 
 def build_teacher(args: argparse.Namespace, num_classes: int, device: torch.device) -> Optional[nn.Module]:
@@ -530,6 +560,17 @@ def make_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, schedule
     }
 
 
+def save_checkpoint(obj: Dict[str, Any], path: str) -> None:
+    """:func:`utils.atomic_save`, with a write that fails (disk full, no permission) as one line:
+    the previous file at ``path`` is kept as it was."""
+    try:
+        atomic_save(obj, path)
+    except OSError as e:
+        reason = e.strerror or str(e) or type(e).__name__
+        raise UsageError(f'cannot write {path}: {reason}; the previous {os.path.basename(path)}, if any, is kept as '
+                         f'it was (free space or choose another --output_dir, then continue with --resume)') from None
+
+
 def restore_training_state(obj: Any, path: str, model: nn.Module, optimizer: torch.optim.Optimizer,
                            scheduler: Any, scaler: torch.amp.GradScaler, model_ema: Optional[nn.Module]) -> Tuple[int, float]:
     """Load everything a run needs to continue; returns (next epoch, best top-1 so far).
@@ -625,11 +666,23 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise UsageError('--epochs, --num_workers, --threads and --max-bad-images must not be negative')
     if not 0 < args.eval_crop_ratio <= 1:
         raise UsageError(f'--eval-crop-ratio must be in (0, 1], got {args.eval_crop_ratio}')
+    for flag, value in (('--fake-size', args.fake_size), ('--fake-val-size', args.fake_val_size),
+                        ('--fake-classes', args.fake_classes)):
+        if value < 1:
+            raise UsageError(f'{flag} must be at least 1, got {value}')
     for flag, value in (('--train-subset', args.train_subset), ('--val-subset', args.val_subset)):
         if value is not None and value < 1:
             raise UsageError(f'{flag} must be at least 1, got {value}')
     if args.eval_ema and not args.eval:
         raise UsageError('--eval-ema goes with --eval')
+    if args.torchcompile_mode and not args.torchcompile:
+        raise UsageError('--torchcompile-mode goes with --torchcompile')
+    if args.torchcompile:
+        from torch._dynamo import list_backends
+        backends = list_backends(exclude_tags=())
+        if args.torchcompile not in backends:
+            raise UsageError(f'--torchcompile {args.torchcompile}: not a torch.compile backend here; one of '
+                             f'{", ".join(backends)}')
     if list(args.decay_milestones) != sorted(set(args.decay_milestones)):
         raise UsageError(f'--decay-milestones must increase, got {" ".join(map(str, args.decay_milestones))}')
 
@@ -646,11 +699,12 @@ def precision(args: argparse.Namespace, device: torch.device) -> Tuple[Optional[
     """(autocast dtype or None, its description). ``--amp`` is the default on CUDA; on the CPU it
     applies only when given (CPU autocast, a gradient scaler with fp16)."""
     amp = args.amp if args.amp is not None else device.type == 'cuda'
+    tf32 = ', TF32 float32 matmuls and convolutions' if device.type == 'cuda' and args.tf32 else ''
     if not amp:
-        return None, 'float32'
+        return None, 'float32' + tf32
     dtype = torch.bfloat16 if args.amp_dtype == 'bf16' else torch.float16
     return dtype, (f'{args.amp_dtype} autocast on {device.type}' +
-                   (' with gradient scaler' if dtype == torch.float16 else ''))
+                   (' with gradient scaler' if dtype == torch.float16 else '') + tf32)
 
 
 def eval_line(stats: Dict[str, Any], ema: bool = False) -> str:
@@ -719,15 +773,21 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
     device = init_distributed(args, device)
     args.device_resolved = str(device)
     try:
-        return _run(args, device)
-    finally:
-        cleanup_distributed()
+        stats = _run(args, device)
+    except RunStopped:
+        cleanup_distributed()  # every rank stops here together (rank 0's save is behind a barrier)
+        raise
+    # any other error leaves without a collective teardown: its peers may be waiting for this rank (see cli)
+    cleanup_distributed()
+    return stats
 
 
 def _run(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     setup_determinism(args.deterministic)
+    if device.type == 'cuda':
+        setup_tf32(args.tf32)
     # the same seed on every rank: identical initial weights, so the EMA copy taken before DDP
     # broadcasts rank 0's weights is identical too (with seed + rank, as in DeiT, it is not)
     seed_everything(args.seed)
@@ -754,13 +814,15 @@ def _run(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
     args.n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f'model {args.arch}: {args.n_parameters:,} trainable parameters, {nb_classes} classes, input '
         f'{args.input_size}; data {args.data_set}: {len(dataset_train) if dataset_train is not None else "-"} train / '
-        f'{len(dataset_val)} val images; {args.world_size} process(es), precision {args.precision}')
+        f'{len(dataset_val)} val images; {args.world_size} process(es), precision {args.precision}' +
+        (f'; torch.compile backend {args.torchcompile}' + (f' mode {args.torchcompile_mode}' if args.torchcompile_mode
+                                                            else '') if args.torchcompile else ''))
     evaluator = Evaluator(loader_val, device, autocast_context(device, amp_dtype), reduce_eval, args)
     if args.eval:
         if resume_obj is not None:
             load_model_weights(model, resume_obj, args.resume, use_ema=args.eval_ema)
         model.to(device)
-        return evaluator(model)
+        return evaluator(compile_model(model, args) if args.torchcompile else model)
     assert dataset_train is not None
     return _train(args, device, model, dataset_train, evaluator, resume_obj, amp_dtype)
 
@@ -796,6 +858,11 @@ def _train(args: argparse.Namespace, device: torch.device, model: nn.Module, dat
                                device=torch.device('cpu') if args.model_ema_force_cpu else None)
     if args.distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+    if args.torchcompile:
+        # after DDP, as PyTorch documents for DDP (its DDPOptimizer splits the graph at the gradient
+        # buckets, so the all-reduce overlaps the backward) and as timm's train.py does
+        model = compile_model(model, args)
+    eval_model = compile_model(model_without_ddp, args) if args.torchcompile else model_without_ddp
     optimizer, lr = build_optimizer(args, model_without_ddp)
     scheduler = build_scheduler(args, optimizer)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -824,7 +891,8 @@ def _train(args: argparse.Namespace, device: torch.device, model: nn.Module, dat
     log(f'training epochs {start_epoch}..{args.epochs - 1}, lr {lr:.3g} (total batch {args.batch_size * args.world_size})')
     objects = dict(model=model, model_without_ddp=model_without_ddp, model_ema=model_ema, optimizer=optimizer,
                    scheduler=scheduler, scaler=scaler, mixup_fn=mixup_fn, criterion=criterion, amp_dtype=amp_dtype,
-                   sampler_train=sampler_train, loader_train=loader_train, evaluator=evaluator)
+                   sampler_train=sampler_train, loader_train=loader_train, evaluator=evaluator,
+                   eval_model=eval_model)
     stop = StopSignal().install()
     try:
         return _epochs(args, device, objects, start_epoch, max_accuracy, position, stop)
@@ -871,7 +939,7 @@ def _epochs(args: argparse.Namespace, device: torch.device, t: Dict[str, Any], s
         ema_stats = None
         is_best = False
         if eval_due(epoch, args.epochs, args.eval_freq):
-            test_stats = epoch_stats = t['evaluator'](t['model_without_ddp'])
+            test_stats = epoch_stats = t['evaluator'](t['eval_model'])
             if t['model_ema'] is not None and not (args.model_ema_force_cpu and device.type == 'cuda'):
                 ema_stats = t['evaluator'](t['model_ema'].module, ema=True)
             is_best = test_stats['acc1'] > max_accuracy or not os.path.exists(os.path.join(output_dir, 'best.pth'))
@@ -880,9 +948,9 @@ def _epochs(args: argparse.Namespace, device: torch.device, t: Dict[str, Any], s
         if output_dir and is_main_process():
             ckpt = make_checkpoint(t['model_without_ddp'], t['optimizer'], t['scheduler'], t['scaler'],
                                    t['model_ema'], epoch, max_accuracy, args)
-            atomic_save(ckpt, os.path.join(output_dir, 'checkpoint.pth'))
+            save_checkpoint(ckpt, os.path.join(output_dir, 'checkpoint.pth'))
             if is_best:
-                atomic_save(ckpt, os.path.join(output_dir, 'best.pth'))
+                save_checkpoint(ckpt, os.path.join(output_dir, 'best.pth'))
         _append_epoch_log(args, epoch, train_stats, epoch_stats, ema_stats, max_accuracy,
                           time.time() - epoch_start)
         if all_reduce_sum([float(stop.requested)], device)[0] > 0 and epoch + 1 < args.epochs:
@@ -922,7 +990,8 @@ def _save_stopped(args: argparse.Namespace, t: Dict[str, Any], epoch: int, max_a
     if args.output_dir and is_main_process():
         ckpt = make_checkpoint(t['model_without_ddp'], t['optimizer'], t['scheduler'], t['scaler'], t['model_ema'],
                                epoch - 1, max_accuracy, args, position=position)
-        atomic_save(ckpt, os.path.join(args.output_dir, 'checkpoint.pth'))  # further signals only set the flag
+        save_checkpoint(ckpt, os.path.join(args.output_dir, 'checkpoint.pth'))  # further signals only set the flag
+    barrier()  # no rank exits with status 3 (which a launcher may answer by killing the job) before the file is there
     _stop_run(args, stop, f'at epoch {epoch}, iteration {state["batches_done"]}/{state["batches_total"]}',
                   'a resumable checkpoint.pth')
 
@@ -945,18 +1014,32 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
         args = parse_args(argv)
         main(args)
     except UsageError as e:
-        _print_error(str(e))
-        return 2
+        return _failed(2, str(e))
     except NonFiniteLossError as e:
-        _print_error(str(e))
-        return 1
+        return _failed(1, str(e))
     except RunStopped:
         return STOP_EXIT_STATUS
+    except BaseException as e:  # a bug, or (on a peer of a failed rank) a broken collective
+        if not is_dist():
+            raise
+        traceback.print_exc()
+        return _failed(130 if isinstance(e, KeyboardInterrupt) else 1,
+                       f'{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ""} '
+                       '(traceback above; a broken collective means another process ended first: see its line)')
     return 0
 
 
+def _failed(status: int, message: str) -> int:
+    """Print the ``error:`` line at once; in a distributed run then end this process without a
+    collective teardown (:func:`utils.exit_without_teardown`), else return ``status``."""
+    _print_error(message)
+    if is_dist():
+        exit_without_teardown(status)
+    return status
+
+
 def _print_error(message: str) -> None:
-    rank = os.environ.get('RANK', '0')
+    rank = str(get_rank()) if is_dist() else os.environ.get('RANK', '0')
     tag = 'error' if rank in ('', '0') else f'error [rank {rank}]'
     message = ' '.join(message.split())  # one line
     write_line(sys.stderr, f'{tag}: {message}')

@@ -13,13 +13,13 @@ import signal
 import sys
 import threading
 import time
-from collections import deque
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, NoReturn, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from timm.layers import resample_abs_pos_embed
+from timm.utils import random_seed
 from torch import Tensor, nn
 
 import bvit.models as bvit_models
@@ -212,8 +212,37 @@ def is_main_process() -> bool:
 
 
 def cleanup_distributed() -> None:
+    """The collective end of a run (every rank gets here): the normal and the preempted ends only.
+    A failing rank must not call it (see :func:`exit_without_teardown`)."""
     if is_dist():
         dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait until every rank gets here (a no-op in a single process)."""
+    if is_dist():
+        dist.barrier()
+
+
+def exit_without_teardown(status: int) -> NoReturn:
+    """End this process now with ``status``: the failure path of a distributed run.
+
+    The peers of a rank that fails (a non-finite loss, too many unreadable images, a checkpoint
+    it cannot write) may be blocked in a collective waiting for it (DDP's gradient all-reduce, a
+    barrier). ``destroy_process_group()`` or any other collective here would wait for them in
+    turn, under NCCL until its watchdog's timeout (10 minutes and more), and hide the cause
+    behind a timeout trace. So the failing rank prints its line first (the caller does), flushes
+    and leaves with ``os._exit``: no collective, no atexit handlers. The launcher then ends the
+    peers (torchrun stops the other workers when one fails; under SLURM ``srun
+    --kill-on-bad-exit=1``, as ``scripts/slurm_train.sbatch`` runs it); a gloo peer also sees the
+    closed connection and fails at once. Data-loader workers notice their parent is gone and exit.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
 
 
 def all_reduce_sum(values: Sequence[float], device: torch.device) -> List[float]:
@@ -263,11 +292,9 @@ def environment_info(args: Any) -> str:
 # Seeding ------------------------------------------------------------------------------------------
 
 def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's (all devices) global generators."""
-    seed = int(seed) % (2 ** 32)
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    """Seed Python's, NumPy's and torch's (all devices) global generators: timm's ``random_seed``
+    (``seed`` below 2**32, as every seed of this script is)."""
+    random_seed(int(seed))
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -285,6 +312,13 @@ def setup_determinism(deterministic: bool) -> None:
     if deterministic:
         os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
         torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def setup_tf32(enabled: bool) -> None:
+    """CUDA runs: float32 matmuls and cuDNN convolutions in TF32 (10-bit mantissa inputs, float32
+    accumulation), as timm's ``train.py`` sets them; ``--no-tf32`` keeps them in full float32."""
+    torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
+    torch.backends.cudnn.allow_tf32 = bool(enabled)
 
 
 # Preemption: signals, random states ---------------------------------------------------------------
@@ -372,40 +406,6 @@ def gather_objects(obj: Any) -> List[Any]:
 
 # Metric logging -----------------------------------------------------------------------------------
 
-class SmoothedValue:
-    """A series of values: the median/average of the last ``window`` and the global average."""
-
-    def __init__(self, window: int = 20, fmt: str = '{median:.4f} ({global_avg:.4f})') -> None:
-        self.values: deque = deque(maxlen=window)
-        self.total = 0.0
-        self.count = 0
-        self.fmt = fmt
-
-    def update(self, value: float, n: int = 1) -> None:
-        self.values.append(value)
-        self.count += n
-        self.total += value * n
-
-    @property
-    def median(self) -> float:
-        return float(np.median(self.values)) if self.values else float('nan')
-
-    @property
-    def avg(self) -> float:
-        return float(np.mean(self.values)) if self.values else float('nan')
-
-    @property
-    def global_avg(self) -> float:
-        return self.total / self.count if self.count else float('nan')
-
-    @property
-    def value(self) -> float:
-        return self.values[-1] if self.values else float('nan')
-
-    def __str__(self) -> str:
-        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg, value=self.value)
-
-
 def format_seconds(seconds: float) -> str:
     return str(datetime.timedelta(seconds=int(round(seconds))))
 
@@ -467,25 +467,46 @@ def args_to_dict(args: Any) -> Dict[str, Any]:
 CHECKPOINT_FORMAT = 'bvit-train-1'
 
 
+class _KeepWriteError:
+    """A file's ``write`` that remembers the OSError it raised: torch.save turns it into a
+    RuntimeError that no longer says why (``unexpected pos 46 vs 0``)."""
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self.error: Optional[OSError] = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def atomic_save(obj: Any, path: str) -> None:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``:
-    a run killed mid-write leaves the previous file intact."""
+    a run killed mid-write leaves the previous file intact, and so does a failed write (disk
+    full: the OSError of the write is raised, the temporary file removed)."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f'.{os.path.basename(path)}.tmp-{os.getpid()}')
     try:
         with open(tmp, 'wb') as f:
-            torch.save(obj, f)
+            writer = _KeepWriteError(f)
+            try:
+                torch.save(obj, writer)
+            except RuntimeError:
+                if writer.error is not None:
+                    raise writer.error from None
+                raise
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-def save_on_master(obj: Any, path: str) -> None:
-    if is_main_process():
-        atomic_save(obj, path)
 
 
 def append_log_line(output_dir: str, stats: Mapping[str, Any]) -> None:
@@ -495,20 +516,10 @@ def append_log_line(output_dir: str, stats: Mapping[str, Any]) -> None:
             f.write(json.dumps(plain(stats)) + '\n')
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside DDP / torch.compile wrappers."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, '_orig_mod') and isinstance(getattr(model, '_orig_mod'), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
 def read_checkpoint(path: str) -> Any:
-    """The object in a checkpoint file (``weights_only=True``), UsageError for a missing,
-    truncated or foreign file (see ``bvit.models.read_checkpoint``)."""
+    """``bvit.models.read_checkpoint``, the one reader (``weights_only=True``), for the scripts:
+    its FileNotFoundError / ValueError become a UsageError with the same message (one ``error:``
+    line, exit status 2)."""
     try:
         return bvit_models.read_checkpoint(path)
     except (FileNotFoundError, ValueError) as e:
@@ -593,8 +604,9 @@ def load_finetune_weights(model: nn.Module, path: str) -> List[str]:
 
 __all__ = [
     'UsageError', 'NonFiniteLossError', 'resolve_device', 'init_distributed', 'is_dist', 'get_world_size',
-    'get_rank', 'is_main_process', 'cleanup_distributed', 'all_reduce_sum', 'log', 'write_line', 'environment_info',
-    'seed_everything', 'epoch_seed', 'setup_determinism', 'SmoothedValue', 'ProgressPrinter', 'plain',
-    'args_to_dict', 'atomic_save', 'save_on_master', 'append_log_line', 'unwrap_model', 'read_checkpoint',
+    'get_rank', 'is_main_process', 'cleanup_distributed', 'barrier', 'exit_without_teardown', 'all_reduce_sum',
+    'log', 'write_line', 'environment_info',
+    'seed_everything', 'epoch_seed', 'setup_determinism', 'setup_tf32', 'ProgressPrinter', 'plain',
+    'args_to_dict', 'atomic_save', 'append_log_line', 'read_checkpoint',
     'model_state_from', 'load_model_weights', 'head_keys', 'interpolate_pos_embed', 'load_finetune_weights',
 ]

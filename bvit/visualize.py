@@ -94,17 +94,12 @@ def data_config(model: nn.Module, args: Optional[Mapping[str, Any]] = None) -> D
 # Images -----------------------------------------------------------------------------------------
 
 def eval_transform(cfg: Mapping[str, Any]):
-    """The evaluation transform of the training script (``datasets.build_transform(False, ...)``):
-    resize to input_size / crop ratio (bicubic), center crop, normalize with ``cfg``'s mean/std."""
-    from torchvision import transforms
-    from torchvision.transforms import InterpolationMode
-    h, w = cfg['input_size'][-2:]
-    return transforms.Compose([
-        transforms.Resize(int(round(min(h, w) / cfg['crop_pct'])), interpolation=InterpolationMode.BICUBIC),
-        transforms.CenterCrop((h, w)),
-        transforms.ToTensor(),
-        transforms.Normalize(cfg['mean'], cfg['std']),
-    ])
+    """The evaluation transform of the training script (``datasets.build_transform(False, ...)``),
+    timm's ``create_transform(is_training=False)``: resize to floor(input_size / crop ratio)
+    (bicubic), center crop, normalize with ``cfg``'s mean/std."""
+    from timm.data import create_transform
+    return create_transform(input_size=tuple(cfg['input_size']), is_training=False, interpolation='bicubic',
+                            mean=tuple(cfg['mean']), std=tuple(cfg['std']), crop_pct=cfg['crop_pct'])
 
 
 def denormalize(image: Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:

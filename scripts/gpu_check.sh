@@ -1,0 +1,212 @@
+#!/usr/bin/env bash
+# The first run on a new GPU machine: does the training stack work there, and how fast is it?
+#
+#   scripts/gpu_check.sh [--out DIR]         # every CUDA device of this machine (torchrun, NCCL)
+#   scripts/gpu_check.sh --cpu [--out DIR]   # the same checks, reduced: 2 gloo processes, a few steps
+#   scripts/gpu_check.sh --only fp16,speed   # some of the checks (names as in the table below)
+#
+# On FAKE data (torchvision's FakeData with a learnable class pattern, no data set needed), with
+# torchrun --nproc_per_node N (N: the CUDA devices; 2 with --cpu):
+#   bf16      bvit_5m, bf16 autocast, batch 256 per GPU, 300 steps (--cpu: 8): loss finite, falling
+#   fp16      the same in fp16 autocast with the gradient scaler
+#   ema-eval  the in-run evaluation of the EMA equals --eval --eval-ema of the saved checkpoint,
+#             in a fresh single process
+#   compile   --torchcompile (inductor; --cpu: aot_eager), 2 epochs: finite loss, epoch times
+#   resume    SIGTERM to torchrun in the last epoch of the bf16 run's command, then --resume: the
+#             weights of the uninterrupted bf16 run (largest difference printed; <= 1e-5 passes)
+#   speed     images/s of bvit_5m and deit_tiny_patch16_224 training at batch 256 per GPU (bf16,
+#             the whole train_hp.py epoch, data loading included)
+# and prints one table. Exit status 0 when every check passed, 1 otherwise, 2 for bad usage.
+# Every run's output is in DIR (default: a new folder under /tmp), which must be new or empty.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+MODE=gpu
+OUT=
+ONLY=
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --cpu) MODE=cpu ;;
+        --out) OUT=${2:?--out needs a folder}; shift ;;
+        --only) ONLY=",${2:?--only needs a list, e.g. bf16,resume},"; shift ;;
+        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        *) echo "error: unknown argument $1 (usage: scripts/gpu_check.sh [--cpu] [--out DIR] [--only LIST])" >&2; exit 2 ;;
+    esac
+    shift
+done
+OUT=${OUT:-$(mktemp -d /tmp/gpu_check.XXXXXX)}
+if [ -e "$OUT" ] && [ -n "$(ls -A "$OUT" 2>/dev/null)" ]; then
+    echo "error: --out $OUT is not empty; give a new folder (earlier results are never overwritten)" >&2
+    exit 2
+fi
+mkdir -p "$OUT"
+
+COMMON=(--data-set FAKE --fake-classes 10 --aa none --reprob 0 --mixup 0 --cutmix 0 --smoothing 0
+        --scale 1 1 --ratio 1 1 --hflip 0 --color-jitter 0 --no-repeated-aug --drop-path 0 --sched none
+        --unscale-lr --model-ema-decay 0.99)
+if [ "$MODE" = cpu ]; then
+    N=2
+    BATCH=16
+    COMMON+=(--device cpu --threads 1 --input-size 16 --patch-size 4 --num_workers 0 --print-freq 1
+             --fake-size $((BATCH * N * 4)) --fake-val-size 32)
+    EPOCHS=2                      # 4 steps per epoch
+    COMPILE=aot_eager
+    export OMP_NUM_THREADS=1
+else
+    N=$("$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+    if [ "${N:-0}" -lt 1 ]; then
+        echo "error: no CUDA device visible to $PY (for the reduced check on the CPU: scripts/gpu_check.sh --cpu)" >&2
+        exit 2
+    fi
+    BATCH=256
+    COMMON+=(--input-size 224 --num_workers 8 --print-freq 20 --fake-size $((BATCH * N * 100)) --fake-val-size 1024)
+    EPOCHS=3                      # 100 steps per epoch
+    COMPILE=inductor
+fi
+LAUNCH=("$PY" -m torch.distributed.run --standalone --nproc_per_node "$N")
+BVIT=(--arch BViT-5 --batch-size "$BATCH" "${COMMON[@]}")
+ROWS=()
+FAILED=0
+row() {  # row NAME STATUS WHAT
+    ROWS+=("$(printf '%-9s %-4s %s' "$1" "$2" "$3")")
+    [ "$2" = ok ] || FAILED=1
+}
+seconds() { echo $(( $(date +%s) - $1 )); }
+want() { [ -z "$ONLY" ] || [[ "$ONLY" == *",$1,"* ]]; }  # want NAME: is the check asked for
+
+# check.py: the numbers of the runs, read back from their log.txt and checkpoints
+check() { "$PY" - "$@" <<'EOF'
+import json, math, re, sys
+import torch
+
+def rows(folder):
+    return [json.loads(line) for line in open(f'{folder}/log.txt') if line.strip()]
+
+kind = sys.argv[1]
+if kind == 'loss':  # loss finite and falling over the epochs
+    r = rows(sys.argv[2])
+    losses = [x['train_loss'] for x in r]
+    ok = len(losses) >= 2 and all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    print(('ok' if ok else 'FAIL'), 'loss ' + ' -> '.join(f'{v:.4f}' for v in losses) +
+          f', {r[-1]["train_images_per_sec"]:.0f} img/s')
+elif kind == 'ema':  # the run's last EMA evaluation against the fresh process's line
+    last = rows(sys.argv[2])[-1]
+    m = re.search(r'^\* Acc@1 ([\d.]+) Acc@5 ([\d.]+) loss ([\d.]+)', open(sys.argv[3]).read(), re.M)
+    if m is None:
+        print('FAIL no evaluation line in', sys.argv[3])
+    else:
+        acc, loss = float(m.group(1)), float(m.group(3))
+        ok = abs(acc - last['test_ema_acc1']) < 5e-4 and abs(loss - last['test_ema_loss']) < 1e-3
+        print(('ok' if ok else 'FAIL'), f'in run: EMA top-1 {last["test_ema_acc1"]:.3f}, loss {last["test_ema_loss"]:.4f};'
+              f' fresh --eval --eval-ema: {acc:.3f}, {loss:.3f}')
+elif kind == 'compile':
+    r = rows(sys.argv[2])
+    ok = all(math.isfinite(x['train_loss']) for x in r) and len(r) == 2
+    print(('ok' if ok else 'FAIL'), f'epoch times {r[0]["epoch_time_s"]:.1f} s (with the compilation) then '
+          f'{r[-1]["epoch_time_s"]:.1f} s; {r[-1]["train_images_per_sec"]:.0f} img/s; loss {r[-1]["train_loss"]:.4f}')
+elif kind == 'resume':
+    a, b = (torch.load(f'{d}/checkpoint.pth', weights_only=True) for d in sys.argv[2:4])
+    diff = max((a[k][n].float() - b[k][n].float()).abs().max().item() for k in ('model', 'model_ema') for n in a[k])
+    print(('ok' if diff <= 1e-5 and b['position'] is None else 'FAIL'),
+          f'stopped at epoch {sys.argv[4]}, iteration {sys.argv[5]}; resumed weights vs uninterrupted: largest difference {diff:.3g}')
+elif kind == 'speed':
+    bvit, deit = (rows(d)[-1]['train_images_per_sec'] for d in sys.argv[2:4])
+    print('ok', f'bvit_5m {bvit:.0f} img/s, deit_tiny {deit:.0f} img/s ({bvit / deit:.2f}x) at batch {sys.argv[4]} '
+          f'per process, {sys.argv[5]} processes')
+EOF
+}
+result() {  # result NAME CHECK-ARGS...: one table row from check's line
+    local name=$1; shift
+    local line
+    line=$(check "$@" 2>>"$OUT/check.err") || line="FAIL the check itself failed (see $OUT/check.err)"
+    row "$name" "${line%% *}" "${line#* }"
+}
+run() {  # run NAME ARGS...: one launch, its output in OUT/NAME.log; status in $?
+    local name=$1; shift
+    "$@" >"$OUT/$name.log" 2>&1
+}
+
+echo "gpu_check: $MODE, $N processes, output in $OUT"
+start=$(date +%s)
+DET=(--deterministic --epochs "$EPOCHS" --amp --amp-dtype bf16)
+if ! want bf16 && ! want ema-eval && ! want resume; then
+    :  # the bf16 run is also what ema-eval and resume compare with
+elif run bf16 "${LAUNCH[@]}" train_hp.py "${BVIT[@]}" "${DET[@]}" --output_dir "$OUT/bf16"; then
+    result bf16 loss "$OUT/bf16"
+else
+    row bf16 FAIL "exit $? (see $OUT/bf16.log)"
+fi
+if ! want ema-eval; then
+    :
+elif [ -f "$OUT/bf16/checkpoint.pth" ]; then
+    # a fresh single process, the same precision and kernels
+    if CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0} run ema-eval "$PY" train_hp.py "${BVIT[@]}" --deterministic \
+            --amp --amp-dtype bf16 --eval --eval-ema --resume "$OUT/bf16/checkpoint.pth"; then
+        result ema-eval ema "$OUT/bf16" "$OUT/ema-eval.log"
+    else
+        row ema-eval FAIL "exit $? (see $OUT/ema-eval.log)"
+    fi
+else
+    row ema-eval FAIL "no checkpoint of the bf16 run"
+fi
+
+if ! want fp16; then
+    :
+elif run fp16 "${LAUNCH[@]}" train_hp.py "${BVIT[@]}" --epochs "$EPOCHS" --amp --amp-dtype fp16 --output_dir "$OUT/fp16"; then
+    result fp16 loss "$OUT/fp16"
+else
+    row fp16 FAIL "exit $? (see $OUT/fp16.log)"
+fi
+
+if ! want compile; then
+    :
+elif run compile "${LAUNCH[@]}" train_hp.py "${BVIT[@]}" --epochs 2 --amp --amp-dtype bf16 --torchcompile "$COMPILE" \
+        --output_dir "$OUT/compile"; then
+    result compile compile "$OUT/compile"
+else
+    row compile FAIL "exit $? (see $OUT/compile.log)"
+fi
+
+# SIGTERM to torchrun (it forwards it to the workers) at the first progress line of the last epoch
+last=$((EPOCHS - 1))
+stop=
+if want resume; then
+    "${LAUNCH[@]}" train_hp.py "${BVIT[@]}" "${DET[@]}" --output_dir "$OUT/cut" >"$OUT/cut.log" 2>&1 &
+    pid=$!
+    deadline=$(( $(date +%s) + 240 ))
+    while kill -0 "$pid" 2>/dev/null; do
+        if grep -q "^Epoch \[$last/$last\] \[ *[0-9]*/" "$OUT/cut.log"; then kill -TERM "$pid"; break; fi
+        if [ "$(date +%s)" -gt "$deadline" ]; then kill -KILL "$pid"; break; fi
+        sleep 0.2
+    done
+    wait "$pid"
+    stop=$(grep -o "stopped by SIGTERM at epoch [0-9]*, iteration [0-9]*" "$OUT/cut.log" | head -1)
+fi
+if ! want resume; then
+    :
+elif [ -z "$stop" ]; then
+    row resume FAIL "no mid-epoch stop (see $OUT/cut.log)"
+elif run resume "${LAUNCH[@]}" train_hp.py "${BVIT[@]}" "${DET[@]}" --output_dir "$OUT/cut" \
+        --resume "$OUT/cut/checkpoint.pth"; then
+    set -- $stop
+    result resume resume "$OUT/bf16" "$OUT/cut" "${6%,}" "$8"
+else
+    row resume FAIL "exit $? (see $OUT/resume.log)"
+fi
+
+if ! want speed; then
+    :
+elif run speed-bvit "${LAUNCH[@]}" train_hp.py "${BVIT[@]}" --epochs 1 --amp --amp-dtype bf16 --no-model-ema \
+        --eval-freq 1000 --output_dir "$OUT/speed-bvit" &&
+   run speed-deit "${LAUNCH[@]}" train_hp.py --arch deit_tiny_patch16_224 --batch-size "$BATCH" "${COMMON[@]}" \
+        --epochs 1 --amp --amp-dtype bf16 --no-model-ema --eval-freq 1000 --output_dir "$OUT/speed-deit"; then
+    result speed speed "$OUT/speed-bvit" "$OUT/speed-deit" "$BATCH" "$N"
+else
+    row speed FAIL "exit $? (see $OUT/speed-*.log)"
+fi
+
+echo
+echo "gpu_check summary ($MODE, $N processes, $(seconds "$start") s; logs in $OUT)"
+printf '%-9s %-4s %s\n' check ok? measured
+printf '%s\n' "${ROWS[@]}"
+exit "$FAILED"
