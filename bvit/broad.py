@@ -240,7 +240,8 @@ class _BroadViTMixin:
         base = self._broad_base
         if VisionTransformerDistilled is not None and base is VisionTransformerDistilled:
             return 2
-        if base is VisionTransformer and self.global_pool == 'token' and getattr(self, 'cls_token', None) is not None:
+        if (issubclass(base, VisionTransformer) and base.forward_head is VisionTransformer.forward_head
+                and self.global_pool == 'token' and getattr(self, 'cls_token', None) is not None):
             return 1
         return None
 
