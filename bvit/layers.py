@@ -50,9 +50,10 @@ def broad_logits(q: Tensor, k: Tensor) -> Tensor:
     """One layer's share of the broad logits, q kᵀ in float32 (or float64): (B, H, R, d), (B, H, N, d) -> (B, H, R, N).
 
     Computed head by head, so that each product reads k in the layout the qkv projection left it
-    in (one product over a (B·H) batch would copy k first).
+    in (one product over a (B·H) batch would copy k first); ``unbind`` rather than indexing, so
+    that the backward pass assembles each of q's and k's gradients in one piece.
     """
-    logits = torch.stack([q[:, h] @ k[:, h].transpose(-2, -1) for h in range(q.shape[1])], 1)
+    logits = torch.stack([qh @ kh.transpose(-2, -1) for qh, kh in zip(q.unbind(1), k.unbind(1))], 1)
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
@@ -182,14 +183,16 @@ def broad_probs(logits: Tensor, scale: float, attn_mask: Optional[Tensor] = None
 # timm's attention and block, with the tap -------------------------------------------------------
 
 class Attention(nn.Module):
-    """timm's multi-head self-attention (``timm.layers.Attention``), with a head dim of its own and
-    a :class:`BroadTap` it fills in.
+    """Multi-head self-attention with the parameters and operations of ``timm.layers.Attention``,
+    plus the :class:`BroadTap` argument that hands its q, k, v on.
 
     ``qkv`` is one Linear(D, 3·H·d) laid out (3, H, d), as in the release's ``to_qkv``; ``proj``
     maps the H·d concatenated heads back to D. Like timm's, it runs
     ``F.scaled_dot_product_attention`` when ``fused_attn`` (``timm.layers.use_fused_attn()`` at
     construction), else the explicit softmax then ``attn_drop``, so that timm's
-    ``AttentionExtract`` finds the maps. timm's own class fixes d = D / H; the release has d = 64.
+    ``AttentionExtract`` finds the maps. A class of its own rather than a subclass of timm's: the
+    tap is an argument of ``forward`` (timm's ``Block`` would not pass it on), and the head dim
+    (64 in the release, not D / H) and the constructor do not move with timm's versions.
     """
     fused_attn: torch.jit.Final[bool]
 

@@ -316,22 +316,28 @@ class BViT(nn.Module):
         """Block i, recomputed in the backward pass (gradient checkpointing)."""
         return checkpoint(self.blocks[i], x, broad=tap, use_reentrant=False)
 
-    def _run_blocks(self, x: Tensor, rows: int) -> Tuple[Tensor, Tensor, List[Tensor]]:
-        """Tokens (B, N, D) through the blocks -> (tokens, Σ_l broad logits (B, H, rows, N), each
-        layer's broad values (B, H, N, w)), taken from each block's attention as it runs
+    def _run_blocks(self, x: Tensor, rows: int, take: Optional[List[int]] = None,
+                    depth: int = -1) -> Tuple[Tensor, Tensor, List[Tensor], List[Tensor]]:
+        """Tokens (B, N, D) through the first ``depth`` blocks (all when -1) -> (tokens, Σ_l broad
+        logits (B, H, rows, N), each layer's broad values (B, H, N, w), the outputs of the blocks
+        in ``take``). The broad terms come from each block's attention as it runs
         (:class:`bvit.layers.BroadTap`); with ``rows == 0`` (no broad attention) they are empty."""
         group = self._broad_group() if rows > 0 else 0
         logits = x.new_zeros(0)
         values: List[Tensor] = []
+        taken: List[Tensor] = []
         for i, blk in enumerate(self.blocks):
-            tap = BroadTap(rows, i, group) if rows > 0 else None
-            x = self._checkpoint(i, x, tap) if self._recompute() else blk(x, broad=tap)
-            if tap is not None:
-                s, v = tap.logits, tap.values
-                assert s is not None and v is not None
-                logits = s if i == 0 else logits + s
-                values.append(v)
-        return x, logits, values
+            if depth < 0 or i < depth:
+                tap = BroadTap(rows, i, group) if rows > 0 else None
+                x = self._checkpoint(i, x, tap) if self._recompute() else blk(x, broad=tap)
+                if tap is not None:
+                    s, v = tap.logits, tap.values
+                    assert s is not None and v is not None
+                    logits = s if i == 0 else logits + s
+                    values.append(v)
+                if take is not None and i in take:
+                    taken.append(x)
+        return x, logits, values, taken
 
     def _broad_group(self) -> int:
         return broad_group(len(self.blocks), self.num_heads, self.head_dim, self.embed_dim)
@@ -343,7 +349,7 @@ class BViT(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         """Images (B, C, H, W) -> normed tokens (B, N+1, D), broad output added on every token."""
         x = self._embed(x)
-        x, logits, values = self._run_blocks(x, x.shape[1] if self.broad else 0)
+        x, logits, values, _ = self._run_blocks(x, x.shape[1] if self.broad else 0)
         if self.broad:
             x = x + self.broad_scale * self._broad_out(logits, values).to(x.dtype)
         return self.norm(x)
@@ -353,7 +359,7 @@ class BViT(nn.Module):
         """Images -> the broad attention's pooled output (B, N+1, D), before ``broad_scale``:
         ``forward_features(x) == norm(x_L + broad_scale * forward_broad(x))``."""
         x = self._embed(x)
-        x, logits, values = self._run_blocks(x, x.shape[1])
+        x, logits, values, _ = self._run_blocks(x, x.shape[1])
         return self._broad_out(logits, values).to(x.dtype)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
@@ -374,7 +380,7 @@ class BViT(nn.Module):
         """
         if not self.broad or self.global_pool != 'token':
             return self.forward_head(self.forward_features(x))
-        x, logits, values = self._run_blocks(self._embed(x), 1)
+        x, logits, values, _ = self._run_blocks(self._embed(x), 1)
         x = x[:, :1] + self.broad_scale * self._broad_out(logits, values).to(x.dtype)
         return self.forward_head(self.norm(x))
 
@@ -410,20 +416,11 @@ class BViT(nn.Module):
         B, _, height, width = x.shape
         x = self._embed(x)
         grid_h, grid_w = self._grid_of(height, width)
-        blocks = self.blocks[:last + 1] if stop_early and intermediates_only else self.blocks
+        depth = last + 1 if stop_early and intermediates_only else -1
         rows = x.shape[1] if self.broad and not intermediates_only else 0
-        taken: List[Tensor] = []
-        logits: Optional[Tensor] = None
-        values: List[Tensor] = []
-        group = self._broad_group() if rows else 0
-        for i, blk in enumerate(blocks):
-            tap = BroadTap(rows, i, group) if rows else None
-            x = self._checkpoint(i, x, tap) if self._recompute() else blk(x, broad=tap)
-            if tap is not None:
-                logits = tap.logits if logits is None else logits + tap.logits
-                values.append(tap.values)
-            if i in take:
-                taken.append(self.norm(x) if norm else x)
+        x, logits, values, taken = self._run_blocks(x, rows, take, depth)
+        if norm:
+            taken = [self.norm(t) for t in taken]
         out: List[Any] = []
         for t in taken:
             patches = t[:, self.num_prefix_tokens:]
