@@ -110,13 +110,18 @@ def test_momentum_teacher_updated_through_data_gives_its_own_logits(model):
         torch.testing.assert_close(model(x), full_path(model, x), **TOL)
 
 
-def test_a_model_built_and_run_under_inference_mode():
+ALL = [(n, s, p) for n in NAMES for s, p in STEMS]
+ALL_IDS = [f'{n}-{s}' for n, s, _ in ALL]
+
+
+@pytest.mark.parametrize('name,stem,patch', ALL, ids=ALL_IDS)
+def test_a_model_built_and_run_under_inference_mode(name, stem, patch):
     with torch.inference_mode():
-        model = make()
+        model = make(name, stem, patch)
         x = images()
         out = model(x)
         torch.testing.assert_close(out, full_path(model, x), **TOL)
-    plain = make()
+    plain = make(name, stem, patch)
     with torch.no_grad():
         torch.testing.assert_close(out, plain(x), rtol=0, atol=0)
 
@@ -142,10 +147,11 @@ class LowRank(nn.Module):
         return self.base
 
 
-def test_a_wrapped_then_merged_qkv_gives_the_wrapped_logits():
+@pytest.mark.parametrize('name,stem,patch', ALL, ids=ALL_IDS)
+def test_a_wrapped_then_merged_qkv_gives_the_wrapped_logits(name, stem, patch):
     """LoRA on qkv (after the base model has run once), trained a step, then merged: the merged
     model gives the wrapped model's logits, not the base model's."""
-    plain = make()
+    plain = make(name, stem, patch)
     x = images()
     with torch.no_grad():
         base_out = plain(x)
