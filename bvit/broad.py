@@ -166,27 +166,31 @@ class BroadWindowAttention(_QKVTap, WindowAttention):
         return self.proj_drop(self.proj(out))
 
 
-class _KeepQKV(BroadTap):
+class _KeepQKV:
     """A tap that keeps the q, k, v themselves (Swin re-windows them before the broad attention)."""
+
+    def __init__(self) -> None:
+        self.qkv: Optional[QKV] = None
 
     def record(self, q: Tensor, k: Tensor, v: Tensor) -> None:
         self.qkv = (q, k, v)
 
 
-def _run_block(block: nn.Module, x: Tensor, tap: BroadTap, **kwargs: Any) -> Tensor:
-    """Run ``block`` (whose ``attn`` is one of the classes above), its q, k, v handed to ``tap``."""
+def _run_block(block: nn.Module, x: Tensor, tap: Any, **kwargs: Any) -> Tensor:
+    """Run ``block`` (whose ``attn`` is one of the classes above), its q, k, v handed to ``tap``
+    (a :class:`bvit.layers.BroadTap` or a :class:`_KeepQKV`)."""
     attn = block.attn
     attn._broad_tap = tap
     try:
         x = block(x, **kwargs)
     finally:
         attn._broad_tap = None
-    if tap.values is None and getattr(tap, 'qkv', None) is None:
+    if getattr(tap, 'values', None) is None and getattr(tap, 'qkv', None) is None:
         raise RuntimeError(f'{type(block).__name__} did not call its attention; broad attention expects one call')
     return x
 
 
-def _run_blocks(blocks: Sequence[nn.Module], x: Tensor, taps: Sequence[BroadTap], ckpt: bool,
+def _run_blocks(blocks: Sequence[nn.Module], x: Tensor, taps: Sequence[Any], ckpt: bool,
                 **kwargs: Any) -> Tensor:
     """The blocks in turn, each handing its q, k, v to its tap; each block recomputed in the
     backward pass with ``ckpt``."""
@@ -320,7 +324,7 @@ class BroadSwinTransformerStage(SwinTransformerStage):
     def forward(self, x: Tensor) -> Tensor:
         x = self.downsample(x)
         B, H, W, C = x.shape
-        taps = [_KeepQKV(0, i, 1) for i in range(len(self.blocks))]
+        taps = [_KeepQKV() for _ in self.blocks]
         x = _run_blocks(self.blocks, x, taps, _use_checkpoint(self.grad_checkpointing))
         qs = [_to_stage_windows(t.qkv[0], blk, H, W) for t, blk in zip(taps, self.blocks)]
         ks = [_to_stage_windows(t.qkv[1], blk, H, W) for t, blk in zip(taps, self.blocks)]
