@@ -1,4 +1,4 @@
-"""One training epoch and one evaluation pass."""
+"""One training epoch, one evaluation pass, and the evaluator of the training script."""
 from __future__ import annotations
 
 import contextlib
@@ -229,4 +229,41 @@ def evaluate(
     }
 
 
-__all__ = ['autocast_context', 'train_one_epoch', 'evaluate', 'UnreadableImages', 'unpack_batch']
+def eval_line(stats: Dict[str, Any], ema: bool = False) -> str:
+    """DeiT's line (``* Acc@1 81.800 Acc@5 95.594 loss 0.808``), then this script's fields."""
+    line = (f'*{" EMA" if ema else ""} Acc@1 {stats["acc1"]:.3f} Acc@5 {stats["acc5"]:.3f} loss {stats["loss"]:.3f}'
+            f'  ({stats["images"]} images')
+    return line + (f', {stats["skipped"]} unreadable skipped)' if stats.get('skipped') else ')')
+
+
+def accuracy_line(stats: Dict[str, Any]) -> str:
+    """DeiT's per-epoch line."""
+    return f'Accuracy of the network on the {stats["images"]} test images: {stats["acc1"]:.1f}%'
+
+
+class Evaluator:
+    """:func:`evaluate` on one validation loader, printing DeiT's lines (:func:`eval_line`, and
+    :func:`accuracy_line` for the model itself, not its EMA). A model on another device than
+    ``device`` (an EMA kept on the CPU) is evaluated there, in float32. ``bad_images``: this
+    process's one count of unreadable files (``--max-bad-images``), shared with the training."""
+
+    def __init__(self, loader: Iterable, device: torch.device, autocast: Callable[[], ContextManager],
+                 reduce: bool = False, print_freq: int = 50, log_all_ranks: bool = False,
+                 max_bad_images: int = 100) -> None:
+        self.loader, self.device, self.autocast, self.reduce = loader, device, autocast, reduce
+        self.print_freq, self.log_all_ranks = print_freq, log_all_ranks
+        self.bad_images = UnreadableImages(max_bad_images)
+
+    def __call__(self, model: nn.Module, ema: bool = False) -> Dict[str, Any]:
+        device = next(model.parameters()).device
+        autocast = self.autocast if device == self.device else autocast_context(device, None)
+        stats = evaluate(self.loader, model, device, autocast, reduce=self.reduce, print_freq=self.print_freq,
+                         header='Test (EMA)' if ema else 'Test', bad_images=self.bad_images)
+        log(eval_line(stats, ema), all_ranks=self.log_all_ranks)
+        if not ema:
+            log(accuracy_line(stats))
+        return stats
+
+
+__all__ = ['autocast_context', 'train_one_epoch', 'evaluate', 'Evaluator', 'eval_line', 'accuracy_line',
+           'UnreadableImages', 'unpack_batch']

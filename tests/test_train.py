@@ -320,12 +320,12 @@ def test_resume_restores_optimizer_scheduler_scaler_and_ema_exactly(tmp_path):
         scaler.update()
         ema.update(model)
     path = tmp_path / 'checkpoint.pth'
-    utils.atomic_save(train_hp.make_checkpoint(model, opt, sched, scaler, ema, 1, 42.5, args), str(path))
+    utils.atomic_save(utils.make_checkpoint(model, opt, sched, scaler, ema, 1, 42.5, args), str(path))
     obj = torch.load(path, weights_only=True)
 
     model2, opt2, sched2, scaler2, ema2 = _training_objects(args, 1)
     assert not _states_equal(model.state_dict(), model2.state_dict())
-    assert train_hp.restore_training_state(obj, str(path), model2, opt2, sched2, scaler2, ema2) == (2, 42.5)
+    assert utils.restore_training_state(obj, str(path), model2, opt2, sched2, scaler2, ema2) == (2, 42.5)
     assert _states_equal(model.state_dict(), model2.state_dict())
     assert _states_equal(ema.module.state_dict(), ema2.module.state_dict())
     assert _states_equal(opt.state_dict(), opt2.state_dict())
@@ -337,9 +337,9 @@ def test_resume_restores_optimizer_scheduler_scaler_and_ema_exactly(tmp_path):
                           ('lr_scheduler', '--sched'), ('optimizer', '--finetune')):
         fresh = _training_objects(args, 2)
         with pytest.raises(utils.UsageError, match=re.escape(expected)):
-            train_hp.restore_training_state({**obj, key: None}, str(path), *fresh)
+            utils.restore_training_state({**obj, key: None}, str(path), *fresh)
     with pytest.raises(utils.UsageError, match='--finetune'):
-        train_hp.restore_training_state(obj['model'], str(path), *_training_objects(args, 2))
+        utils.restore_training_state(obj['model'], str(path), *_training_objects(args, 2))
 
 
 def test_lr_follows_the_schedule_and_resume_reproduces_an_uninterrupted_run(tmp_path, capsys, monkeypatch):
