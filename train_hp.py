@@ -33,6 +33,7 @@ import os
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -544,25 +545,38 @@ def build_mixup(args: argparse.Namespace, nb_classes: int) -> Optional[Callable]
                  label_smoothing=args.smoothing, num_classes=nb_classes)
 
 
+@dataclass
+class Training:
+    """What the epoch loop trains, evaluates and saves (built by :func:`main`)."""
+
+    model: nn.Module  # the one trained: DDP-wrapped and / or compiled
+    model_without_ddp: nn.Module  # the one saved
+    eval_model: nn.Module  # the one evaluated: a compiled copy with --torchcompile (same parameters)
+    model_ema: Any  # timm's ModelEmaV3, or None
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # timm's per-epoch scheduler, or None (--sched none)
+    scaler: torch.amp.GradScaler
+    criterion: nn.Module
+    mixup_fn: Optional[Callable]
+    amp_dtype: Optional[torch.dtype]
+    sampler_train: RepeatAugSampler
+    loader_train: DataLoader
+    evaluator: Evaluator
+
+    def checkpoint(self, epoch: int, max_accuracy: float, args: argparse.Namespace,
+                   position: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        return make_checkpoint(self.model_without_ddp, self.optimizer, self.scheduler, self.scaler, self.model_ema,
+                               epoch, max_accuracy, args, position=position)
+
+
 def main(args: argparse.Namespace) -> Dict[str, Any]:
-    """Run the training (or, with ``--eval``, the evaluation); returns the last metrics."""
+    """Run the training (or, with ``--eval``, the evaluation); returns the last metrics. The
+    distributed teardown is :func:`cli`'s."""
     _check_flags(args)
     args.data_set = canonical_data_set(args.data_set)
     resolve_model_name(args.arch)  # unknown names fail before anything is loaded
-    device = resolve_device(args.device)
-    device = init_distributed(args, device)
+    device = init_distributed(args, resolve_device(args.device))
     args.device_resolved = str(device)
-    try:
-        stats = _run(args, device)
-    except RunStopped:
-        cleanup_distributed()  # every rank stops here together (rank 0's save is behind a barrier)
-        raise
-    # any other error leaves without a collective teardown: its peers may be waiting for this rank (see cli)
-    cleanup_distributed()
-    return stats
-
-
-def _run(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     setup_determinism(args.deterministic)
@@ -605,12 +619,8 @@ def _run(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
             load_model_weights(model, resume_obj, args.resume, use_ema=args.eval_ema)
         model.to(device)
         return evaluator(compile_model(model, args) if args.torchcompile else model)
+
     assert dataset_train is not None
-    return _train(args, device, model, dataset_train, evaluator, resume_obj, amp_dtype)
-
-
-def _train(args: argparse.Namespace, device: torch.device, model: nn.Module, dataset_train: Any,
-           evaluator: Evaluator, resume_obj: Any, amp_dtype: Optional[torch.dtype]) -> Dict[str, Any]:
     model.to(device)
     model_without_ddp = model
     model_ema = None
@@ -624,13 +634,12 @@ def _train(args: argparse.Namespace, device: torch.device, model: nn.Module, dat
         # after DDP, as PyTorch documents for DDP (its DDPOptimizer splits the graph at the gradient
         # buckets, so the all-reduce overlaps the backward) and as timm's train.py does
         model = compile_model(model, args)
-    eval_model = compile_model(model_without_ddp, args) if args.torchcompile else model_without_ddp
     optimizer, lr = build_optimizer(args, model_without_ddp)
     scheduler = build_scheduler(args, optimizer)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    mixup_fn = build_mixup(args, args.nb_classes)
+    mixup_fn = build_mixup(args, nb_classes)
     criterion = DistillationLoss(build_base_criterion(mixup_fn is not None, args.smoothing, args.bce_loss),
-                                 build_teacher(args, args.nb_classes, device), args.distillation_type,
+                                 build_teacher(args, nb_classes, device), args.distillation_type,
                                  args.distillation_alpha, args.distillation_tau)
 
     start_epoch, max_accuracy, position = args.start_epoch, 0.0, None
@@ -651,13 +660,14 @@ def _train(args: argparse.Namespace, device: torch.device, model: nn.Module, dat
     _prepare_output_dir(args)
 
     log(f'training epochs {start_epoch}..{args.epochs - 1}, lr {lr:.3g} (total batch {args.batch_size * args.world_size})')
-    objects = dict(model=model, model_without_ddp=model_without_ddp, model_ema=model_ema, optimizer=optimizer,
-                   scheduler=scheduler, scaler=scaler, mixup_fn=mixup_fn, criterion=criterion, amp_dtype=amp_dtype,
-                   sampler_train=sampler_train, loader_train=loader_train, evaluator=evaluator,
-                   eval_model=eval_model)
+    t = Training(model=model, model_without_ddp=model_without_ddp,
+                 eval_model=compile_model(model_without_ddp, args) if args.torchcompile else model_without_ddp,
+                 model_ema=model_ema, optimizer=optimizer, scheduler=scheduler, scaler=scaler, criterion=criterion,
+                 mixup_fn=mixup_fn, amp_dtype=amp_dtype, sampler_train=sampler_train, loader_train=loader_train,
+                 evaluator=evaluator)
     stop = StopSignal().install()
     try:
-        return _epochs(args, device, objects, start_epoch, max_accuracy, position, stop)
+        return train_epochs(args, device, t, start_epoch, max_accuracy, position, stop)
     finally:
         stop.restore()
 
@@ -674,26 +684,27 @@ def _prepare_output_dir(args: argparse.Namespace) -> None:
         os.makedirs(args.output_dir, exist_ok=True)
 
 
-def _epochs(args: argparse.Namespace, device: torch.device, t: Dict[str, Any], start_epoch: int,
-            max_accuracy: float, position: Optional[Dict[str, Any]], stop: StopSignal) -> Dict[str, Any]:
-    """The epoch loop; ``t``: the training objects of :func:`_train`."""
+def train_epochs(args: argparse.Namespace, device: torch.device, t: Training, start_epoch: int,
+                 max_accuracy: float, position: Optional[Dict[str, Any]], stop: StopSignal) -> Dict[str, Any]:
+    """The epoch loop, from ``start_epoch`` (``position``: where in it a mid-epoch checkpoint
+    stopped); returns the last evaluation's metrics."""
     output_dir = args.output_dir
     start_time = time.time()
     test_stats: Dict[str, Any] = {}
-    bad_images = t['evaluator'].bad_images  # one count of unreadable files per process, train and val
+    bad_images = t.evaluator.bad_images  # one count of unreadable files per process, train and val
     for epoch in range(start_epoch, args.epochs):
         epoch_start = time.time()
         seed_everything(epoch_seed(args.seed, epoch, args.rank))
         resume = None
         if position is not None and position['epoch'] == epoch:
             resume = position['ranks'][args.rank]
-        t['sampler_train'].set_epoch(epoch, start=resume['batches_done'] * args.batch_size if resume else 0)
-        if t['scheduler'] is not None:
-            t['scheduler'].step(epoch)  # this epoch's value, before its first step (DeiT applies it an epoch late)
+        t.sampler_train.set_epoch(epoch, start=resume['batches_done'] * args.batch_size if resume else 0)
+        if t.scheduler is not None:
+            t.scheduler.step(epoch)  # this epoch's value, before its first step (DeiT applies it an epoch late)
         train_stats = train_one_epoch(
-            t['model'], t['criterion'], t['loader_train'], t['optimizer'], device, epoch, scaler=t['scaler'],
-            autocast=autocast_context(device, t['amp_dtype']), clip_grad=args.clip_grad, model_ema=t['model_ema'],
-            mixup_fn=t['mixup_fn'], set_training_mode=args.train_mode, print_freq=args.print_freq,
+            t.model, t.criterion, t.loader_train, t.optimizer, device, epoch, scaler=t.scaler,
+            autocast=autocast_context(device, t.amp_dtype), clip_grad=args.clip_grad, model_ema=t.model_ema,
+            mixup_fn=t.mixup_fn, set_training_mode=args.train_mode, print_freq=args.print_freq,
             num_epochs=args.epochs, stop=stop, resume=resume, bad_images=bad_images)
         if train_stats['stopped'] is not None:
             _save_stopped(args, t, epoch, max_accuracy, train_stats['stopped'], stop)
@@ -701,15 +712,14 @@ def _epochs(args: argparse.Namespace, device: torch.device, t: Dict[str, Any], s
         ema_stats = None
         is_best = False
         if eval_due(epoch, args.epochs, args.eval_freq):
-            test_stats = epoch_stats = t['evaluator'](t['eval_model'])
-            if t['model_ema'] is not None and not (args.model_ema_force_cpu and device.type == 'cuda'):
-                ema_stats = t['evaluator'](t['model_ema'].module, ema=True)
+            test_stats = epoch_stats = t.evaluator(t.eval_model)
+            if t.model_ema is not None and not (args.model_ema_force_cpu and device.type == 'cuda'):
+                ema_stats = t.evaluator(t.model_ema.module, ema=True)
             is_best = test_stats['acc1'] > max_accuracy or not os.path.exists(os.path.join(output_dir, 'best.pth'))
             max_accuracy = max(max_accuracy, test_stats['acc1'])
             log(f'Max accuracy: {max_accuracy:.2f}%')
         if output_dir and is_main_process():
-            ckpt = make_checkpoint(t['model_without_ddp'], t['optimizer'], t['scheduler'], t['scaler'],
-                                   t['model_ema'], epoch, max_accuracy, args)
+            ckpt = t.checkpoint(epoch, max_accuracy, args)
             save_checkpoint(ckpt, os.path.join(output_dir, 'checkpoint.pth'))
             if is_best:
                 save_checkpoint(ckpt, os.path.join(output_dir, 'best.pth'))
@@ -742,7 +752,7 @@ def _append_epoch_log(args: argparse.Namespace, epoch: int, train_stats: Dict[st
     append_log_line(args.output_dir, record)
 
 
-def _save_stopped(args: argparse.Namespace, t: Dict[str, Any], epoch: int, max_accuracy: float,
+def _save_stopped(args: argparse.Namespace, t: Training, epoch: int, max_accuracy: float,
                   state: Dict[str, Any], stop: StopSignal) -> None:
     """A stop agreed in the middle of ``epoch``: rank 0 saves where every rank is (iterations
     done, its loss sums, its random states), then the run ends with :class:`RunStopped`."""
@@ -750,12 +760,11 @@ def _save_stopped(args: argparse.Namespace, t: Dict[str, Any], epoch: int, max_a
     position = {'epoch': epoch, 'batches_done': state['batches_done'], 'batch_size': args.batch_size,
                 'world_size': args.world_size, 'ranks': ranks}
     if args.output_dir and is_main_process():
-        ckpt = make_checkpoint(t['model_without_ddp'], t['optimizer'], t['scheduler'], t['scaler'], t['model_ema'],
-                               epoch - 1, max_accuracy, args, position=position)
-        save_checkpoint(ckpt, os.path.join(args.output_dir, 'checkpoint.pth'))  # further signals only set the flag
+        save_checkpoint(t.checkpoint(epoch - 1, max_accuracy, args, position=position),
+                        os.path.join(args.output_dir, 'checkpoint.pth'))  # further signals only set the flag
     barrier()  # no rank exits with status 3 (which a launcher may answer by killing the job) before the file is there
     _stop_run(args, stop, f'at epoch {epoch}, iteration {state["batches_done"]}/{state["batches_total"]}',
-                  'a resumable checkpoint.pth')
+              'a resumable checkpoint.pth')
 
 
 def _stop_run(args: argparse.Namespace, stop: StopSignal, where: str, what: str) -> None:
@@ -780,6 +789,7 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
     except NonFiniteLossError as e:
         return _failed(1, str(e))
     except RunStopped:
+        cleanup_distributed()  # every rank stops here together (rank 0's save is behind a barrier)
         return STOP_EXIT_STATUS
     except BaseException as e:  # a bug, or (on a peer of a failed rank) a broken collective
         if not is_dist():
@@ -788,6 +798,7 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
         return _failed(130 if isinstance(e, KeyboardInterrupt) else 1,
                        f'{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ""} '
                        '(traceback above; a broken collective means another process ended first: see its line)')
+    cleanup_distributed()  # the normal end; an error leaves without a collective teardown (peers may wait for it)
     return 0
 
 

@@ -3,6 +3,7 @@ CPU, in-process where possible, and as real processes for the launchers (torchru
 processes, the legacy torch.distributed.launch, plain python)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -1188,10 +1189,10 @@ def _stand_in_distributed(monkeypatch) -> List[Any]:
 def test_a_failing_rank_prints_its_line_then_exits_without_a_collective_teardown(monkeypatch, error, status, line):
     calls = _stand_in_distributed(monkeypatch)
 
-    def failing_run(args, device):
+    def failing_main(args):
         raise error
 
-    monkeypatch.setattr(train_hp, '_run', failing_run)
+    monkeypatch.setattr(train_hp, 'main', failing_main)
     with pytest.raises(_Exited):
         train_hp.cli(TINY + ['--epochs', '1'])
     assert calls == [('line', line), ('exit', status)]  # the line, then os._exit: no destroy, no barrier
@@ -1199,15 +1200,15 @@ def test_a_failing_rank_prints_its_line_then_exits_without_a_collective_teardown
 
 def test_the_normal_and_the_preempted_ends_keep_the_collective_teardown(monkeypatch):
     calls = _stand_in_distributed(monkeypatch)
-    monkeypatch.setattr(train_hp, '_run', lambda args, device: {})
+    monkeypatch.setattr(train_hp, 'main', lambda args: {})
     assert train_hp.cli(TINY + ['--epochs', '1']) == 0
     assert calls == ['destroy']
 
-    def stopped(args, device):
+    def stopped(args):
         raise utils.RunStopped('at epoch 0')
 
     calls.clear()
-    monkeypatch.setattr(train_hp, '_run', stopped)
+    monkeypatch.setattr(train_hp, 'main', stopped)
     assert train_hp.cli(TINY + ['--epochs', '1']) == 3
     assert calls == ['destroy']
 
@@ -1222,7 +1223,7 @@ def test_no_rank_exits_with_3_before_rank_0_has_saved_mid_epoch(tmp_path, monkey
     monkeypatch.setattr(train_hp, 'log', lambda *a, **k: None)
     args = train_hp.parse_args(TINY + ['--output_dir', str(tmp_path)])
     args.world_size = 2
-    t = dict(model_without_ddp=None, optimizer=None, scheduler=None, scaler=None, model_ema=None)
+    t = train_hp.Training(**{f.name: None for f in dataclasses.fields(train_hp.Training)})
     stop = utils.StopSignal()
     stop.signum = signal.SIGTERM
     with pytest.raises(utils.RunStopped):
