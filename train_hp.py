@@ -279,50 +279,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _config_lookup(parser: argparse.ArgumentParser) -> Tuple[Dict[str, argparse.Action], Dict[str, argparse.Action]]:
-    by_dest: Dict[str, argparse.Action] = {}
-    by_flag: Dict[str, argparse.Action] = {}
-    for action in parser._actions:
-        if action.dest in ('help', 'config') or not action.option_strings:
-            continue
-        if not isinstance(action, argparse._StoreFalseAction) or action.dest not in by_dest:
-            by_dest.setdefault(action.dest, action)
-        for opt in action.option_strings:
-            by_flag[opt.lstrip('-').replace('-', '_')] = action
-    return by_dest, by_flag
-
-
-def _convert(action: argparse.Action, key: str, value: Any, where: str) -> Any:
-    def one(v: Any) -> Any:
-        if action.type is None or v is None:
-            return v
-        if isinstance(v, bool) and action.type in (int, float):
-            raise UsageError(f'{where}: {key} must be a number, got {v!r}')
-        try:
-            return action.type(v) if not (action.type is float and isinstance(v, (int, float))) else float(v)
-        except (TypeError, ValueError):
-            raise UsageError(f'{where}: {key} has an invalid value {v!r}') from None
-
-    if action.nargs in ('+', '*') or isinstance(action.nargs, int):
-        if value is None:
-            return None
-        values = list(value) if isinstance(value, (list, tuple)) else [value]
-        if isinstance(action.nargs, int) and len(values) != action.nargs:
-            raise UsageError(f'{where}: {key} needs {action.nargs} values, got {len(values)}')
-        out = [one(v) for v in values]
-    else:
-        if isinstance(value, (list, dict)):
-            raise UsageError(f'{where}: {key} takes one value, got {value!r}')
-        out = one(value)
-    if action.choices is not None and out is not None and out not in action.choices:
-        raise UsageError(f'{where}: {key} must be one of {", ".join(map(str, action.choices))}, got {out!r}')
-    return out
-
-
 def load_config(parser: argparse.ArgumentParser, path: str) -> Dict[str, Any]:
-    """Defaults from a YAML file: ``{dest: value}``. Keys are flag names without the dashes, with
-    ``-`` or ``_`` (``batch-size``, ``batch_size``, ``no-model-ema``); values are checked and
-    converted like the command line's. Unknown keys are an error."""
+    """``--config``: defaults from a YAML file, ``{dest: value}`` for ``parser.set_defaults``, as
+    timm's train.py reads its config, with each key checked: a flag name without its dashes,
+    spelled with ``-`` or ``_`` (``batch-size``, ``no_model_ema``; also ``tf32``, the destination of
+    ``--no-tf32``). Values are converted and checked with the flag's type, count and choices; an
+    unknown key is an error naming the closest flag."""
     import yaml
     if not os.path.isfile(path):
         raise UsageError(f'--config {path}: file not found')
@@ -331,36 +293,49 @@ def load_config(parser: argparse.ArgumentParser, path: str) -> Dict[str, Any]:
             data = yaml.safe_load(f)
     except (OSError, yaml.YAMLError) as e:
         raise UsageError(f'--config {path}: not valid YAML ({str(e).splitlines()[0]})') from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
+    if not isinstance(data, (dict, type(None))):
         raise UsageError(f'--config {path}: expected a mapping of option names to values')
-    by_dest, by_flag = _config_lookup(parser)
-    out: Dict[str, Any] = {}
-    for raw_key, value in data.items():
-        key = str(raw_key).replace('-', '_')
-        if key in by_dest:
-            action = by_dest[key]
-            if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-                if not isinstance(value, bool):
-                    raise UsageError(f'{path}: {raw_key} must be true or false, got {value!r}')
-                out[action.dest] = value
-            else:
-                out[action.dest] = _convert(action, str(raw_key), value, path)
-        elif key in by_flag:
-            action = by_flag[key]
-            if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-                if not isinstance(value, bool):
-                    raise UsageError(f'{path}: {raw_key} must be true or false, got {value!r}')
-                out[action.dest] = action.const if value else not action.const
-            else:
-                out[action.dest] = _convert(action, str(raw_key), value, path)
-        else:
-            names = sorted(set(by_dest) | set(by_flag))
-            close = difflib.get_close_matches(key, names, n=1)
+    actions = [a for a in parser._actions if a.option_strings and a.dest not in ('help', 'config')]
+    by_name = {a.dest: a for a in actions}
+    by_name.update({o.lstrip('-').replace('-', '_'): a for a in actions for o in a.option_strings})
+    defaults: Dict[str, Any] = {}
+    for key, value in (data or {}).items():
+        name = str(key).replace('-', '_')
+        if name not in by_name:
+            close = difflib.get_close_matches(name, sorted(by_name), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ''
-            raise UsageError(f"{path}: unknown key '{raw_key}'{hint}; keys are train_hp.py flag names")
-    return out
+            raise UsageError(f"{path}: unknown key '{key}'{hint}; keys are train_hp.py flag names")
+        action = by_name[name]
+        defaults[action.dest] = _config_value(action, name, value, f'{path}: {key}')
+    return defaults
+
+
+def _config_value(action: argparse.Action, name: str, value: Any, where: str) -> Any:
+    """``value`` of YAML key ``name`` converted for ``action``, as the command line would be."""
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise UsageError(f'{where} must be true or false, got {value!r}')
+        return value if name == action.dest else (action.const if value else not action.const)  # no_x: true -> False
+    if value is None:
+        return None
+    many = action.nargs in ('+', '*') or isinstance(action.nargs, int)
+    if not many and isinstance(value, (list, dict)):
+        raise UsageError(f'{where} takes one value, got {value!r}')
+    values = list(value) if many and isinstance(value, (list, tuple)) else [value]
+    if isinstance(action.nargs, int) and len(values) != action.nargs:
+        raise UsageError(f'{where} needs {action.nargs} values, got {len(values)}')
+    out = []
+    for v in values:
+        if isinstance(v, bool) and action.type in (int, float):
+            raise UsageError(f'{where} must be a number, got {v!r}')
+        try:
+            v = action.type(v) if action.type is not None and v is not None else v
+        except (TypeError, ValueError):
+            raise UsageError(f'{where} has an invalid value {v!r}') from None
+        if action.choices is not None and v not in action.choices:
+            raise UsageError(f'{where} must be one of {", ".join(map(str, action.choices))}, got {v!r}')
+        out.append(v)
+    return out if many else out[0]
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

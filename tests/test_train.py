@@ -151,6 +151,27 @@ def test_config_gives_defaults_and_the_command_line_wins(tmp_path):
     assert train_hp.parse_args(['--config', str(cfg), '--model-ema']).model_ema is True
 
 
+def test_config_values_are_checked_and_converted_like_the_command_line(tmp_path):
+    def load(text):
+        return train_hp.load_config(train_hp.get_args_parser(), str(_write(tmp_path / 'c.yaml', text)))
+
+    assert load('no-tf32: true\nno_model_ema: false\nmodel: BViT-22\ndr: 0.5\nepochs: 7\n') == dict(
+        tf32=False, model_ema=True, arch='BViT-22', decay_rate=0.5, epochs=7)  # flag names, aliases, types
+    assert load('tf32: false\nopt-betas: 0.9\ntrain-subset: null\nlr: 1e-3\n') == dict(
+        tf32=False, opt_betas=[0.9], train_subset=None, lr=1e-3)  # a destination; one value of a list flag
+    assert load('# nothing\n') == {}
+    for text, message in (('epochs: true', 'epochs must be a number, got True'),
+                          ('scale: [1]', 'scale needs 2 values, got 1'),
+                          ('amp-dtype: fp32', "amp-dtype must be one of fp16, bf16, got 'fp32'"),
+                          ('eval: 1', 'eval must be true or false, got 1'),
+                          ('lr: [1, 2]', 'lr takes one value, got [1, 2]'),
+                          ('help: true', "unknown key 'help'"),
+                          ('batch_sise: 8', "unknown key 'batch_sise' (did you mean 'batch_size'?)"),
+                          ('- 1', 'expected a mapping')):
+        with pytest.raises(utils.UsageError, match=re.escape(message)):
+            load(text)
+
+
 def test_shipped_configs_hold_the_paper_recipe():
     for path in sorted((REPO / 'configs').glob('*.yaml')):
         train_hp.parse_args(['--config', str(path)])
