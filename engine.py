@@ -7,7 +7,7 @@ import time
 from typing import Any, Callable, ContextManager, Dict, Iterable, Optional, Sequence, Set, Tuple
 
 import torch
-from timm.utils import accuracy, dispatch_clip_grad, unwrap_model
+from timm.utils import NativeScaler, accuracy, dispatch_clip_grad, unwrap_model
 from torch import nn
 
 from utils import (
@@ -51,25 +51,21 @@ def unpack_batch(batch: Sequence[Any], bad: Optional[UnreadableImages]) -> Tuple
     return batch[0], batch[1], skipped
 
 
-def _optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler],
+def _optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: Optional[NativeScaler],
                     params: Sequence[torch.Tensor], clip_grad: Optional[float]) -> None:
-    """Backward, clipping (timm's ``dispatch_clip_grad``, norm mode), optimizer step; with an
-    enabled GradScaler (fp16) what timm's ``NativeScaler`` does. Kept here rather than
-    ``NativeScaler`` because the scaler is also off (float32, bf16) and saved in checkpoints as
-    the ``torch.amp.GradScaler`` state it is."""
+    """Backward, clipping (timm's ``dispatch_clip_grad``, norm mode) and the optimizer step: timm's
+    ``NativeScaler`` with fp16 (``scaler``), the same steps without a gradient scaler otherwise
+    (float32, bf16: ``scaler`` None). ``clip_grad`` None or 0: no clipping (``NativeScaler`` would
+    clip to norm 0 when given 0)."""
     optimizer.zero_grad(set_to_none=True)
-    if scaler is not None and scaler.is_enabled():
-        scaler.scale(loss).backward()
-        if clip_grad:
-            scaler.unscale_(optimizer)
-            dispatch_clip_grad(params, clip_grad, mode='norm')
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        if clip_grad:
-            dispatch_clip_grad(params, clip_grad, mode='norm')
-        optimizer.step()
+    clip_grad = clip_grad or None
+    if scaler is not None:
+        scaler(loss, optimizer, clip_grad=clip_grad, clip_mode='norm', parameters=params)
+        return
+    loss.backward()
+    if clip_grad is not None:
+        dispatch_clip_grad(params, clip_grad, mode='norm')
+    optimizer.step()
 
 
 def train_one_epoch(
@@ -79,7 +75,7 @@ def train_one_epoch(
         optimizer: torch.optim.Optimizer,
         device: torch.device,
         epoch: int,
-        scaler: Optional[torch.amp.GradScaler] = None,
+        scaler: Optional[NativeScaler] = None,
         autocast: Callable[[], ContextManager] = contextlib.nullcontext,
         clip_grad: Optional[float] = None,
         model_ema: Optional[nn.Module] = None,

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
+from timm.utils import NativeScaler
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -530,7 +531,7 @@ class Training:
     model_ema: Any  # timm's ModelEmaV3, or None
     optimizer: torch.optim.Optimizer
     scheduler: Any  # timm's per-epoch scheduler, or None (--sched none)
-    scaler: torch.amp.GradScaler
+    scaler: Optional[NativeScaler]  # timm's, with fp16 autocast; None otherwise
     criterion: nn.Module
     mixup_fn: Optional[Callable]
     amp_dtype: Optional[torch.dtype]
@@ -611,7 +612,7 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         model = compile_model(model, args)
     optimizer, lr = build_optimizer(args, model_without_ddp)
     scheduler = build_scheduler(args, optimizer)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    scaler = NativeScaler(device.type) if amp_dtype == torch.float16 else None  # a torch.amp.GradScaler's steps
     mixup_fn = build_mixup(args, nb_classes)
     criterion = DistillationLoss(build_base_criterion(mixup_fn is not None, args.smoothing, args.bce_loss),
                                  build_teacher(args, nb_classes, device), args.distillation_type,

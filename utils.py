@@ -643,7 +643,7 @@ def check_saved_args(obj: Any, args: Any, path: str) -> None:
 
 
 def make_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    scaler: torch.amp.GradScaler, model_ema: Optional[nn.Module], epoch: int,
+                    scaler: Any, model_ema: Optional[nn.Module], epoch: int,
                     max_accuracy: float, args: Any,
                     position: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """What ``checkpoint.pth`` holds: tensors, numbers, strings, lists and dicts only, so it loads
@@ -655,7 +655,7 @@ def make_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, schedule
         'model': model.state_dict(),
         'optimizer': optimizer.state_dict(),
         'lr_scheduler': scheduler.state_dict() if scheduler is not None else None,
-        'scaler': scaler.state_dict() if scaler.is_enabled() else None,
+        'scaler': scaler.state_dict() if scaler is not None else None,  # timm's NativeScaler (fp16): its GradScaler's
         'model_ema': model_ema.module.state_dict() if model_ema is not None else None,
         'epoch': int(epoch),
         'max_accuracy': float(max_accuracy),
@@ -676,7 +676,7 @@ def save_checkpoint(obj: Dict[str, Any], path: str) -> None:
 
 
 def restore_training_state(obj: Any, path: str, model: nn.Module, optimizer: torch.optim.Optimizer,
-                           scheduler: Any, scaler: torch.amp.GradScaler, model_ema: Optional[nn.Module]) -> Tuple[int, float]:
+                           scheduler: Any, scaler: Any, model_ema: Optional[nn.Module]) -> Tuple[int, float]:
     """Load everything a run needs to continue; returns (next epoch, best top-1 so far).
 
     Every feature that is on in this run must be in the checkpoint (optimizer, lr scheduler,
@@ -704,7 +704,7 @@ def restore_training_state(obj: Any, path: str, model: nn.Module, optimizer: tor
         if set(state) != set(scheduler.state_dict()):
             raise UsageError(f'{path}: its lr scheduler differs from this run\'s --sched; resume with the same --sched')
         scheduler.load_state_dict(state)
-    if scaler.is_enabled():
+    if scaler is not None:
         scaler.load_state_dict(need('scaler', 'a gradient scaler (fp16 AMP)'))
     if model_ema is not None:
         need('model_ema', '--model-ema')

@@ -26,6 +26,7 @@ import utils
 from engine import evaluate, train_one_epoch
 from losses import DistillationLoss, build_base_criterion
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.utils import NativeScaler
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / 'tests' / 'fixtures' / 'official_bvit_5m_golden.pt'
@@ -325,8 +326,7 @@ def _training_objects(args, seed: int):
     ema = ModelEmaV3(model, decay=0.9)
     opt = create_optimizer_v2(model, opt='adamw', lr=1e-3, weight_decay=0.05, eps=1e-6)
     sched, _ = create_scheduler_v2(opt, sched='cosine', num_epochs=5, warmup_epochs=2, warmup_lr=1e-6, min_lr=1e-5)
-    scaler = torch.amp.GradScaler('cpu', enabled=True)
-    return model, opt, sched, scaler, ema
+    return model, opt, sched, NativeScaler('cpu'), ema
 
 
 def test_resume_restores_optimizer_scheduler_scaler_and_ema_exactly(tmp_path):
@@ -337,9 +337,7 @@ def test_resume_restores_optimizer_scheduler_scaler_and_ema_exactly(tmp_path):
         sched.step(epoch)
         loss = model(x).logsumexp(-1).mean()
         opt.zero_grad()
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        scaler(loss, opt)
         ema.update(model)
     path = tmp_path / 'checkpoint.pth'
     utils.atomic_save(utils.make_checkpoint(model, opt, sched, scaler, ema, 1, 42.5, args), str(path))
@@ -790,15 +788,66 @@ def test_cpu_autocast_training_and_evaluation_steps_are_close_to_float32(dtype):
         opt = torch.optim.SGD(model.parameters(), lr=1.0)
         # (init_scale 2^10: at the default 2^16 these float16 gradients overflow and the scaler,
         # rightly, skips the step and halves the scale; a step must happen here)
-        scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 10, enabled=dtype == torch.float16)
+        scaler = NativeScaler('cpu') if dtype == torch.float16 else None
+        if scaler is not None:
+            scaler.load_state_dict({**scaler.state_dict(), 'scale': 2.0 ** 10})
         train_one_epoch(model, DistillationLoss(nn.CrossEntropyLoss(), None), loader, opt, cpu, 0, scaler=scaler,
                         autocast=autocast_context(cpu, dtype), print_freq=1000)
-        assert scaler.get_scale() == (1024.0 if dtype == torch.float16 else 1.0)  # no overflow: the step was taken
+        if scaler is not None:
+            assert scaler.state_dict()['scale'] == 1024.0  # no overflow: the step was taken
         for n, p in model.named_parameters():
             assert _rel(before[n] - p.detach(), ref_grads[n]) < tol['grad'], (name, n)
         ref_eval = evaluate(loader, model, cpu)
         amp_eval = evaluate(loader, model, cpu, autocast_context(cpu, dtype))
         assert amp_eval['images'] == 8 and amp_eval['loss'] == pytest.approx(ref_eval['loss'], rel=tol['out'])
+
+
+def test_the_fp16_step_is_timms_native_scaler_and_equals_a_grad_scaler_step_with_clipping():
+    """engine's step with timm's NativeScaler against the GradScaler step it replaced (scale,
+    backward, unscale, clip, step, update): the same parameters and scaler state after fp16 steps
+    with clipping that acts, the first ones skipped for overflowing fp16 gradients (scale halved)."""
+    from engine import _optimizer_step, autocast_context
+    cpu = torch.device('cpu')
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(8, 3, 2, 2, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(6)]
+    scale = 2.0 ** 20  # the scaled fp16 gradients overflow (> 65504) at first: steps skipped, the scale halved
+
+    def run(step_fn):
+        torch.manual_seed(0)
+        model = _Tiny()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        norms = []
+        for x, y in batches:
+            with autocast_context(cpu, torch.float16)():
+                loss = F.cross_entropy(model(x), y)
+            step_fn(loss, opt, list(model.parameters()), norms)
+        return model.state_dict(), norms
+
+    reference = torch.amp.GradScaler('cpu', init_scale=scale)
+
+    def grad_scaler_step(loss, opt, params, norms):
+        opt.zero_grad(set_to_none=True)
+        reference.scale(loss).backward()
+        reference.unscale_(opt)
+        norms.append(float(torch.nn.utils.clip_grad_norm_(params, 0.05)))
+        reference.step(opt)
+        reference.update()
+
+    native = NativeScaler('cpu')
+    native.load_state_dict({**native.state_dict(), 'scale': scale})
+
+    def native_scaler_step(loss, opt, params, norms):
+        _optimizer_step(loss, opt, native, params, 0.05)
+
+    want, norms = run(grad_scaler_step)
+    got, _ = run(native_scaler_step)
+    skipped = sum(not math.isfinite(n) for n in norms)
+    assert 1 <= skipped <= 4 and min(n for n in norms if math.isfinite(n)) > 0.05  # steps taken, clipped
+    assert reference.get_scale() == native.state_dict()['scale'] == scale / 2 ** skipped
+    assert native.state_dict() == reference.state_dict()
+    for key in want:
+        assert torch.equal(want[key], got[key]), key
+    assert not torch.equal(want['net.3.weight'], run(lambda loss, opt, params, norms: None)[0]['net.3.weight'])
 
 
 def test_amp_on_cpu_is_used_when_asked_and_states_its_precision(tmp_path, capsys):
