@@ -350,6 +350,40 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _check_flags(args: argparse.Namespace) -> None:
+    if args.broad and args.no_broad:
+        raise UsageError('--broad and --no-broad exclude each other')
+    if args.sched not in SCHEDULES:
+        raise UsageError(f'unknown --sched {args.sched!r}; choose one of {", ".join(SCHEDULES)}')
+    for flag, value in (('--batch-size', args.batch_size), ('--input-size', args.input_size),
+                        ('--print-freq', args.print_freq), ('--eval-freq', args.eval_freq)):
+        if value < 1:
+            raise UsageError(f'{flag} must be at least 1, got {value}')
+    if args.epochs < 0 or args.num_workers < 0 or args.threads < 0 or args.max_bad_images < 0:
+        raise UsageError('--epochs, --num_workers, --threads and --max-bad-images must not be negative')
+    if not 0 < args.eval_crop_ratio <= 1:
+        raise UsageError(f'--eval-crop-ratio must be in (0, 1], got {args.eval_crop_ratio}')
+    for flag, value in (('--fake-size', args.fake_size), ('--fake-val-size', args.fake_val_size),
+                        ('--fake-classes', args.fake_classes)):
+        if value < 1:
+            raise UsageError(f'{flag} must be at least 1, got {value}')
+    for flag, value in (('--train-subset', args.train_subset), ('--val-subset', args.val_subset)):
+        if value is not None and value < 1:
+            raise UsageError(f'{flag} must be at least 1, got {value}')
+    if args.eval_ema and not args.eval:
+        raise UsageError('--eval-ema goes with --eval')
+    if args.torchcompile_mode and not args.torchcompile:
+        raise UsageError('--torchcompile-mode goes with --torchcompile')
+    if args.torchcompile:
+        from torch._dynamo import list_backends
+        backends = list_backends(exclude_tags=())
+        if args.torchcompile not in backends:
+            raise UsageError(f'--torchcompile {args.torchcompile}: not a torch.compile backend here; one of '
+                             f'{", ".join(backends)}')
+    if list(args.decay_milestones) != sorted(set(args.decay_milestones)):
+        raise UsageError(f'--decay-milestones must increase, got {" ".join(map(str, args.decay_milestones))}')
+
+
 # Model --------------------------------------------------------------------------------------------
 
 def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
@@ -420,49 +454,7 @@ def set_attn_only(model: nn.Module) -> None:
         p.requires_grad_('.attn.' in name or name.startswith(('head.', 'pos_embed', 'patch_embed.')))
 
 
-# Main ---------------------------------------------------------------------------------------------
-
-def _check_flags(args: argparse.Namespace) -> None:
-    if args.broad and args.no_broad:
-        raise UsageError('--broad and --no-broad exclude each other')
-    if args.sched not in SCHEDULES:
-        raise UsageError(f'unknown --sched {args.sched!r}; choose one of {", ".join(SCHEDULES)}')
-    for flag, value in (('--batch-size', args.batch_size), ('--input-size', args.input_size),
-                        ('--print-freq', args.print_freq), ('--eval-freq', args.eval_freq)):
-        if value < 1:
-            raise UsageError(f'{flag} must be at least 1, got {value}')
-    if args.epochs < 0 or args.num_workers < 0 or args.threads < 0 or args.max_bad_images < 0:
-        raise UsageError('--epochs, --num_workers, --threads and --max-bad-images must not be negative')
-    if not 0 < args.eval_crop_ratio <= 1:
-        raise UsageError(f'--eval-crop-ratio must be in (0, 1], got {args.eval_crop_ratio}')
-    for flag, value in (('--fake-size', args.fake_size), ('--fake-val-size', args.fake_val_size),
-                        ('--fake-classes', args.fake_classes)):
-        if value < 1:
-            raise UsageError(f'{flag} must be at least 1, got {value}')
-    for flag, value in (('--train-subset', args.train_subset), ('--val-subset', args.val_subset)):
-        if value is not None and value < 1:
-            raise UsageError(f'{flag} must be at least 1, got {value}')
-    if args.eval_ema and not args.eval:
-        raise UsageError('--eval-ema goes with --eval')
-    if args.torchcompile_mode and not args.torchcompile:
-        raise UsageError('--torchcompile-mode goes with --torchcompile')
-    if args.torchcompile:
-        from torch._dynamo import list_backends
-        backends = list_backends(exclude_tags=())
-        if args.torchcompile not in backends:
-            raise UsageError(f'--torchcompile {args.torchcompile}: not a torch.compile backend here; one of '
-                             f'{", ".join(backends)}')
-    if list(args.decay_milestones) != sorted(set(args.decay_milestones)):
-        raise UsageError(f'--decay-milestones must increase, got {" ".join(map(str, args.decay_milestones))}')
-
-
-def _loader(dataset: Any, sampler: Any, batch_size: int, args: argparse.Namespace, device: torch.device,
-            drop_last: bool) -> DataLoader:
-    return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=args.num_workers,
-                      pin_memory=bool(args.pin_mem and device.type == 'cuda'), drop_last=drop_last,
-                      collate_fn=collate_skipping_unreadable,
-                      worker_init_fn=ignore_stop_signals if args.num_workers else None)
-
+# Training parts -----------------------------------------------------------------------------------
 
 def precision(args: argparse.Namespace, device: torch.device) -> Tuple[Optional[torch.dtype], str]:
     """(autocast dtype or None, its description). ``--amp`` is the default on CUDA; on the CPU it
@@ -474,6 +466,14 @@ def precision(args: argparse.Namespace, device: torch.device) -> Tuple[Optional[
     dtype = torch.bfloat16 if args.amp_dtype == 'bf16' else torch.float16
     return dtype, (f'{args.amp_dtype} autocast on {device.type}' +
                    (' with gradient scaler' if dtype == torch.float16 else '') + tf32)
+
+
+def _loader(dataset: Any, sampler: Any, batch_size: int, args: argparse.Namespace, device: torch.device,
+            drop_last: bool) -> DataLoader:
+    return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=args.num_workers,
+                      pin_memory=bool(args.pin_mem and device.type == 'cuda'), drop_last=drop_last,
+                      collate_fn=collate_skipping_unreadable,
+                      worker_init_fn=ignore_stop_signals if args.num_workers else None)
 
 
 def build_optimizer(args: argparse.Namespace, model: nn.Module) -> Tuple[torch.optim.Optimizer, float]:
@@ -521,6 +521,19 @@ def build_mixup(args: argparse.Namespace, nb_classes: int) -> Optional[Callable]
                  label_smoothing=args.smoothing, num_classes=nb_classes)
 
 
+def _prepare_output_dir(args: argparse.Namespace) -> None:
+    """Create ``--output_dir``; one holding a checkpoint.pth is refused unless it is ``--resume``'s."""
+    if not args.output_dir:
+        return
+    existing = os.path.join(args.output_dir, 'checkpoint.pth')
+    if os.path.exists(existing) and not (args.resume and os.path.exists(args.resume)
+                                         and os.path.samefile(existing, args.resume)):
+        raise UsageError(f'{args.output_dir} already holds a checkpoint.pth; continue it with --resume {existing}, '
+                         'or choose another --output_dir')
+    if is_main_process():
+        os.makedirs(args.output_dir, exist_ok=True)
+
+
 @dataclass
 class Training:
     """What the epoch loop trains, evaluates and saves (built by :func:`main`)."""
@@ -541,9 +554,12 @@ class Training:
 
     def checkpoint(self, epoch: int, max_accuracy: float, args: argparse.Namespace,
                    position: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """:func:`utils.make_checkpoint` of these objects (``epoch``: the last finished one)."""
         return make_checkpoint(self.model_without_ddp, self.optimizer, self.scheduler, self.scaler, self.model_ema,
                                epoch, max_accuracy, args, position=position)
 
+
+# Main ---------------------------------------------------------------------------------------------
 
 def main(args: argparse.Namespace) -> Dict[str, Any]:
     """Run the training (or, with ``--eval``, the evaluation); returns the last metrics. The
@@ -648,17 +664,7 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         stop.restore()
 
 
-def _prepare_output_dir(args: argparse.Namespace) -> None:
-    if not args.output_dir:
-        return
-    existing = os.path.join(args.output_dir, 'checkpoint.pth')
-    if os.path.exists(existing) and not (args.resume and os.path.exists(args.resume)
-                                         and os.path.samefile(existing, args.resume)):
-        raise UsageError(f'{args.output_dir} already holds a checkpoint.pth; continue it with --resume {existing}, '
-                         'or choose another --output_dir')
-    if is_main_process():
-        os.makedirs(args.output_dir, exist_ok=True)
-
+# The epoch loop -----------------------------------------------------------------------------------
 
 def train_epochs(args: argparse.Namespace, device: torch.device, t: Training, start_epoch: int,
                  max_accuracy: float, position: Optional[Dict[str, Any]], stop: StopSignal) -> Dict[str, Any]:
@@ -753,6 +759,8 @@ def _stop_run(args: argparse.Namespace, stop: StopSignal, where: str, what: str)
         log(f'stopped by {stop.name} {where}: nothing saved (no --output_dir) (exit status {STOP_EXIT_STATUS})')
     raise RunStopped(where)
 
+
+# Entry point: exit status and error lines ---------------------------------------------------------
 
 def cli(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point: exit status 0, 2 for expected problems (one ``error:`` line on stderr), 1 for
