@@ -1,4 +1,4 @@
-"""One training epoch and one evaluation pass."""
+"""One training epoch, one evaluation pass, and the evaluator of the training script."""
 from __future__ import annotations
 
 import contextlib
@@ -7,7 +7,7 @@ import time
 from typing import Any, Callable, ContextManager, Dict, Iterable, Optional, Sequence, Set, Tuple
 
 import torch
-from timm.utils import accuracy, dispatch_clip_grad, unwrap_model
+from timm.utils import NativeScaler, accuracy, dispatch_clip_grad, unwrap_model
 from torch import nn
 
 from utils import (
@@ -51,25 +51,21 @@ def unpack_batch(batch: Sequence[Any], bad: Optional[UnreadableImages]) -> Tuple
     return batch[0], batch[1], skipped
 
 
-def _optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler],
+def _optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: Optional[NativeScaler],
                     params: Sequence[torch.Tensor], clip_grad: Optional[float]) -> None:
-    """Backward, clipping (timm's ``dispatch_clip_grad``, norm mode), optimizer step; with an
-    enabled GradScaler (fp16) what timm's ``NativeScaler`` does. Kept here rather than
-    ``NativeScaler`` because the scaler is also off (float32, bf16) and saved in checkpoints as
-    the ``torch.amp.GradScaler`` state it is."""
+    """Backward, clipping (timm's ``dispatch_clip_grad``, norm mode) and the optimizer step: timm's
+    ``NativeScaler`` with fp16 (``scaler``), the same steps without a gradient scaler otherwise
+    (float32, bf16: ``scaler`` None). ``clip_grad`` None or 0: no clipping (``NativeScaler`` would
+    clip to norm 0 when given 0)."""
     optimizer.zero_grad(set_to_none=True)
-    if scaler is not None and scaler.is_enabled():
-        scaler.scale(loss).backward()
-        if clip_grad:
-            scaler.unscale_(optimizer)
-            dispatch_clip_grad(params, clip_grad, mode='norm')
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        if clip_grad:
-            dispatch_clip_grad(params, clip_grad, mode='norm')
-        optimizer.step()
+    clip_grad = clip_grad or None
+    if scaler is not None:
+        scaler(loss, optimizer, clip_grad=clip_grad, clip_mode='norm', parameters=params)
+        return
+    loss.backward()
+    if clip_grad is not None:
+        dispatch_clip_grad(params, clip_grad, mode='norm')
+    optimizer.step()
 
 
 def train_one_epoch(
@@ -79,7 +75,7 @@ def train_one_epoch(
         optimizer: torch.optim.Optimizer,
         device: torch.device,
         epoch: int,
-        scaler: Optional[torch.amp.GradScaler] = None,
+        scaler: Optional[NativeScaler] = None,
         autocast: Callable[[], ContextManager] = contextlib.nullcontext,
         clip_grad: Optional[float] = None,
         model_ema: Optional[nn.Module] = None,
@@ -229,4 +225,41 @@ def evaluate(
     }
 
 
-__all__ = ['autocast_context', 'train_one_epoch', 'evaluate', 'UnreadableImages', 'unpack_batch']
+def eval_line(stats: Dict[str, Any], ema: bool = False) -> str:
+    """DeiT's line (``* Acc@1 81.800 Acc@5 95.594 loss 0.808``), then this script's fields."""
+    line = (f'*{" EMA" if ema else ""} Acc@1 {stats["acc1"]:.3f} Acc@5 {stats["acc5"]:.3f} loss {stats["loss"]:.3f}'
+            f'  ({stats["images"]} images')
+    return line + (f', {stats["skipped"]} unreadable skipped)' if stats.get('skipped') else ')')
+
+
+def accuracy_line(stats: Dict[str, Any]) -> str:
+    """DeiT's per-epoch line."""
+    return f'Accuracy of the network on the {stats["images"]} test images: {stats["acc1"]:.1f}%'
+
+
+class Evaluator:
+    """:func:`evaluate` on one validation loader, printing DeiT's lines (:func:`eval_line`, and
+    :func:`accuracy_line` for the model itself, not its EMA). A model on another device than
+    ``device`` (an EMA kept on the CPU) is evaluated there, in float32. ``bad_images``: this
+    process's one count of unreadable files (``--max-bad-images``), shared with the training."""
+
+    def __init__(self, loader: Iterable, device: torch.device, autocast: Callable[[], ContextManager],
+                 reduce: bool = False, print_freq: int = 50, log_all_ranks: bool = False,
+                 max_bad_images: int = 100) -> None:
+        self.loader, self.device, self.autocast, self.reduce = loader, device, autocast, reduce
+        self.print_freq, self.log_all_ranks = print_freq, log_all_ranks
+        self.bad_images = UnreadableImages(max_bad_images)
+
+    def __call__(self, model: nn.Module, ema: bool = False) -> Dict[str, Any]:
+        device = next(model.parameters()).device
+        autocast = self.autocast if device == self.device else autocast_context(device, None)
+        stats = evaluate(self.loader, model, device, autocast, reduce=self.reduce, print_freq=self.print_freq,
+                         header='Test (EMA)' if ema else 'Test', bad_images=self.bad_images)
+        log(eval_line(stats, ema), all_ranks=self.log_all_ranks)
+        if not ema:
+            log(accuracy_line(stats))
+        return stats
+
+
+__all__ = ['autocast_context', 'train_one_epoch', 'evaluate', 'Evaluator', 'eval_line', 'accuracy_line',
+           'UnreadableImages', 'unpack_batch']

@@ -33,27 +33,28 @@ import os
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
+from timm.utils import NativeScaler
 from torch import nn
 from torch.utils.data import DataLoader
 
 from bvit.broad import add_broad_attention
-from bvit.models import resolve_arch
 from datasets import DATASETS, INAT_CATEGORIES, build_datasets, canonical_data_set, collate_skipping_unreadable
-from engine import UnreadableImages, autocast_context, evaluate, train_one_epoch
+from engine import Evaluator, autocast_context, train_one_epoch
 from losses import DistillationLoss, build_base_criterion
 from samplers import RepeatAugSampler, ShardSampler
 from utils import (
-    CHECKPOINT_FORMAT, STOP_EXIT_STATUS, NonFiniteLossError, RunStopped, StopSignal, UsageError, all_reduce_sum,
-    append_log_line, args_to_dict, atomic_save, barrier, cleanup_distributed, environment_info, epoch_seed,
-    exit_without_teardown, format_seconds, gather_objects, get_rank, ignore_stop_signals, init_distributed, is_dist,
-    is_main_process, load_finetune_weights, load_model_weights, log, model_state_from, plain, read_checkpoint,
-    resolve_device, seed_everything, setup_determinism, setup_tf32, write_line,
+    BVIT_NAMES, STOP_EXIT_STATUS, NonFiniteLossError, RunStopped, StopSignal, UsageError, all_reduce_sum,
+    append_log_line, barrier, check_resume_schedule, check_saved_args, cleanup_distributed, environment_info,
+    epoch_seed, exit_without_teardown, format_seconds, gather_objects, get_rank, ignore_stop_signals,
+    init_distributed, is_dist, is_main_process, load_finetune_weights, load_model_weights, log, make_checkpoint,
+    model_kwargs, read_checkpoint, resolve_device, resolve_model_name, restore_training_state, resume_position,
+    save_checkpoint, seed_everything, setup_determinism, setup_tf32, write_line,
 )
 
-BVIT_NAMES = 'BViT-5, BViT-22 (also BViT_5, BViT-21, BViT_21, bvit_5m, bvit_22m)'
 SCHEDULES = ('cosine', 'tanh', 'step', 'multistep', 'poly', 'constant', 'wsd', 'rsqrt', 'none')
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -279,50 +280,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _config_lookup(parser: argparse.ArgumentParser) -> Tuple[Dict[str, argparse.Action], Dict[str, argparse.Action]]:
-    by_dest: Dict[str, argparse.Action] = {}
-    by_flag: Dict[str, argparse.Action] = {}
-    for action in parser._actions:
-        if action.dest in ('help', 'config') or not action.option_strings:
-            continue
-        if not isinstance(action, argparse._StoreFalseAction) or action.dest not in by_dest:
-            by_dest.setdefault(action.dest, action)
-        for opt in action.option_strings:
-            by_flag[opt.lstrip('-').replace('-', '_')] = action
-    return by_dest, by_flag
-
-
-def _convert(action: argparse.Action, key: str, value: Any, where: str) -> Any:
-    def one(v: Any) -> Any:
-        if action.type is None or v is None:
-            return v
-        if isinstance(v, bool) and action.type in (int, float):
-            raise UsageError(f'{where}: {key} must be a number, got {v!r}')
-        try:
-            return action.type(v) if not (action.type is float and isinstance(v, (int, float))) else float(v)
-        except (TypeError, ValueError):
-            raise UsageError(f'{where}: {key} has an invalid value {v!r}') from None
-
-    if action.nargs in ('+', '*') or isinstance(action.nargs, int):
-        if value is None:
-            return None
-        values = list(value) if isinstance(value, (list, tuple)) else [value]
-        if isinstance(action.nargs, int) and len(values) != action.nargs:
-            raise UsageError(f'{where}: {key} needs {action.nargs} values, got {len(values)}')
-        out = [one(v) for v in values]
-    else:
-        if isinstance(value, (list, dict)):
-            raise UsageError(f'{where}: {key} takes one value, got {value!r}')
-        out = one(value)
-    if action.choices is not None and out is not None and out not in action.choices:
-        raise UsageError(f'{where}: {key} must be one of {", ".join(map(str, action.choices))}, got {out!r}')
-    return out
-
-
 def load_config(parser: argparse.ArgumentParser, path: str) -> Dict[str, Any]:
-    """Defaults from a YAML file: ``{dest: value}``. Keys are flag names without the dashes, with
-    ``-`` or ``_`` (``batch-size``, ``batch_size``, ``no-model-ema``); values are checked and
-    converted like the command line's. Unknown keys are an error."""
+    """``--config``: defaults from a YAML file, ``{dest: value}`` for ``parser.set_defaults``, as
+    timm's train.py reads its config, with each key checked: a flag name without its dashes,
+    spelled with ``-`` or ``_`` (``batch-size``, ``no_model_ema``; also ``tf32``, the destination of
+    ``--no-tf32``). Values are converted and checked with the flag's type, count and choices; an
+    unknown key is an error naming the closest flag."""
     import yaml
     if not os.path.isfile(path):
         raise UsageError(f'--config {path}: file not found')
@@ -331,36 +294,49 @@ def load_config(parser: argparse.ArgumentParser, path: str) -> Dict[str, Any]:
             data = yaml.safe_load(f)
     except (OSError, yaml.YAMLError) as e:
         raise UsageError(f'--config {path}: not valid YAML ({str(e).splitlines()[0]})') from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
+    if not isinstance(data, (dict, type(None))):
         raise UsageError(f'--config {path}: expected a mapping of option names to values')
-    by_dest, by_flag = _config_lookup(parser)
-    out: Dict[str, Any] = {}
-    for raw_key, value in data.items():
-        key = str(raw_key).replace('-', '_')
-        if key in by_dest:
-            action = by_dest[key]
-            if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-                if not isinstance(value, bool):
-                    raise UsageError(f'{path}: {raw_key} must be true or false, got {value!r}')
-                out[action.dest] = value
-            else:
-                out[action.dest] = _convert(action, str(raw_key), value, path)
-        elif key in by_flag:
-            action = by_flag[key]
-            if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-                if not isinstance(value, bool):
-                    raise UsageError(f'{path}: {raw_key} must be true or false, got {value!r}')
-                out[action.dest] = action.const if value else not action.const
-            else:
-                out[action.dest] = _convert(action, str(raw_key), value, path)
-        else:
-            names = sorted(set(by_dest) | set(by_flag))
-            close = difflib.get_close_matches(key, names, n=1)
+    actions = [a for a in parser._actions if a.option_strings and a.dest not in ('help', 'config')]
+    by_name = {a.dest: a for a in actions}
+    by_name.update({o.lstrip('-').replace('-', '_'): a for a in actions for o in a.option_strings})
+    defaults: Dict[str, Any] = {}
+    for key, value in (data or {}).items():
+        name = str(key).replace('-', '_')
+        if name not in by_name:
+            close = difflib.get_close_matches(name, sorted(by_name), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ''
-            raise UsageError(f"{path}: unknown key '{raw_key}'{hint}; keys are train_hp.py flag names")
-    return out
+            raise UsageError(f"{path}: unknown key '{key}'{hint}; keys are train_hp.py flag names")
+        action = by_name[name]
+        defaults[action.dest] = _config_value(action, name, value, f'{path}: {key}')
+    return defaults
+
+
+def _config_value(action: argparse.Action, name: str, value: Any, where: str) -> Any:
+    """``value`` of YAML key ``name`` converted for ``action``, as the command line would be."""
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise UsageError(f'{where} must be true or false, got {value!r}')
+        return value if name == action.dest else (action.const if value else not action.const)  # no_x: true -> False
+    if value is None:
+        return None
+    many = action.nargs in ('+', '*') or isinstance(action.nargs, int)
+    if not many and isinstance(value, (list, dict)):
+        raise UsageError(f'{where} takes one value, got {value!r}')
+    values = list(value) if many and isinstance(value, (list, tuple)) else [value]
+    if isinstance(action.nargs, int) and len(values) != action.nargs:
+        raise UsageError(f'{where} needs {action.nargs} values, got {len(values)}')
+    out = []
+    for v in values:
+        if isinstance(v, bool) and action.type in (int, float):
+            raise UsageError(f'{where} must be a number, got {v!r}')
+        try:
+            v = action.type(v) if action.type is not None and v is not None else v
+        except (TypeError, ValueError):
+            raise UsageError(f'{where} has an invalid value {v!r}') from None
+        if action.choices is not None and v not in action.choices:
+            raise UsageError(f'{where} must be one of {", ".join(map(str, action.choices))}, got {v!r}')
+        out.append(v)
+    return out if many else out[0]
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -374,48 +350,41 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _check_flags(args: argparse.Namespace) -> None:
+    if args.broad and args.no_broad:
+        raise UsageError('--broad and --no-broad exclude each other')
+    if args.sched not in SCHEDULES:
+        raise UsageError(f'unknown --sched {args.sched!r}; choose one of {", ".join(SCHEDULES)}')
+    for flag, value in (('--batch-size', args.batch_size), ('--input-size', args.input_size),
+                        ('--print-freq', args.print_freq), ('--eval-freq', args.eval_freq)):
+        if value < 1:
+            raise UsageError(f'{flag} must be at least 1, got {value}')
+    if args.epochs < 0 or args.num_workers < 0 or args.threads < 0 or args.max_bad_images < 0:
+        raise UsageError('--epochs, --num_workers, --threads and --max-bad-images must not be negative')
+    if not 0 < args.eval_crop_ratio <= 1:
+        raise UsageError(f'--eval-crop-ratio must be in (0, 1], got {args.eval_crop_ratio}')
+    for flag, value in (('--fake-size', args.fake_size), ('--fake-val-size', args.fake_val_size),
+                        ('--fake-classes', args.fake_classes)):
+        if value < 1:
+            raise UsageError(f'{flag} must be at least 1, got {value}')
+    for flag, value in (('--train-subset', args.train_subset), ('--val-subset', args.val_subset)):
+        if value is not None and value < 1:
+            raise UsageError(f'{flag} must be at least 1, got {value}')
+    if args.eval_ema and not args.eval:
+        raise UsageError('--eval-ema goes with --eval')
+    if args.torchcompile_mode and not args.torchcompile:
+        raise UsageError('--torchcompile-mode goes with --torchcompile')
+    if args.torchcompile:
+        from torch._dynamo import list_backends
+        backends = list_backends(exclude_tags=())
+        if args.torchcompile not in backends:
+            raise UsageError(f'--torchcompile {args.torchcompile}: not a torch.compile backend here; one of '
+                             f'{", ".join(backends)}')
+    if list(args.decay_milestones) != sorted(set(args.decay_milestones)):
+        raise UsageError(f'--decay-milestones must increase, got {" ".join(map(str, args.decay_milestones))}')
+
+
 # Model --------------------------------------------------------------------------------------------
-
-def resolve_model_name(name: str) -> Tuple[str, str]:
-    """('bvit', registered name) for BViT names, ('timm', name) for other timm models."""
-    import timm
-    try:
-        return 'bvit', resolve_arch(name)
-    except ValueError:
-        pass
-    if timm.is_model(name):
-        return 'timm', name
-    raise UsageError(f'unknown --arch {name!r}: neither a BViT name ({BVIT_NAMES}) nor a timm model name')
-
-
-_OWN_FLAG_KWARGS = {'num_classes': '--data-set', 'img_size': '--input-size', 'patch_size': '--patch-size',
-                    'stem': '--stem', 'broad': '--no-broad', 'broad_scale': '--broad-scale', 'drop_rate': '--drop',
-                    'drop_path_rate': '--drop-path', 'in_chans': '(3 channels, fixed)', 'pretrained': '--finetune'}
-
-
-def model_kwargs(args: Any) -> Dict[str, Any]:
-    """``--model-kwargs KEY=VALUE ...`` as a dict (values read as Python literals, else strings).
-
-    Not timm's ``ParseKwargs`` action: that stores a dict in the arguments (checkpoints store the
-    list of ``KEY=VALUE`` strings, compared on ``--resume``), raises a traceback for a value that
-    is not a literal and has a syntax error (``a b``) or an item without ``=``, and lets a key
-    override a flag of this script (``num_classes``, ``img_size``, ...), which is refused here."""
-    import ast
-    items = args.get('model_kwargs') if isinstance(args, dict) else getattr(args, 'model_kwargs', None)
-    out: Dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = str(item).partition('=')
-        key = key.strip()
-        if not sep or not key.isidentifier():
-            raise UsageError(f'--model-kwargs: expected KEY=VALUE, got {item!r}')
-        if key in _OWN_FLAG_KWARGS:
-            raise UsageError(f'--model-kwargs: {key} is set by {_OWN_FLAG_KWARGS[key]}, not here')
-        try:
-            out[key] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            out[key] = value.strip()
-    return out
-
 
 def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
     import timm
@@ -485,215 +454,7 @@ def set_attn_only(model: nn.Module) -> None:
         p.requires_grad_('.attn.' in name or name.startswith(('head.', 'pos_embed', 'patch_embed.')))
 
 
-# Checkpoints --------------------------------------------------------------------------------------
-
-def model_identity(args: Any) -> Dict[str, Any]:
-    """The settings that define a model beyond its parameter shapes (broad attention on or off,
-    its scale, the stem, the patch size), with defaults filled in, for comparing runs."""
-    get = args.get if isinstance(args, dict) else lambda k, d=None: getattr(args, k, d)
-    kind, name = resolve_model_name(str(get('arch')))
-    if kind == 'bvit':
-        broad = not get('no_broad', False)
-        ident = {'arch': name, 'broad': broad, 'stem': get('stem') or 'conv', 'patch_size': get('patch_size') or 16}
-    else:
-        broad = bool(get('broad', False))
-        ident = {'arch': name, 'broad': broad, 'patch_size': get('patch_size')}
-    if broad:
-        ident['broad_scale'] = float(get('broad_scale', 0.4))
-    ident['model_kwargs'] = ' '.join(sorted(f'{k}={v!r}' for k, v in model_kwargs(args).items())) or None
-    return ident
-
-
-_IDENTITY_FLAGS = {'arch': '--arch', 'stem': '--stem', 'patch_size': '--patch-size', 'broad_scale': '--broad-scale',
-                   'model_kwargs': '--model-kwargs'}
-
-
-def check_saved_args(obj: Any, args: argparse.Namespace, path: str) -> None:
-    """A checkpoint of this script made with another model is refused, naming the flag to fix;
-    this includes broad attention on/off and its scale, which change no parameter shape. The
-    input size may differ with --eval (the position table is resampled), not when resuming."""
-    saved = obj.get('args') if isinstance(obj, dict) else None
-    if not isinstance(saved, dict) or 'arch' not in saved:
-        return
-    try:
-        old = model_identity(saved)
-    except UsageError:
-        raise UsageError(f'{path} is a checkpoint of --arch {saved["arch"]}, which this installation does not know') from None
-    new = model_identity(args)
-    if old['arch'] == new['arch'] and old['broad'] != new['broad']:
-        flag = '--no-broad' if resolve_model_name(args.arch)[0] == 'bvit' else '--broad'
-        fix = ('remove' if (flag == '--no-broad') == old['broad'] else 'add') + f' {flag}'
-        raise UsageError(f'{path} is a checkpoint of {old["arch"]} {"with" if old["broad"] else "without"} broad '
-                         f'attention, but this run builds it {"with" if new["broad"] else "without"}; {fix}')
-    for key in _IDENTITY_FLAGS:
-        if old.get(key) != new.get(key):
-            flag = _IDENTITY_FLAGS[key]
-            raise UsageError(f'{path} is a checkpoint of a model with {flag} {old.get(key)}, but this run has '
-                             f'{flag} {new.get(key)}; pass the same value')
-    size = saved.get('input_size')
-    if not getattr(args, 'eval', False) and size is not None and size != args.input_size:
-        # --eval takes any size (the position table is resampled); training state is per size
-        raise UsageError(f'{path} was trained with --input-size {size}, but this run has --input-size '
-                         f'{args.input_size}; resume with the same size, or start a new run from these weights '
-                         'with --finetune')
-
-
-def make_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    scaler: torch.amp.GradScaler, model_ema: Optional[nn.Module], epoch: int,
-                    max_accuracy: float, args: argparse.Namespace,
-                    position: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """What ``checkpoint.pth`` holds: tensors, numbers, strings, lists and dicts only, so it loads
-    with ``torch.load(weights_only=True)``. Features that are off are stored as None. ``epoch`` is
-    the last finished epoch; ``position`` (a run stopped mid-epoch) where the next one stands:
-    its number, iterations done, and each rank's loss sums and generator states."""
-    return {
-        'format': CHECKPOINT_FORMAT,
-        'model': model.state_dict(),
-        'optimizer': optimizer.state_dict(),
-        'lr_scheduler': scheduler.state_dict() if scheduler is not None else None,
-        'scaler': scaler.state_dict() if scaler.is_enabled() else None,
-        'model_ema': model_ema.module.state_dict() if model_ema is not None else None,
-        'epoch': int(epoch),
-        'max_accuracy': float(max_accuracy),
-        'args': args_to_dict(args),
-        'position': position,
-    }
-
-
-def save_checkpoint(obj: Dict[str, Any], path: str) -> None:
-    """:func:`utils.atomic_save`, with a write that fails (disk full, no permission) as one line:
-    the previous file at ``path`` is kept as it was."""
-    try:
-        atomic_save(obj, path)
-    except OSError as e:
-        reason = e.strerror or str(e) or type(e).__name__
-        raise UsageError(f'cannot write {path}: {reason}; the previous {os.path.basename(path)}, if any, is kept as '
-                         f'it was (free space or choose another --output_dir, then continue with --resume)') from None
-
-
-def restore_training_state(obj: Any, path: str, model: nn.Module, optimizer: torch.optim.Optimizer,
-                           scheduler: Any, scaler: torch.amp.GradScaler, model_ema: Optional[nn.Module]) -> Tuple[int, float]:
-    """Load everything a run needs to continue; returns (next epoch, best top-1 so far).
-
-    Every feature that is on in this run must be in the checkpoint (optimizer, lr scheduler,
-    grad scaler with fp16 AMP, EMA with --model-ema); a missing one is an error.
-    """
-    load_model_weights(model, obj, path)  # a checkpoint of another model fails here, saying which key
-    if not isinstance(obj, dict) or not isinstance(obj.get('optimizer'), dict) or 'epoch' not in obj:
-        raise UsageError(f'{path} holds model weights but no training state (optimizer, epoch); '
-                         'use --finetune to start a new run from these weights, or --eval to evaluate them')
-
-    def need(key: str, feature: str) -> Any:
-        value = obj.get(key)
-        if not isinstance(value, dict) or not value:
-            raise UsageError(f'{path} has no {key} state, but this run uses {feature}; resume with the settings '
-                             'of the original run, or use --finetune to start afresh from its weights')
-        return value
-
-    try:
-        optimizer.load_state_dict(need('optimizer', 'an optimizer'))
-    except (ValueError, KeyError) as e:
-        raise UsageError(f'{path}: its optimizer state does not fit this run ({e}); '
-                         'resume with the same --opt and model') from None
-    if scheduler is not None:
-        state = need('lr_scheduler', f'--sched {type(scheduler).__name__}')
-        if set(state) != set(scheduler.state_dict()):
-            raise UsageError(f'{path}: its lr scheduler differs from this run\'s --sched; resume with the same --sched')
-        scheduler.load_state_dict(state)
-    if scaler.is_enabled():
-        scaler.load_state_dict(need('scaler', 'a gradient scaler (fp16 AMP)'))
-    if model_ema is not None:
-        need('model_ema', '--model-ema')
-        model_ema.module.load_state_dict(model_state_from(obj, model_ema.module, path, use_ema=True))
-    return int(obj['epoch']) + 1, float(obj.get('max_accuracy', 0.0))
-
-
-# The flags that define the learning-rate schedule: restored from the checkpoint on --resume, so a
-# different value would be silently ignored; it is refused instead.
-SCHEDULE_FLAGS = {'sched': '--sched', 'lr': '--lr', 'min_lr': '--min-lr', 'warmup_lr': '--warmup-lr',
-                  'warmup_epochs': '--warmup-epochs', 'decay_epochs': '--decay-epochs',
-                  'decay_milestones': '--decay-milestones', 'decay_rate': '--decay-rate'}
-
-
-def check_resume_schedule(obj: Any, args: argparse.Namespace, path: str) -> None:
-    """``--resume`` restores the learning-rate schedule of the checkpoint: a schedule flag that
-    differs from the checkpoint's is refused (one line naming it), and a changed total batch
-    (hence scaled lr) gets a note."""
-    saved = obj.get('args') if isinstance(obj, dict) else None
-    if not isinstance(saved, dict):
-        return
-    for key, flag in SCHEDULE_FLAGS.items():
-        if key in saved and plain(getattr(args, key)) != saved[key]:
-            old = ' '.join(map(str, saved[key])) if isinstance(saved[key], list) else saved[key]
-            new = ' '.join(map(str, getattr(args, key))) if isinstance(saved[key], list) else getattr(args, key)
-            raise UsageError(f'{path} was trained with {flag} {old}, this run has {flag} {new}: --resume continues '
-                             f'the checkpoint\'s learning-rate schedule, which would ignore it; resume with {flag} '
-                             f'{old}, or start a new run from these weights with --finetune')
-    old_scaled = saved.get('lr_scaled')
-    if old_scaled is not None and abs(old_scaled - args.lr_scaled) > 1e-12 * max(abs(old_scaled), 1.0):
-        log(f'note: the total batch differs from the checkpoint\'s; its learning-rate schedule (restored) keeps '
-            f'its peak lr {old_scaled:.3g}, not {args.lr_scaled:.3g}')
-    if args.sched != 'none' and saved.get('epochs') not in (None, args.epochs):
-        log(f'note: the checkpoint was made for --epochs {saved["epochs"]}; its learning-rate schedule '
-            f'(restored) still ends there, while this run trains to epoch {args.epochs - 1}')
-
-
-def resume_position(obj: Any, args: argparse.Namespace, path: str) -> Optional[Dict[str, Any]]:
-    """Where a checkpoint written mid-epoch stopped (None for an end-of-epoch one). The rest of
-    that epoch is the same only with the same processes and batch size; others are refused."""
-    position = obj.get('position') if isinstance(obj, dict) else None
-    if not position:
-        return None
-    if (position['world_size'], position['batch_size']) != (args.world_size, args.batch_size):
-        raise UsageError(f'{path} was saved in the middle of epoch {position["epoch"]} by {position["world_size"]} '
-                         f'process(es) with --batch-size {position["batch_size"]}; resume it with the same '
-                         f'(this run: {args.world_size}, {args.batch_size})')
-    return position
-
-
-# Main ---------------------------------------------------------------------------------------------
-
-def _check_flags(args: argparse.Namespace) -> None:
-    if args.broad and args.no_broad:
-        raise UsageError('--broad and --no-broad exclude each other')
-    if args.sched not in SCHEDULES:
-        raise UsageError(f'unknown --sched {args.sched!r}; choose one of {", ".join(SCHEDULES)}')
-    for flag, value in (('--batch-size', args.batch_size), ('--input-size', args.input_size),
-                        ('--print-freq', args.print_freq), ('--eval-freq', args.eval_freq)):
-        if value < 1:
-            raise UsageError(f'{flag} must be at least 1, got {value}')
-    if args.epochs < 0 or args.num_workers < 0 or args.threads < 0 or args.max_bad_images < 0:
-        raise UsageError('--epochs, --num_workers, --threads and --max-bad-images must not be negative')
-    if not 0 < args.eval_crop_ratio <= 1:
-        raise UsageError(f'--eval-crop-ratio must be in (0, 1], got {args.eval_crop_ratio}')
-    for flag, value in (('--fake-size', args.fake_size), ('--fake-val-size', args.fake_val_size),
-                        ('--fake-classes', args.fake_classes)):
-        if value < 1:
-            raise UsageError(f'{flag} must be at least 1, got {value}')
-    for flag, value in (('--train-subset', args.train_subset), ('--val-subset', args.val_subset)):
-        if value is not None and value < 1:
-            raise UsageError(f'{flag} must be at least 1, got {value}')
-    if args.eval_ema and not args.eval:
-        raise UsageError('--eval-ema goes with --eval')
-    if args.torchcompile_mode and not args.torchcompile:
-        raise UsageError('--torchcompile-mode goes with --torchcompile')
-    if args.torchcompile:
-        from torch._dynamo import list_backends
-        backends = list_backends(exclude_tags=())
-        if args.torchcompile not in backends:
-            raise UsageError(f'--torchcompile {args.torchcompile}: not a torch.compile backend here; one of '
-                             f'{", ".join(backends)}')
-    if list(args.decay_milestones) != sorted(set(args.decay_milestones)):
-        raise UsageError(f'--decay-milestones must increase, got {" ".join(map(str, args.decay_milestones))}')
-
-
-def _loader(dataset: Any, sampler: Any, batch_size: int, args: argparse.Namespace, device: torch.device,
-            drop_last: bool) -> DataLoader:
-    return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=args.num_workers,
-                      pin_memory=bool(args.pin_mem and device.type == 'cuda'), drop_last=drop_last,
-                      collate_fn=collate_skipping_unreadable,
-                      worker_init_fn=ignore_stop_signals if args.num_workers else None)
-
+# Training parts -----------------------------------------------------------------------------------
 
 def precision(args: argparse.Namespace, device: torch.device) -> Tuple[Optional[torch.dtype], str]:
     """(autocast dtype or None, its description). ``--amp`` is the default on CUDA; on the CPU it
@@ -707,16 +468,12 @@ def precision(args: argparse.Namespace, device: torch.device) -> Tuple[Optional[
                    (' with gradient scaler' if dtype == torch.float16 else '') + tf32)
 
 
-def eval_line(stats: Dict[str, Any], ema: bool = False) -> str:
-    """DeiT's line (``* Acc@1 81.800 Acc@5 95.594 loss 0.808``), then this script's fields."""
-    line = (f'*{" EMA" if ema else ""} Acc@1 {stats["acc1"]:.3f} Acc@5 {stats["acc5"]:.3f} loss {stats["loss"]:.3f}'
-            f'  ({stats["images"]} images')
-    return line + (f', {stats["skipped"]} unreadable skipped)' if stats.get('skipped') else ')')
-
-
-def accuracy_line(stats: Dict[str, Any]) -> str:
-    """DeiT's per-epoch line."""
-    return f'Accuracy of the network on the {stats["images"]} test images: {stats["acc1"]:.1f}%'
+def _loader(dataset: Any, sampler: Any, batch_size: int, args: argparse.Namespace, device: torch.device,
+            drop_last: bool) -> DataLoader:
+    return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=args.num_workers,
+                      pin_memory=bool(args.pin_mem and device.type == 'cuda'), drop_last=drop_last,
+                      collate_fn=collate_skipping_unreadable,
+                      worker_init_fn=ignore_stop_signals if args.num_workers else None)
 
 
 def build_optimizer(args: argparse.Namespace, model: nn.Module) -> Tuple[torch.optim.Optimizer, float]:
@@ -764,25 +521,54 @@ def build_mixup(args: argparse.Namespace, nb_classes: int) -> Optional[Callable]
                  label_smoothing=args.smoothing, num_classes=nb_classes)
 
 
+def _prepare_output_dir(args: argparse.Namespace) -> None:
+    """Create ``--output_dir``; one holding a checkpoint.pth is refused unless it is ``--resume``'s."""
+    if not args.output_dir:
+        return
+    existing = os.path.join(args.output_dir, 'checkpoint.pth')
+    if os.path.exists(existing) and not (args.resume and os.path.exists(args.resume)
+                                         and os.path.samefile(existing, args.resume)):
+        raise UsageError(f'{args.output_dir} already holds a checkpoint.pth; continue it with --resume {existing}, '
+                         'or choose another --output_dir')
+    if is_main_process():
+        os.makedirs(args.output_dir, exist_ok=True)
+
+
+@dataclass
+class Training:
+    """What the epoch loop trains, evaluates and saves (built by :func:`main`)."""
+
+    model: nn.Module  # the one trained: DDP-wrapped and / or compiled
+    model_without_ddp: nn.Module  # the one saved
+    eval_model: nn.Module  # the one evaluated: a compiled copy with --torchcompile (same parameters)
+    model_ema: Any  # timm's ModelEmaV3, or None
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # timm's per-epoch scheduler, or None (--sched none)
+    scaler: Optional[NativeScaler]  # timm's, with fp16 autocast; None otherwise
+    criterion: nn.Module
+    mixup_fn: Optional[Callable]
+    amp_dtype: Optional[torch.dtype]
+    sampler_train: RepeatAugSampler
+    loader_train: DataLoader
+    evaluator: Evaluator
+
+    def checkpoint(self, epoch: int, max_accuracy: float, args: argparse.Namespace,
+                   position: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """:func:`utils.make_checkpoint` of these objects (``epoch``: the last finished one)."""
+        return make_checkpoint(self.model_without_ddp, self.optimizer, self.scheduler, self.scaler, self.model_ema,
+                               epoch, max_accuracy, args, position=position)
+
+
+# Main ---------------------------------------------------------------------------------------------
+
 def main(args: argparse.Namespace) -> Dict[str, Any]:
-    """Run the training (or, with ``--eval``, the evaluation); returns the last metrics."""
+    """Run the training (or, with ``--eval``, the evaluation); returns the last metrics. The
+    distributed teardown is :func:`cli`'s."""
     _check_flags(args)
     args.data_set = canonical_data_set(args.data_set)
     resolve_model_name(args.arch)  # unknown names fail before anything is loaded
-    device = resolve_device(args.device)
-    device = init_distributed(args, device)
+    device = init_distributed(args, resolve_device(args.device))
     args.device_resolved = str(device)
-    try:
-        stats = _run(args, device)
-    except RunStopped:
-        cleanup_distributed()  # every rank stops here together (rank 0's save is behind a barrier)
-        raise
-    # any other error leaves without a collective teardown: its peers may be waiting for this rank (see cli)
-    cleanup_distributed()
-    return stats
-
-
-def _run(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     setup_determinism(args.deterministic)
@@ -817,38 +603,16 @@ def _run(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
         f'{len(dataset_val)} val images; {args.world_size} process(es), precision {args.precision}' +
         (f'; torch.compile backend {args.torchcompile}' + (f' mode {args.torchcompile_mode}' if args.torchcompile_mode
                                                             else '') if args.torchcompile else ''))
-    evaluator = Evaluator(loader_val, device, autocast_context(device, amp_dtype), reduce_eval, args)
+    evaluator = Evaluator(loader_val, device, autocast_context(device, amp_dtype), reduce_eval,
+                          print_freq=args.print_freq * 5, log_all_ranks=args.log_all_ranks,
+                          max_bad_images=args.max_bad_images)
     if args.eval:
         if resume_obj is not None:
             load_model_weights(model, resume_obj, args.resume, use_ema=args.eval_ema)
         model.to(device)
         return evaluator(compile_model(model, args) if args.torchcompile else model)
+
     assert dataset_train is not None
-    return _train(args, device, model, dataset_train, evaluator, resume_obj, amp_dtype)
-
-
-class Evaluator:
-    """Evaluates a model on the validation loader and prints DeiT's lines."""
-
-    def __init__(self, loader: DataLoader, device: torch.device, autocast: Callable, reduce: bool,
-                 args: argparse.Namespace) -> None:
-        self.loader, self.device, self.autocast, self.reduce, self.args = loader, device, autocast, reduce, args
-        self.bad_images = UnreadableImages(args.max_bad_images)
-
-    def __call__(self, model: nn.Module, ema: bool = False) -> Dict[str, Any]:
-        device = next(model.parameters()).device
-        autocast = self.autocast if device == self.device else autocast_context(device, None)
-        stats = evaluate(self.loader, model, device, autocast, reduce=self.reduce,
-                         print_freq=self.args.print_freq * 5, header='Test (EMA)' if ema else 'Test',
-                         bad_images=self.bad_images)
-        log(eval_line(stats, ema), all_ranks=self.args.log_all_ranks)
-        if not ema:
-            log(accuracy_line(stats))
-        return stats
-
-
-def _train(args: argparse.Namespace, device: torch.device, model: nn.Module, dataset_train: Any,
-           evaluator: Evaluator, resume_obj: Any, amp_dtype: Optional[torch.dtype]) -> Dict[str, Any]:
     model.to(device)
     model_without_ddp = model
     model_ema = None
@@ -862,13 +626,12 @@ def _train(args: argparse.Namespace, device: torch.device, model: nn.Module, dat
         # after DDP, as PyTorch documents for DDP (its DDPOptimizer splits the graph at the gradient
         # buckets, so the all-reduce overlaps the backward) and as timm's train.py does
         model = compile_model(model, args)
-    eval_model = compile_model(model_without_ddp, args) if args.torchcompile else model_without_ddp
     optimizer, lr = build_optimizer(args, model_without_ddp)
     scheduler = build_scheduler(args, optimizer)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    mixup_fn = build_mixup(args, args.nb_classes)
+    scaler = NativeScaler(device.type) if amp_dtype == torch.float16 else None  # a torch.amp.GradScaler's steps
+    mixup_fn = build_mixup(args, nb_classes)
     criterion = DistillationLoss(build_base_criterion(mixup_fn is not None, args.smoothing, args.bce_loss),
-                                 build_teacher(args, args.nb_classes, device), args.distillation_type,
+                                 build_teacher(args, nb_classes, device), args.distillation_type,
                                  args.distillation_alpha, args.distillation_tau)
 
     start_epoch, max_accuracy, position = args.start_epoch, 0.0, None
@@ -889,49 +652,41 @@ def _train(args: argparse.Namespace, device: torch.device, model: nn.Module, dat
     _prepare_output_dir(args)
 
     log(f'training epochs {start_epoch}..{args.epochs - 1}, lr {lr:.3g} (total batch {args.batch_size * args.world_size})')
-    objects = dict(model=model, model_without_ddp=model_without_ddp, model_ema=model_ema, optimizer=optimizer,
-                   scheduler=scheduler, scaler=scaler, mixup_fn=mixup_fn, criterion=criterion, amp_dtype=amp_dtype,
-                   sampler_train=sampler_train, loader_train=loader_train, evaluator=evaluator,
-                   eval_model=eval_model)
+    t = Training(model=model, model_without_ddp=model_without_ddp,
+                 eval_model=compile_model(model_without_ddp, args) if args.torchcompile else model_without_ddp,
+                 model_ema=model_ema, optimizer=optimizer, scheduler=scheduler, scaler=scaler, criterion=criterion,
+                 mixup_fn=mixup_fn, amp_dtype=amp_dtype, sampler_train=sampler_train, loader_train=loader_train,
+                 evaluator=evaluator)
     stop = StopSignal().install()
     try:
-        return _epochs(args, device, objects, start_epoch, max_accuracy, position, stop)
+        return train_epochs(args, device, t, start_epoch, max_accuracy, position, stop)
     finally:
         stop.restore()
 
 
-def _prepare_output_dir(args: argparse.Namespace) -> None:
-    if not args.output_dir:
-        return
-    existing = os.path.join(args.output_dir, 'checkpoint.pth')
-    if os.path.exists(existing) and not (args.resume and os.path.exists(args.resume)
-                                         and os.path.samefile(existing, args.resume)):
-        raise UsageError(f'{args.output_dir} already holds a checkpoint.pth; continue it with --resume {existing}, '
-                         'or choose another --output_dir')
-    if is_main_process():
-        os.makedirs(args.output_dir, exist_ok=True)
+# The epoch loop -----------------------------------------------------------------------------------
 
-
-def _epochs(args: argparse.Namespace, device: torch.device, t: Dict[str, Any], start_epoch: int,
-            max_accuracy: float, position: Optional[Dict[str, Any]], stop: StopSignal) -> Dict[str, Any]:
-    """The epoch loop; ``t``: the training objects of :func:`_train`."""
+def train_epochs(args: argparse.Namespace, device: torch.device, t: Training, start_epoch: int,
+                 max_accuracy: float, position: Optional[Dict[str, Any]], stop: StopSignal) -> Dict[str, Any]:
+    """The epoch loop, from ``start_epoch`` (``position``: where in it a mid-epoch checkpoint
+    stopped); returns the last evaluation's metrics."""
     output_dir = args.output_dir
     start_time = time.time()
     test_stats: Dict[str, Any] = {}
-    bad_images = t['evaluator'].bad_images  # one count of unreadable files per process, train and val
+    bad_images = t.evaluator.bad_images  # one count of unreadable files per process, train and val
     for epoch in range(start_epoch, args.epochs):
         epoch_start = time.time()
         seed_everything(epoch_seed(args.seed, epoch, args.rank))
         resume = None
         if position is not None and position['epoch'] == epoch:
             resume = position['ranks'][args.rank]
-        t['sampler_train'].set_epoch(epoch, start=resume['batches_done'] * args.batch_size if resume else 0)
-        if t['scheduler'] is not None:
-            t['scheduler'].step(epoch)  # this epoch's value, before its first step (DeiT applies it an epoch late)
+        t.sampler_train.set_epoch(epoch, start=resume['batches_done'] * args.batch_size if resume else 0)
+        if t.scheduler is not None:
+            t.scheduler.step(epoch)  # this epoch's value, before its first step (DeiT applies it an epoch late)
         train_stats = train_one_epoch(
-            t['model'], t['criterion'], t['loader_train'], t['optimizer'], device, epoch, scaler=t['scaler'],
-            autocast=autocast_context(device, t['amp_dtype']), clip_grad=args.clip_grad, model_ema=t['model_ema'],
-            mixup_fn=t['mixup_fn'], set_training_mode=args.train_mode, print_freq=args.print_freq,
+            t.model, t.criterion, t.loader_train, t.optimizer, device, epoch, scaler=t.scaler,
+            autocast=autocast_context(device, t.amp_dtype), clip_grad=args.clip_grad, model_ema=t.model_ema,
+            mixup_fn=t.mixup_fn, set_training_mode=args.train_mode, print_freq=args.print_freq,
             num_epochs=args.epochs, stop=stop, resume=resume, bad_images=bad_images)
         if train_stats['stopped'] is not None:
             _save_stopped(args, t, epoch, max_accuracy, train_stats['stopped'], stop)
@@ -939,15 +694,14 @@ def _epochs(args: argparse.Namespace, device: torch.device, t: Dict[str, Any], s
         ema_stats = None
         is_best = False
         if eval_due(epoch, args.epochs, args.eval_freq):
-            test_stats = epoch_stats = t['evaluator'](t['eval_model'])
-            if t['model_ema'] is not None and not (args.model_ema_force_cpu and device.type == 'cuda'):
-                ema_stats = t['evaluator'](t['model_ema'].module, ema=True)
+            test_stats = epoch_stats = t.evaluator(t.eval_model)
+            if t.model_ema is not None and not (args.model_ema_force_cpu and device.type == 'cuda'):
+                ema_stats = t.evaluator(t.model_ema.module, ema=True)
             is_best = test_stats['acc1'] > max_accuracy or not os.path.exists(os.path.join(output_dir, 'best.pth'))
             max_accuracy = max(max_accuracy, test_stats['acc1'])
             log(f'Max accuracy: {max_accuracy:.2f}%')
         if output_dir and is_main_process():
-            ckpt = make_checkpoint(t['model_without_ddp'], t['optimizer'], t['scheduler'], t['scaler'],
-                                   t['model_ema'], epoch, max_accuracy, args)
+            ckpt = t.checkpoint(epoch, max_accuracy, args)
             save_checkpoint(ckpt, os.path.join(output_dir, 'checkpoint.pth'))
             if is_best:
                 save_checkpoint(ckpt, os.path.join(output_dir, 'best.pth'))
@@ -980,7 +734,7 @@ def _append_epoch_log(args: argparse.Namespace, epoch: int, train_stats: Dict[st
     append_log_line(args.output_dir, record)
 
 
-def _save_stopped(args: argparse.Namespace, t: Dict[str, Any], epoch: int, max_accuracy: float,
+def _save_stopped(args: argparse.Namespace, t: Training, epoch: int, max_accuracy: float,
                   state: Dict[str, Any], stop: StopSignal) -> None:
     """A stop agreed in the middle of ``epoch``: rank 0 saves where every rank is (iterations
     done, its loss sums, its random states), then the run ends with :class:`RunStopped`."""
@@ -988,12 +742,11 @@ def _save_stopped(args: argparse.Namespace, t: Dict[str, Any], epoch: int, max_a
     position = {'epoch': epoch, 'batches_done': state['batches_done'], 'batch_size': args.batch_size,
                 'world_size': args.world_size, 'ranks': ranks}
     if args.output_dir and is_main_process():
-        ckpt = make_checkpoint(t['model_without_ddp'], t['optimizer'], t['scheduler'], t['scaler'], t['model_ema'],
-                               epoch - 1, max_accuracy, args, position=position)
-        save_checkpoint(ckpt, os.path.join(args.output_dir, 'checkpoint.pth'))  # further signals only set the flag
+        save_checkpoint(t.checkpoint(epoch - 1, max_accuracy, args, position=position),
+                        os.path.join(args.output_dir, 'checkpoint.pth'))  # further signals only set the flag
     barrier()  # no rank exits with status 3 (which a launcher may answer by killing the job) before the file is there
     _stop_run(args, stop, f'at epoch {epoch}, iteration {state["batches_done"]}/{state["batches_total"]}',
-                  'a resumable checkpoint.pth')
+              'a resumable checkpoint.pth')
 
 
 def _stop_run(args: argparse.Namespace, stop: StopSignal, where: str, what: str) -> None:
@@ -1007,6 +760,8 @@ def _stop_run(args: argparse.Namespace, stop: StopSignal, where: str, what: str)
     raise RunStopped(where)
 
 
+# Entry point: exit status and error lines ---------------------------------------------------------
+
 def cli(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point: exit status 0, 2 for expected problems (one ``error:`` line on stderr), 1 for
     a non-finite loss, 3 when SIGTERM / SIGINT stopped the training (resumable checkpoint)."""
@@ -1018,6 +773,7 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
     except NonFiniteLossError as e:
         return _failed(1, str(e))
     except RunStopped:
+        cleanup_distributed()  # every rank stops here together (rank 0's save is behind a barrier)
         return STOP_EXIT_STATUS
     except BaseException as e:  # a bug, or (on a peer of a failed rank) a broken collective
         if not is_dist():
@@ -1026,6 +782,7 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
         return _failed(130 if isinstance(e, KeyboardInterrupt) else 1,
                        f'{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ""} '
                        '(traceback above; a broken collective means another process ended first: see its line)')
+    cleanup_distributed()  # the normal end; an error leaves without a collective teardown (peers may wait for it)
     return 0
 
 

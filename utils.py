@@ -1,6 +1,6 @@
-"""Helpers of the training script: errors, distributed set-up, seeding, metric logging,
-checkpoint files (atomic, rank 0 only, loadable with ``weights_only=True``) and weight loading
-for ``--resume`` / ``--finetune``.
+"""Helpers of the training script: errors, distributed set-up, seeding, metric logging, model
+names, checkpoint files (their schema; atomic, rank 0 only, loadable with ``weights_only=True``),
+the checks of ``--resume`` and weight loading for ``--resume`` / ``--finetune``.
 """
 from __future__ import annotations
 
@@ -462,6 +462,53 @@ def args_to_dict(args: Any) -> Dict[str, Any]:
     return {k: plain(v) for k, v in sorted(vars(args).items())}
 
 
+# Model names: what --arch and --model-kwargs build, and what checkpoints are compared on -----
+
+BVIT_NAMES = 'BViT-5, BViT-22 (also BViT_5, BViT-21, BViT_21, bvit_5m, bvit_22m)'
+
+
+def resolve_model_name(name: str) -> Tuple[str, str]:
+    """('bvit', registered name) for BViT names, ('timm', name) for other timm models."""
+    import timm
+    try:
+        return 'bvit', bvit_models.resolve_arch(name)
+    except ValueError:
+        pass
+    if timm.is_model(name):
+        return 'timm', name
+    raise UsageError(f'unknown --arch {name!r}: neither a BViT name ({BVIT_NAMES}) nor a timm model name')
+
+
+_OWN_FLAG_KWARGS = {'num_classes': '--data-set', 'img_size': '--input-size', 'patch_size': '--patch-size',
+                    'stem': '--stem', 'broad': '--no-broad', 'broad_scale': '--broad-scale', 'drop_rate': '--drop',
+                    'drop_path_rate': '--drop-path', 'in_chans': '(3 channels, fixed)', 'pretrained': '--finetune'}
+
+
+def model_kwargs(args: Any) -> Dict[str, Any]:
+    """``--model-kwargs KEY=VALUE ...`` as a dict (values read as Python literals, else strings).
+
+    Not timm's ``ParseKwargs`` action: that stores a dict in the arguments (checkpoints store the
+    list of ``KEY=VALUE`` strings, compared on ``--resume``), raises a traceback for a value that
+    is not a literal and has a syntax error (``a b``) or an item without ``=``, and lets a key
+    override a flag of this script (``num_classes``, ``img_size``, ...), which is refused here."""
+    import ast
+    items = args.get('model_kwargs') if isinstance(args, dict) else getattr(args, 'model_kwargs', None)
+    out: Dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = str(item).partition('=')
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise UsageError(f'--model-kwargs: expected KEY=VALUE, got {item!r}')
+        if key in _OWN_FLAG_KWARGS:
+            raise UsageError(f'--model-kwargs: {key} is set by {_OWN_FLAG_KWARGS[key]}, not here')
+        try:
+            out[key] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[key] = value.strip()
+    return out
+
+
+
 # Checkpoint files ---------------------------------------------------------------------------------
 
 CHECKPOINT_FORMAT = 'bvit-train-1'
@@ -544,6 +591,171 @@ def load_model_weights(model: nn.Module, obj: Any, path: str, use_ema: bool = Fa
     model.load_state_dict(sd)
 
 
+def model_identity(args: Any) -> Dict[str, Any]:
+    """The settings that define a model beyond its parameter shapes (broad attention on or off,
+    its scale, the stem, the patch size), with defaults filled in, for comparing runs."""
+    get = args.get if isinstance(args, dict) else lambda k, d=None: getattr(args, k, d)
+    kind, name = resolve_model_name(str(get('arch')))
+    if kind == 'bvit':
+        broad = not get('no_broad', False)
+        ident = {'arch': name, 'broad': broad, 'stem': get('stem') or 'conv', 'patch_size': get('patch_size') or 16}
+    else:
+        broad = bool(get('broad', False))
+        ident = {'arch': name, 'broad': broad, 'patch_size': get('patch_size')}
+    if broad:
+        ident['broad_scale'] = float(get('broad_scale', 0.4))
+    ident['model_kwargs'] = ' '.join(sorted(f'{k}={v!r}' for k, v in model_kwargs(args).items())) or None
+    return ident
+
+
+_IDENTITY_FLAGS = {'arch': '--arch', 'stem': '--stem', 'patch_size': '--patch-size', 'broad_scale': '--broad-scale',
+                   'model_kwargs': '--model-kwargs'}
+
+
+def check_saved_args(obj: Any, args: Any, path: str) -> None:
+    """A checkpoint of this script made with another model is refused, naming the flag to fix;
+    this includes broad attention on/off and its scale, which change no parameter shape. The
+    input size may differ with --eval (the position table is resampled), not when resuming."""
+    saved = obj.get('args') if isinstance(obj, dict) else None
+    if not isinstance(saved, dict) or 'arch' not in saved:
+        return
+    try:
+        old = model_identity(saved)
+    except UsageError:
+        raise UsageError(f'{path} is a checkpoint of --arch {saved["arch"]}, which this installation does not know') from None
+    new = model_identity(args)
+    if old['arch'] == new['arch'] and old['broad'] != new['broad']:
+        flag = '--no-broad' if resolve_model_name(args.arch)[0] == 'bvit' else '--broad'
+        fix = ('remove' if (flag == '--no-broad') == old['broad'] else 'add') + f' {flag}'
+        raise UsageError(f'{path} is a checkpoint of {old["arch"]} {"with" if old["broad"] else "without"} broad '
+                         f'attention, but this run builds it {"with" if new["broad"] else "without"}; {fix}')
+    for key in _IDENTITY_FLAGS:
+        if old.get(key) != new.get(key):
+            flag = _IDENTITY_FLAGS[key]
+            raise UsageError(f'{path} is a checkpoint of a model with {flag} {old.get(key)}, but this run has '
+                             f'{flag} {new.get(key)}; pass the same value')
+    size = saved.get('input_size')
+    if not getattr(args, 'eval', False) and size is not None and size != args.input_size:
+        # --eval takes any size (the position table is resampled); training state is per size
+        raise UsageError(f'{path} was trained with --input-size {size}, but this run has --input-size '
+                         f'{args.input_size}; resume with the same size, or start a new run from these weights '
+                         'with --finetune')
+
+
+def make_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    scaler: Any, model_ema: Optional[nn.Module], epoch: int,
+                    max_accuracy: float, args: Any,
+                    position: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """What ``checkpoint.pth`` holds: tensors, numbers, strings, lists and dicts only, so it loads
+    with ``torch.load(weights_only=True)``. Features that are off are stored as None. ``epoch`` is
+    the last finished epoch; ``position`` (a run stopped mid-epoch) where the next one stands:
+    its number, iterations done, and each rank's loss sums and generator states."""
+    return {
+        'format': CHECKPOINT_FORMAT,
+        'model': model.state_dict(),
+        'optimizer': optimizer.state_dict(),
+        'lr_scheduler': scheduler.state_dict() if scheduler is not None else None,
+        'scaler': scaler.state_dict() if scaler is not None else None,  # timm's NativeScaler (fp16): its GradScaler's
+        'model_ema': model_ema.module.state_dict() if model_ema is not None else None,
+        'epoch': int(epoch),
+        'max_accuracy': float(max_accuracy),
+        'args': args_to_dict(args),
+        'position': position,
+    }
+
+
+def save_checkpoint(obj: Dict[str, Any], path: str) -> None:
+    """:func:`utils.atomic_save`, with a write that fails (disk full, no permission) as one line:
+    the previous file at ``path`` is kept as it was."""
+    try:
+        atomic_save(obj, path)
+    except OSError as e:
+        reason = e.strerror or str(e) or type(e).__name__
+        raise UsageError(f'cannot write {path}: {reason}; the previous {os.path.basename(path)}, if any, is kept as '
+                         f'it was (free space or choose another --output_dir, then continue with --resume)') from None
+
+
+def restore_training_state(obj: Any, path: str, model: nn.Module, optimizer: torch.optim.Optimizer,
+                           scheduler: Any, scaler: Any, model_ema: Optional[nn.Module]) -> Tuple[int, float]:
+    """Load everything a run needs to continue; returns (next epoch, best top-1 so far).
+
+    Every feature that is on in this run must be in the checkpoint (optimizer, lr scheduler,
+    grad scaler with fp16 AMP, EMA with --model-ema); a missing one is an error.
+    """
+    load_model_weights(model, obj, path)  # a checkpoint of another model fails here, saying which key
+    if not isinstance(obj, dict) or not isinstance(obj.get('optimizer'), dict) or 'epoch' not in obj:
+        raise UsageError(f'{path} holds model weights but no training state (optimizer, epoch); '
+                         'use --finetune to start a new run from these weights, or --eval to evaluate them')
+
+    def need(key: str, feature: str) -> Any:
+        value = obj.get(key)
+        if not isinstance(value, dict) or not value:
+            raise UsageError(f'{path} has no {key} state, but this run uses {feature}; resume with the settings '
+                             'of the original run, or use --finetune to start afresh from its weights')
+        return value
+
+    try:
+        optimizer.load_state_dict(need('optimizer', 'an optimizer'))
+    except (ValueError, KeyError) as e:
+        raise UsageError(f'{path}: its optimizer state does not fit this run ({e}); '
+                         'resume with the same --opt and model') from None
+    if scheduler is not None:
+        state = need('lr_scheduler', f'--sched {type(scheduler).__name__}')
+        if set(state) != set(scheduler.state_dict()):
+            raise UsageError(f'{path}: its lr scheduler differs from this run\'s --sched; resume with the same --sched')
+        scheduler.load_state_dict(state)
+    if scaler is not None:
+        scaler.load_state_dict(need('scaler', 'a gradient scaler (fp16 AMP)'))
+    if model_ema is not None:
+        need('model_ema', '--model-ema')
+        model_ema.module.load_state_dict(model_state_from(obj, model_ema.module, path, use_ema=True))
+    return int(obj['epoch']) + 1, float(obj.get('max_accuracy', 0.0))
+
+
+# The flags that define the learning-rate schedule: restored from the checkpoint on --resume, so a
+# different value would be silently ignored; it is refused instead.
+SCHEDULE_FLAGS = {'sched': '--sched', 'lr': '--lr', 'min_lr': '--min-lr', 'warmup_lr': '--warmup-lr',
+                  'warmup_epochs': '--warmup-epochs', 'decay_epochs': '--decay-epochs',
+                  'decay_milestones': '--decay-milestones', 'decay_rate': '--decay-rate'}
+
+
+def check_resume_schedule(obj: Any, args: Any, path: str) -> None:
+    """``--resume`` restores the learning-rate schedule of the checkpoint: a schedule flag that
+    differs from the checkpoint's is refused (one line naming it), and a changed total batch
+    (hence scaled lr) gets a note."""
+    saved = obj.get('args') if isinstance(obj, dict) else None
+    if not isinstance(saved, dict):
+        return
+    for key, flag in SCHEDULE_FLAGS.items():
+        if key in saved and plain(getattr(args, key)) != saved[key]:
+            old = ' '.join(map(str, saved[key])) if isinstance(saved[key], list) else saved[key]
+            new = ' '.join(map(str, getattr(args, key))) if isinstance(saved[key], list) else getattr(args, key)
+            raise UsageError(f'{path} was trained with {flag} {old}, this run has {flag} {new}: --resume continues '
+                             f'the checkpoint\'s learning-rate schedule, which would ignore it; resume with {flag} '
+                             f'{old}, or start a new run from these weights with --finetune')
+    old_scaled = saved.get('lr_scaled')
+    if old_scaled is not None and abs(old_scaled - args.lr_scaled) > 1e-12 * max(abs(old_scaled), 1.0):
+        log(f'note: the total batch differs from the checkpoint\'s; its learning-rate schedule (restored) keeps '
+            f'its peak lr {old_scaled:.3g}, not {args.lr_scaled:.3g}')
+    if args.sched != 'none' and saved.get('epochs') not in (None, args.epochs):
+        log(f'note: the checkpoint was made for --epochs {saved["epochs"]}; its learning-rate schedule '
+            f'(restored) still ends there, while this run trains to epoch {args.epochs - 1}')
+
+
+def resume_position(obj: Any, args: Any, path: str) -> Optional[Dict[str, Any]]:
+    """Where a checkpoint written mid-epoch stopped (None for an end-of-epoch one). The rest of
+    that epoch is the same only with the same processes and batch size; others are refused."""
+    position = obj.get('position') if isinstance(obj, dict) else None
+    if not position:
+        return None
+    if (position['world_size'], position['batch_size']) != (args.world_size, args.batch_size):
+        raise UsageError(f'{path} was saved in the middle of epoch {position["epoch"]} by {position["world_size"]} '
+                         f'process(es) with --batch-size {position["batch_size"]}; resume it with the same '
+                         f'(this run: {args.world_size}, {args.batch_size})')
+    return position
+
+
+
 # --finetune: new head and resampled position embedding --------------------------------------------
 
 def head_keys(model: nn.Module) -> List[str]:
@@ -607,6 +819,7 @@ __all__ = [
     'get_rank', 'is_main_process', 'cleanup_distributed', 'barrier', 'exit_without_teardown', 'all_reduce_sum',
     'log', 'write_line', 'environment_info',
     'seed_everything', 'epoch_seed', 'setup_determinism', 'setup_tf32', 'ProgressPrinter', 'plain',
-    'args_to_dict', 'atomic_save', 'append_log_line', 'read_checkpoint',
-    'model_state_from', 'load_model_weights', 'head_keys', 'interpolate_pos_embed', 'load_finetune_weights',
+    'args_to_dict', 'BVIT_NAMES', 'resolve_model_name', 'model_kwargs', 'atomic_save', 'append_log_line',
+    'read_checkpoint', 'model_identity', 'check_saved_args', 'make_checkpoint', 'save_checkpoint',
+    'restore_training_state', 'SCHEDULE_FLAGS', 'check_resume_schedule', 'resume_position', 'model_state_from', 'load_model_weights', 'head_keys', 'interpolate_pos_embed', 'load_finetune_weights',
 ]

@@ -57,7 +57,7 @@ def test_eval_resume_of_a_training_checkpoint_at_a_larger_size(tmp_path):
     timm's resample_abs_pos_embed of the used rows, everything else as saved."""
     src = _train_style_checkpoint(tmp_path / 'c.pth', TINY)
     args = train_hp.parse_args(TINY + ['--eval', '--resume', str(tmp_path / 'c.pth'), '--input-size', '32'])
-    train_hp.check_saved_args(utils.read_checkpoint(args.resume), args, args.resume)  # not refused
+    utils.check_saved_args(utils.read_checkpoint(args.resume), args, args.resume)  # not refused
     model = train_hp.build_model(args, 10)
     assert model.img_size == (32, 32) and model.grid_size == (4, 4)
     utils.load_model_weights(model, utils.read_checkpoint(args.resume), args.resume)

@@ -3,6 +3,7 @@ CPU, in-process where possible, and as real processes for the launchers (torchru
 processes, the legacy torch.distributed.launch, plain python)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -25,6 +26,7 @@ import utils
 from engine import evaluate, train_one_epoch
 from losses import DistillationLoss, build_base_criterion
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.utils import NativeScaler
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / 'tests' / 'fixtures' / 'official_bvit_5m_golden.pt'
@@ -148,6 +150,27 @@ def test_config_gives_defaults_and_the_command_line_wins(tmp_path):
     assert args.opt_betas == [0.9, 0.95]
     assert train_hp.parse_args(['--config', str(cfg)]).lr == 1e-3  # YAML's '1e-3' string -> float
     assert train_hp.parse_args(['--config', str(cfg), '--model-ema']).model_ema is True
+
+
+def test_config_values_are_checked_and_converted_like_the_command_line(tmp_path):
+    def load(text):
+        return train_hp.load_config(train_hp.get_args_parser(), str(_write(tmp_path / 'c.yaml', text)))
+
+    assert load('no-tf32: true\nno_model_ema: false\nmodel: BViT-22\ndr: 0.5\nepochs: 7\n') == dict(
+        tf32=False, model_ema=True, arch='BViT-22', decay_rate=0.5, epochs=7)  # flag names, aliases, types
+    assert load('tf32: false\nopt-betas: 0.9\ntrain-subset: null\nlr: 1e-3\n') == dict(
+        tf32=False, opt_betas=[0.9], train_subset=None, lr=1e-3)  # a destination; one value of a list flag
+    assert load('# nothing\n') == {}
+    for text, message in (('epochs: true', 'epochs must be a number, got True'),
+                          ('scale: [1]', 'scale needs 2 values, got 1'),
+                          ('amp-dtype: fp32', "amp-dtype must be one of fp16, bf16, got 'fp32'"),
+                          ('eval: 1', 'eval must be true or false, got 1'),
+                          ('lr: [1, 2]', 'lr takes one value, got [1, 2]'),
+                          ('help: true', "unknown key 'help'"),
+                          ('batch_sise: 8', "unknown key 'batch_sise' (did you mean 'batch_size'?)"),
+                          ('- 1', 'expected a mapping')):
+        with pytest.raises(utils.UsageError, match=re.escape(message)):
+            load(text)
 
 
 def test_shipped_configs_hold_the_paper_recipe():
@@ -303,8 +326,7 @@ def _training_objects(args, seed: int):
     ema = ModelEmaV3(model, decay=0.9)
     opt = create_optimizer_v2(model, opt='adamw', lr=1e-3, weight_decay=0.05, eps=1e-6)
     sched, _ = create_scheduler_v2(opt, sched='cosine', num_epochs=5, warmup_epochs=2, warmup_lr=1e-6, min_lr=1e-5)
-    scaler = torch.amp.GradScaler('cpu', enabled=True)
-    return model, opt, sched, scaler, ema
+    return model, opt, sched, NativeScaler('cpu'), ema
 
 
 def test_resume_restores_optimizer_scheduler_scaler_and_ema_exactly(tmp_path):
@@ -315,17 +337,15 @@ def test_resume_restores_optimizer_scheduler_scaler_and_ema_exactly(tmp_path):
         sched.step(epoch)
         loss = model(x).logsumexp(-1).mean()
         opt.zero_grad()
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        scaler(loss, opt)
         ema.update(model)
     path = tmp_path / 'checkpoint.pth'
-    utils.atomic_save(train_hp.make_checkpoint(model, opt, sched, scaler, ema, 1, 42.5, args), str(path))
+    utils.atomic_save(utils.make_checkpoint(model, opt, sched, scaler, ema, 1, 42.5, args), str(path))
     obj = torch.load(path, weights_only=True)
 
     model2, opt2, sched2, scaler2, ema2 = _training_objects(args, 1)
     assert not _states_equal(model.state_dict(), model2.state_dict())
-    assert train_hp.restore_training_state(obj, str(path), model2, opt2, sched2, scaler2, ema2) == (2, 42.5)
+    assert utils.restore_training_state(obj, str(path), model2, opt2, sched2, scaler2, ema2) == (2, 42.5)
     assert _states_equal(model.state_dict(), model2.state_dict())
     assert _states_equal(ema.module.state_dict(), ema2.module.state_dict())
     assert _states_equal(opt.state_dict(), opt2.state_dict())
@@ -337,9 +357,9 @@ def test_resume_restores_optimizer_scheduler_scaler_and_ema_exactly(tmp_path):
                           ('lr_scheduler', '--sched'), ('optimizer', '--finetune')):
         fresh = _training_objects(args, 2)
         with pytest.raises(utils.UsageError, match=re.escape(expected)):
-            train_hp.restore_training_state({**obj, key: None}, str(path), *fresh)
+            utils.restore_training_state({**obj, key: None}, str(path), *fresh)
     with pytest.raises(utils.UsageError, match='--finetune'):
-        train_hp.restore_training_state(obj['model'], str(path), *_training_objects(args, 2))
+        utils.restore_training_state(obj['model'], str(path), *_training_objects(args, 2))
 
 
 def test_lr_follows_the_schedule_and_resume_reproduces_an_uninterrupted_run(tmp_path, capsys, monkeypatch):
@@ -768,15 +788,66 @@ def test_cpu_autocast_training_and_evaluation_steps_are_close_to_float32(dtype):
         opt = torch.optim.SGD(model.parameters(), lr=1.0)
         # (init_scale 2^10: at the default 2^16 these float16 gradients overflow and the scaler,
         # rightly, skips the step and halves the scale; a step must happen here)
-        scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 10, enabled=dtype == torch.float16)
+        scaler = NativeScaler('cpu') if dtype == torch.float16 else None
+        if scaler is not None:
+            scaler.load_state_dict({**scaler.state_dict(), 'scale': 2.0 ** 10})
         train_one_epoch(model, DistillationLoss(nn.CrossEntropyLoss(), None), loader, opt, cpu, 0, scaler=scaler,
                         autocast=autocast_context(cpu, dtype), print_freq=1000)
-        assert scaler.get_scale() == (1024.0 if dtype == torch.float16 else 1.0)  # no overflow: the step was taken
+        if scaler is not None:
+            assert scaler.state_dict()['scale'] == 1024.0  # no overflow: the step was taken
         for n, p in model.named_parameters():
             assert _rel(before[n] - p.detach(), ref_grads[n]) < tol['grad'], (name, n)
         ref_eval = evaluate(loader, model, cpu)
         amp_eval = evaluate(loader, model, cpu, autocast_context(cpu, dtype))
         assert amp_eval['images'] == 8 and amp_eval['loss'] == pytest.approx(ref_eval['loss'], rel=tol['out'])
+
+
+def test_the_fp16_step_is_timms_native_scaler_and_equals_a_grad_scaler_step_with_clipping():
+    """engine's step with timm's NativeScaler against the GradScaler step it replaced (scale,
+    backward, unscale, clip, step, update): the same parameters and scaler state after fp16 steps
+    with clipping that acts, the first ones skipped for overflowing fp16 gradients (scale halved)."""
+    from engine import _optimizer_step, autocast_context
+    cpu = torch.device('cpu')
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(8, 3, 2, 2, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(6)]
+    scale = 2.0 ** 20  # the scaled fp16 gradients overflow (> 65504) at first: steps skipped, the scale halved
+
+    def run(step_fn):
+        torch.manual_seed(0)
+        model = _Tiny()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        norms = []
+        for x, y in batches:
+            with autocast_context(cpu, torch.float16)():
+                loss = F.cross_entropy(model(x), y)
+            step_fn(loss, opt, list(model.parameters()), norms)
+        return model.state_dict(), norms
+
+    reference = torch.amp.GradScaler('cpu', init_scale=scale)
+
+    def grad_scaler_step(loss, opt, params, norms):
+        opt.zero_grad(set_to_none=True)
+        reference.scale(loss).backward()
+        reference.unscale_(opt)
+        norms.append(float(torch.nn.utils.clip_grad_norm_(params, 0.05)))
+        reference.step(opt)
+        reference.update()
+
+    native = NativeScaler('cpu')
+    native.load_state_dict({**native.state_dict(), 'scale': scale})
+
+    def native_scaler_step(loss, opt, params, norms):
+        _optimizer_step(loss, opt, native, params, 0.05)
+
+    want, norms = run(grad_scaler_step)
+    got, _ = run(native_scaler_step)
+    skipped = sum(not math.isfinite(n) for n in norms)
+    assert 1 <= skipped <= 4 and min(n for n in norms if math.isfinite(n)) > 0.05  # steps taken, clipped
+    assert reference.get_scale() == native.state_dict()['scale'] == scale / 2 ** skipped
+    assert native.state_dict() == reference.state_dict()
+    for key in want:
+        assert torch.equal(want[key], got[key]), key
+    assert not torch.equal(want['net.3.weight'], run(lambda loss, opt, params, norms: None)[0]['net.3.weight'])
 
 
 def test_amp_on_cpu_is_used_when_asked_and_states_its_precision(tmp_path, capsys):
@@ -1188,10 +1259,10 @@ def _stand_in_distributed(monkeypatch) -> List[Any]:
 def test_a_failing_rank_prints_its_line_then_exits_without_a_collective_teardown(monkeypatch, error, status, line):
     calls = _stand_in_distributed(monkeypatch)
 
-    def failing_run(args, device):
+    def failing_main(args):
         raise error
 
-    monkeypatch.setattr(train_hp, '_run', failing_run)
+    monkeypatch.setattr(train_hp, 'main', failing_main)
     with pytest.raises(_Exited):
         train_hp.cli(TINY + ['--epochs', '1'])
     assert calls == [('line', line), ('exit', status)]  # the line, then os._exit: no destroy, no barrier
@@ -1199,15 +1270,15 @@ def test_a_failing_rank_prints_its_line_then_exits_without_a_collective_teardown
 
 def test_the_normal_and_the_preempted_ends_keep_the_collective_teardown(monkeypatch):
     calls = _stand_in_distributed(monkeypatch)
-    monkeypatch.setattr(train_hp, '_run', lambda args, device: {})
+    monkeypatch.setattr(train_hp, 'main', lambda args: {})
     assert train_hp.cli(TINY + ['--epochs', '1']) == 0
     assert calls == ['destroy']
 
-    def stopped(args, device):
+    def stopped(args):
         raise utils.RunStopped('at epoch 0')
 
     calls.clear()
-    monkeypatch.setattr(train_hp, '_run', stopped)
+    monkeypatch.setattr(train_hp, 'main', stopped)
     assert train_hp.cli(TINY + ['--epochs', '1']) == 3
     assert calls == ['destroy']
 
@@ -1222,7 +1293,7 @@ def test_no_rank_exits_with_3_before_rank_0_has_saved_mid_epoch(tmp_path, monkey
     monkeypatch.setattr(train_hp, 'log', lambda *a, **k: None)
     args = train_hp.parse_args(TINY + ['--output_dir', str(tmp_path)])
     args.world_size = 2
-    t = dict(model_without_ddp=None, optimizer=None, scheduler=None, scaler=None, model_ema=None)
+    t = train_hp.Training(**{f.name: None for f in dataclasses.fields(train_hp.Training)})
     stop = utils.StopSignal()
     stop.signum = signal.SIGTERM
     with pytest.raises(utils.RunStopped):
