@@ -213,8 +213,16 @@ def is_main_process() -> bool:
 
 def cleanup_distributed() -> None:
     """The collective end of a run (every rank gets here): the normal and the preempted ends only.
-    A failing rank must not call it (see :func:`exit_without_teardown`)."""
+    A failing rank must not call it (see :func:`exit_without_teardown`).
+
+    The barrier first is for older torch with gloo (2.5.0, the floor): its process group's destructor
+    joins the worker threads holding the GIL, and a worker still freeing the last collective's work
+    (a tensor Python has dropped, as :func:`all_reduce_sum` does) needs the GIL, so both ranks hung
+    in ``destroy_process_group`` after ``--eval --dist-eval``. Waiting in a barrier releases the GIL
+    while the workers finish; newer torch releases it in that destructor (pytorch/pytorch#154976).
+    """
     if is_dist():
+        dist.barrier()
         dist.destroy_process_group()
 
 
