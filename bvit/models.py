@@ -620,19 +620,22 @@ def read_checkpoint(path: Union[str, os.PathLike]) -> Any:
         if not zipfile.is_zipfile(path):
             reason = 'truncated, or not written by torch.save'
         elif 'weights only load failed' in str(e).lower():
-            reason = (f'it holds pickled Python objects ({_foreign_globals(path)}) besides tensors, plain data and '
+            reason = (f'it holds pickled Python objects ({_foreign_globals(path, str(e))}) besides tensors, plain data and '
                       'argparse.Namespace; refusing to load it (torch.load with weights_only=True)')
         else:
             reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise ValueError(f'{path} is not a readable PyTorch checkpoint: {reason}') from None
 
 
-def _foreign_globals(path: str) -> str:
+def _foreign_globals(path: str, message: str = '') -> str:
     """The classes and functions a checkpoint would unpickle beyond the allowed ones, read off
-    its pickle without running it (``torch.serialization.get_unsafe_globals_in_checkpoint``)."""
+    its pickle without running it (``torch.serialization.get_unsafe_globals_in_checkpoint``).
+    torch 2.5 has no such function: there the first one, as torch's ``message`` names it."""
     allowed = {f'{c.__module__}.{c.__qualname__}' for c in CHECKPOINT_SAFE_GLOBALS}
     try:
         names = [n for n in torch.serialization.get_unsafe_globals_in_checkpoint(path) if n not in allowed]
+    except AttributeError:  # torch 2.5
+        names = re.findall(r'Unsupported global: GLOBAL ([\w.]+)', message)[:1]
     except Exception:  # pragma: no cover - an unreadable pickle: torch's own message suffices
         names = []
     return ', '.join(names[:3]) + (', ...' if len(names) > 3 else '') if names else 'unknown'
