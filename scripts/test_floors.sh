@@ -8,8 +8,9 @@
 # pinned at the floors, the rest of requirements.txt at whatever pip picks, checks with `pip list`
 # that the pins held, prints the versions, then runs `python -m pytest -q tests` (extra arguments
 # go to pytest) from the repository root. Needs PyPI (about 4 GB of wheels on the first run, less
-# from pip's cache after) and about 6 GB of disk for the venv. Keep TORCH/TORCHVISION/TIMM equal
-# to the floors in requirements.txt and pyproject.toml.
+# from pip's cache after) and about 6 GB of disk for the venv. It stops first unless
+# TORCH/TORCHVISION/TIMM (the versions tested) are the floors both requirements.txt and
+# pyproject.toml declare.
 set -euo pipefail
 
 TORCH=${TORCH:-2.5.0}
@@ -20,6 +21,27 @@ PYTHON=${PYTHON:-python3}
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
+
+# The versions tested here must be the floors that requirements.txt and pyproject.toml declare
+# (torch>=2.5 is torch 2.5.0), so that the two files agree with each other and with this run.
+"$PYTHON" - "$TORCH" "$TORCHVISION" "$TIMM" <<'EOF'
+import re, sys
+
+def norm(version):
+    parts = [int(p) for p in version.split('.')]
+    while parts and parts[-1] == 0:
+        parts.pop()
+    return parts
+
+bad = []
+for name, tested in zip(('torch', 'torchvision', 'timm'), sys.argv[1:]):
+    for path, pattern in (('requirements.txt', rf'^{name}>=([\d.]+)[ \t]*$'), ('pyproject.toml', rf'"{name}>=([\d.]+)"')):
+        m = re.search(pattern, open(path).read(), re.M)
+        if not m or norm(m.group(1)) != norm(tested):
+            bad.append(f'{path} declares {m.group(0).strip(chr(34)) if m else f"no {name}>= floor"}, this tests {name} {tested}')
+if bad:
+    sys.exit('floors: ' + '; '.join(bad))
+EOF
 
 rm -rf "$VENV"
 "$PYTHON" -m venv "$VENV"
