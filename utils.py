@@ -213,17 +213,10 @@ def is_main_process() -> bool:
 
 def cleanup_distributed() -> None:
     """The collective end of a run (every rank gets here): the normal and the preempted ends only.
-    A failing rank must not call it (see :func:`exit_without_teardown`).
-
-    The barrier first is for older torch with gloo (2.5.0, the floor): its process group's destructor
-    joins the worker threads holding the GIL, and a worker still freeing the last collective's work
-    (a tensor Python has dropped, as :func:`all_reduce_sum` does) needs the GIL, so both ranks hung
-    in ``destroy_process_group`` after ``--eval --dist-eval``. Waiting in a barrier releases the GIL
-    while the workers finish; newer torch releases it in that destructor (pytorch/pytorch#154976).
-    """
+    A failing rank must not call it (see :func:`exit_without_teardown`)."""
     if is_dist():
-        dist.barrier()
         dist.destroy_process_group()
+    _REDUCED.clear()  # see all_reduce_sum
 
 
 def barrier() -> None:
@@ -253,12 +246,22 @@ def exit_without_teardown(status: int) -> NoReturn:
     os._exit(status)
 
 
+# The tensors all_reduce_sum has reduced, kept until cleanup_distributed has destroyed the process
+# group. With gloo, torch 2.5 (the floor) frees a finished collective's work in a worker thread,
+# which needs the GIL when Python has dropped the tensor first; the group's destructor joins those
+# workers holding the GIL, so both ranks hung in destroy_process_group after --eval --dist-eval.
+# Kept here, no worker frees a tensor (newer torch releases the GIL there, pytorch/pytorch#154976).
+# A few float64 numbers a call, a few calls an epoch.
+_REDUCED: List[torch.Tensor] = []
+
+
 def all_reduce_sum(values: Sequence[float], device: torch.device) -> List[float]:
     """Sum a few numbers over all ranks (float64; identity when not distributed)."""
     if not is_dist():
         return [float(v) for v in values]
     t = torch.tensor(list(values), dtype=torch.float64, device=device)
     dist.all_reduce(t)
+    _REDUCED.append(t)
     return t.tolist()
 
 
