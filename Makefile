@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_DIR := output/demo
 
-.PHONY: venv test demo
+.PHONY: venv test demo floors
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,3 +22,8 @@ demo: venv
 	rm -rf $(DEMO_DIR)
 	$(PY) train_hp.py --config configs/demo_digits.yaml --output_dir $(DEMO_DIR)
 	$(PY) train_hp.py --config configs/demo_digits.yaml --eval --resume $(DEMO_DIR)/checkpoint.pth
+
+# The whole suite in a fresh venv (/tmp/bvit-floors, or FLOORS_VENV=...) at the declared floors of
+# torch, torchvision and timm (CPU wheels only): see scripts/test_floors.sh and README, "Installing".
+floors:
+	PYTHON=$(PYTHON) scripts/test_floors.sh

@@ -216,6 +216,7 @@ def cleanup_distributed() -> None:
     A failing rank must not call it (see :func:`exit_without_teardown`)."""
     if is_dist():
         dist.destroy_process_group()
+    _REDUCED.clear()  # see all_reduce_sum
 
 
 def barrier() -> None:
@@ -245,12 +246,22 @@ def exit_without_teardown(status: int) -> NoReturn:
     os._exit(status)
 
 
+# The tensors all_reduce_sum has reduced, kept until cleanup_distributed has destroyed the process
+# group. With gloo, torch 2.5 (the floor) frees a finished collective's work in a worker thread,
+# which needs the GIL when Python has dropped the tensor first; the group's destructor joins those
+# workers holding the GIL, so both ranks hung in destroy_process_group after --eval --dist-eval.
+# Kept here, no worker frees a tensor (newer torch releases the GIL there, pytorch/pytorch#154976).
+# A few float64 numbers a call, a few calls an epoch.
+_REDUCED: List[torch.Tensor] = []
+
+
 def all_reduce_sum(values: Sequence[float], device: torch.device) -> List[float]:
     """Sum a few numbers over all ranks (float64; identity when not distributed)."""
     if not is_dist():
         return [float(v) for v in values]
     t = torch.tensor(list(values), dtype=torch.float64, device=device)
     dist.all_reduce(t)
+    _REDUCED.append(t)
     return t.tolist()
 
 

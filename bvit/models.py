@@ -617,19 +617,22 @@ def read_checkpoint(path: Union[str, os.PathLike]) -> Any:
         if not zipfile.is_zipfile(path):
             reason = 'truncated, or not written by torch.save'
         elif 'weights only load failed' in str(e).lower():
-            reason = (f'it holds pickled Python objects ({_foreign_globals(path)}) besides tensors, plain data and '
+            reason = (f'it holds pickled Python objects ({_foreign_globals(path, str(e))}) besides tensors, plain data and '
                       'argparse.Namespace; refusing to load it (torch.load with weights_only=True)')
         else:
             reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise ValueError(f'{path} is not a readable PyTorch checkpoint: {reason}') from None
 
 
-def _foreign_globals(path: str) -> str:
+def _foreign_globals(path: str, message: str = '') -> str:
     """The classes and functions a checkpoint would unpickle beyond the allowed ones, read off
-    its pickle without running it (``torch.serialization.get_unsafe_globals_in_checkpoint``)."""
+    its pickle without running it (``torch.serialization.get_unsafe_globals_in_checkpoint``).
+    torch 2.5 has no such function: there the first one, as torch's ``message`` names it."""
     allowed = {f'{c.__module__}.{c.__qualname__}' for c in CHECKPOINT_SAFE_GLOBALS}
     try:
         names = [n for n in torch.serialization.get_unsafe_globals_in_checkpoint(path) if n not in allowed]
+    except AttributeError:  # torch 2.5
+        names = re.findall(r'Unsupported global: GLOBAL ([\w.]+)', message)[:1]
     except Exception:  # pragma: no cover - an unreadable pickle: torch's own message suffices
         names = []
     return ', '.join(names[:3]) + (', ...' if len(names) > 3 else '') if names else 'unknown'
@@ -678,15 +681,31 @@ def _adapt_in_chans(sd: Dict[str, Tensor], in_chans: int) -> None:
     stem maps C -> C channels, so both of its sides change: its input side as timm adapts a
     first conv, its output side by averaging the C filters for one channel (their mean feeds
     the patch embedding, whose input side is summed) or repeating them: an approximation.
+
+    The input side is timm's ``adapt_input_conv(in_chans, w, base_chans=w.shape[1])`` (newer timm),
+    written out here because timm 1.0.26, the floor, has no ``base_chans`` (it assumes 3): one
+    channel sums the saved ones; more or fewer repeat them cyclically, cut at ``in_chans``, scaled
+    by ``saved / in_chans``; computed in float32 and cast back to the weight's dtype.
     """
+    def adapt(w: Tensor) -> Tensor:
+        saved = w.shape[1]
+        if in_chans == saved:
+            return w
+        v = w.float()
+        if in_chans == 1:
+            v = v.sum(dim=1, keepdim=True)
+        else:
+            v = v.repeat(1, -(-in_chans // saved), 1, 1)[:, :in_chans] * (saved / float(in_chans))
+        return v.to(w.dtype)
+
     if 'stem.weight' in sd:
         w, b = sd['stem.weight'], sd['stem.bias']
-        w = adapt_input_conv(in_chans, w, base_chans=w.shape[1])
+        w = adapt(w)
         pick = torch.arange(in_chans) % w.shape[0]
         sd['stem.weight'] = w.float().mean(0, keepdim=True).to(w.dtype) if in_chans == 1 else w[pick]
         sd['stem.bias'] = b.float().mean(0, keepdim=True).to(b.dtype) if in_chans == 1 else b[pick]
     pe = sd['patch_embed.weight']
-    sd['patch_embed.weight'] = adapt_input_conv(in_chans, pe, base_chans=pe.shape[1])
+    sd['patch_embed.weight'] = adapt(pe)
 
 
 def checkpoint_filter_fn(state_dict: Any, model: nn.Module, use_ema: bool = False) -> Dict[str, Tensor]:

@@ -354,6 +354,12 @@ class T2TViT(VisionTransformer):
     def img_size(self) -> Tuple[int, int]:
         return self.patch_embed.img_size
 
+    def set_input_size(self, img_size: Optional[_int_or_pair] = None,
+                       patch_size: Optional[_int_or_pair] = None) -> None:
+        """timm's, the resampled table kept fixed (timm 1.0.26 makes it a new trainable Parameter)."""
+        super().set_input_size(img_size=img_size, patch_size=patch_size)
+        self.pos_embed.requires_grad_(False)
+
     def init_weights(self, mode: str = '', needs_reset: bool = True) -> None:
         """The authors' initialisation: Linear weights truncated normal (std .02) and zero biases,
         LayerNorms (1, 0), the class token truncated normal (std .02), the sinusoid position

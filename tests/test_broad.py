@@ -175,7 +175,10 @@ def assert_same_gradients(model: nn.Module, ref: nn.Module, loss, ref_loss) -> N
     ref_loss.backward()
     ref_params = dict(ref.named_parameters())
     for n, p in model.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, n
+        # a 1x1 window's bias (one row) shifts a softmax over one key: no gradient. timm 1.0.26's
+        # patch merging floors odd grids, so a 48-pixel Swin's last stage is one token there.
+        one_key = n.endswith('relative_position_bias_table') and p.shape[0] == 1
+        assert p.grad is not None and (one_key or p.grad.abs().sum() > 0), n
         torch.testing.assert_close(p.grad, ref_params[n].grad, rtol=1e-4, atol=1e-6, msg=n)
 
 
