@@ -250,7 +250,7 @@ def exit_without_teardown(status: int) -> NoReturn:
 # group. With gloo, torch 2.5 (the floor) frees a finished collective's work in a worker thread,
 # which needs the GIL when Python has dropped the tensor first; the group's destructor joins those
 # workers holding the GIL, so both ranks hung in destroy_process_group after --eval --dist-eval.
-# Kept here, no worker frees a tensor (newer torch releases the GIL there, pytorch/pytorch#154976).
+# Kept here, no worker frees a tensor (the suite does not hang at torch 2.14 without this either).
 # A few float64 numbers a call, a few calls an epoch.
 _REDUCED: List[torch.Tensor] = []
 

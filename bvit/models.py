@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import register_notrace_function, resample_abs_pos_embed, resample_patch_embed, trunc_normal_
-from timm.models import adapt_input_conv, build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices  # no public name; timm's own ViT imports it from here
 
 from .layers import Block, BroadTap, attention_probs, broad_group, broad_output, broad_probs
