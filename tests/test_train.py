@@ -1044,16 +1044,21 @@ def _two_processes(cmds: List[List[Any]], envs: List[Dict[str, str]]) -> List[Tu
 SMALL_RUN = TINY + ['--epochs', '1', '--train-subset', '64', '--no-model-ema']
 
 
-def test_srun_tasks_train_as_one_run(tmp_path):
-    job = _slurm_job_with_free_port()
-    out = tmp_path / 'srun'
+def _srun_envs(job: int) -> List[Dict[str, str]]:
+    """The environments srun gives the two tasks of job ``job`` on this one node."""
     envs = []
     for rank in range(2):
         env = clean_env()
         env.update(SLURM_PROCID=str(rank), SLURM_NTASKS='2', SLURM_LOCALID=str(rank), SLURM_JOB_ID=str(job),
                    SLURM_JOB_NODELIST='localhost')
         envs.append(env)
-    results = _two_processes([[sys.executable, 'train_hp.py', *SMALL_RUN, '--output_dir', out]] * 2, envs)
+    return envs
+
+
+def test_srun_tasks_train_as_one_run(tmp_path):
+    job = _slurm_job_with_free_port()
+    out = tmp_path / 'srun'
+    results = _two_processes([[sys.executable, 'train_hp.py', *SMALL_RUN, '--output_dir', out]] * 2, _srun_envs(job))
     for rc, stdout, err in results:
         assert rc == 0, err[-3000:]
     assert f'SLURM task 0 of 2 (local 0): rendezvous at localhost:{10000 + job % 20000}' in results[0][1]
@@ -1343,14 +1348,7 @@ def _launch(kind: str, script: Any, argv: List[Any]) -> List[Tuple[int, str, str
     if kind == 'torchrun':
         cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', script, *argv]
         return _two_processes([cmd], [clean_env()])
-    job = _slurm_job_with_free_port()
-    envs = []
-    for rank in range(2):
-        env = clean_env()
-        env.update(SLURM_PROCID=str(rank), SLURM_NTASKS='2', SLURM_LOCALID=str(rank), SLURM_JOB_ID=str(job),
-                   SLURM_JOB_NODELIST='localhost')
-        envs.append(env)
-    return _two_processes([[sys.executable, script, *argv]] * 2, envs)
+    return _two_processes([[sys.executable, script, *argv]] * 2, _srun_envs(_slurm_job_with_free_port()))
 
 
 ERROR_LINE = re.compile(r'^error(?: \[rank (\d)\])?: (.*)$', re.M)
