@@ -21,7 +21,7 @@ for timm's ViT and Swin. A variant of broad attention is a change to them (READM
 variant of broad attention").
 """
 
-from typing import List, Optional, Sequence, Tuple, Type
+from typing import List, Optional, Sequence, Type
 
 import torch
 import torch.nn.functional as F
@@ -122,8 +122,7 @@ def broad_attention(
     Returns:
         (B, R, out_dim) in q's dtype: ``adaptive_avg_pool1d(concat_h softmax(Q Kᵀ·scale) V, out_dim)``.
     """
-    B, H, R, d = q[0].shape
-    N = k[0].shape[-2]
+    H, d = q[0].shape[1], q[0].shape[-1]
     scale = d ** -0.5 if scale is None else scale
     group = broad_group(len(q), H, v[0].shape[-1], out_dim)
     logits = broad_logits(q[0], k[0])
