@@ -190,16 +190,11 @@ def _run_block(block: nn.Module, x: Tensor, tap: Any, **kwargs: Any) -> Tensor:
     return x
 
 
-def _run_blocks(blocks: Sequence[nn.Module], x: Tensor, taps: Sequence[Any], ckpt: bool,
-                **kwargs: Any) -> Tensor:
-    """The blocks in turn, each handing its q, k, v to its tap; each block recomputed in the
-    backward pass with ``ckpt``."""
-    for blk, tap in zip(blocks, taps):
-        if ckpt:
-            x = checkpoint(_run_block, blk, x, tap, use_reentrant=False, **kwargs)
-        else:
-            x = _run_block(blk, x, tap, **kwargs)
-    return x
+def _call_block(block: nn.Module, x: Tensor, tap: Any, ckpt: bool, **kwargs: Any) -> Tensor:
+    """:func:`_run_block`, recomputed in the backward pass with ``ckpt`` (gradient checkpointing)."""
+    if ckpt:
+        return checkpoint(_run_block, block, x, tap, use_reentrant=False, **kwargs)
+    return _run_block(block, x, tap, **kwargs)
 
 
 def _use_checkpoint(enabled: bool) -> bool:
@@ -227,10 +222,15 @@ class _BroadViTMixin:
         attn = self.blocks[0].attn
         rows = x.shape[1] if rows is None else rows
         group = broad_group(len(self.blocks), attn.num_heads, attn.head_dim, self.embed_dim)
-        taps = [BroadTap(rows, i, group) for i in range(len(self.blocks))]
-        x = _run_blocks(self.blocks, x, taps, _use_checkpoint(self.grad_checkpointing), **kwargs)
-        logits = torch.stack([t.logits for t in taps]).sum(0)
-        out = broad_output(logits, [t.values for t in taps], attn.head_dim, group, attn.scale, attn_mask, is_causal)
+        ckpt = _use_checkpoint(self.grad_checkpointing)
+        logits: Optional[Tensor] = None
+        values: List[Tensor] = []
+        for i, blk in enumerate(self.blocks):  # as BViT's own loop: each layer's logits summed as it runs
+            tap = BroadTap(rows, i, group)
+            x = _call_block(blk, x, tap, ckpt, **kwargs)
+            logits = tap.logits if logits is None else logits + tap.logits
+            values.append(tap.values)
+        out = broad_output(logits, values, attn.head_dim, group, attn.scale, attn_mask, is_causal)
         return x[:, :rows] + self.broad_scale * out.to(x.dtype)
 
     def forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
@@ -325,7 +325,9 @@ class BroadSwinTransformerStage(SwinTransformerStage):
         x = self.downsample(x)
         B, H, W, C = x.shape
         taps = [_KeepQKV() for _ in self.blocks]
-        x = _run_blocks(self.blocks, x, taps, _use_checkpoint(self.grad_checkpointing))
+        ckpt = _use_checkpoint(self.grad_checkpointing)
+        for blk, tap in zip(self.blocks, taps):
+            x = _call_block(blk, x, tap, ckpt)
         qs = [_to_stage_windows(t.qkv[0], blk, H, W) for t, blk in zip(taps, self.blocks)]
         ks = [_to_stage_windows(t.qkv[1], blk, H, W) for t, blk in zip(taps, self.blocks)]
         vs = [_to_stage_windows(t.qkv[2], blk, H, W) for t, blk in zip(taps, self.blocks)]
