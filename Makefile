@@ -24,6 +24,6 @@ demo: venv
 	$(PY) train_hp.py --config configs/demo_digits.yaml --eval --resume $(DEMO_DIR)/checkpoint.pth
 
 # The whole suite in a fresh venv (/tmp/bvit-floors, or FLOORS_VENV=...) at the declared floors of
-# torch, torchvision and timm (CPU wheels only): see scripts/test_floors.sh and README, "Installing".
+# torch, torchvision and timm (CPU wheels only): see scripts/test_floors.sh and docs/installing.md.
 floors:
 	PYTHON=$(PYTHON) scripts/test_floors.sh

@@ -15,7 +15,7 @@ Evaluation of this project's checkpoints or of released BViT files::
     python train_hp.py --eval --resume /path/to/weight --data-path /path/to/imagenet
 
 Under SLURM, ``srun python train_hp.py ...`` (one task per GPU) takes rank, world size and local
-rank from SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID (see README, "SLURM").
+rank from SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID (see docs/training.md, "SLURM and several nodes").
 
 Exit status: 0 done; 2 expected problems (bad flags, data, configs or checkpoints; more unreadable
 images than --max-bad-images; a checkpoint that cannot be written), with one ``error: ...`` line on
@@ -23,7 +23,7 @@ stderr; 1 a diverging run (NaN
 loss), the last checkpoint kept; 3 stopped by SIGTERM or SIGINT after a finished optimizer step,
 with a resumable checkpoint (``--resume OUTPUT_DIR/checkpoint.pth`` continues mid-epoch). In a
 distributed run a failing rank prints its line at once and exits with its status without a
-collective teardown, so that its peers, waiting for it, are ended by the launcher (README, "SLURM").
+collective teardown, so that its peers, waiting for it, are ended by the launcher (docs/training.md, "When one rank fails").
 """
 from __future__ import annotations
 

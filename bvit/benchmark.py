@@ -2,7 +2,7 @@
 
     python -m bvit.benchmark                        # bvit_5m(stem='none'), its twin, deit_tiny_patch16_224
     python -m bvit.benchmark --alternate --runs 3   # one call at a time, spread over 3 runs
-    python -m bvit.benchmark --suite full           # the README's cost table (adds 22M, both stems, DeiT-S)
+    python -m bvit.benchmark --suite full           # the cost table of docs/benchmarks.md (adds 22M, both stems, DeiT-S)
     python -m bvit.benchmark --malloc retain        # glibc keeps freed memory: no page faults once warm
     python -m bvit.benchmark --head-share           # one BViT, broad attention on / off for alternate calls
 
@@ -21,8 +21,8 @@ one call beyond what was alive before it (activations, gradients, temporaries; n
 from the allocations recorded by ``torch.profiler`` on the CPU or ``torch.cuda.max_memory_allocated``.
 Minor page faults per call (``getrusage``) are printed beside the speeds: with glibc's default
 allocator, whether a call maps its memory afresh depends on what ran before it in the process,
-which moves single models by up to a fifth; ``--malloc retain`` takes that out (README, "Speed
-of the broad attention"). Inference is ``model(x)`` under ``torch.inference_mode()`` in eval
+which moves single models by up to a fifth; ``--malloc retain`` takes that out (docs/benchmarks.md,
+"Page faults and the allocator"). Inference is ``model(x)`` under ``torch.inference_mode()`` in eval
 mode; a training step is forward, cross entropy, backward and an AdamW step in train mode.
 """
 from __future__ import annotations

@@ -17,7 +17,7 @@ over as soon as it has run, and one step at the end:
 
 These three functions are the definition: :func:`broad_attention` composes them for lists of
 q, k, v; BViT's blocks hand them over through a :class:`BroadTap`; ``bvit.broad`` uses them
-for timm's ViT and Swin. A variant of broad attention is a change to them (README, "Writing a
+for timm's ViT and Swin. A variant of broad attention is a change to them (docs/model.md, "Writing a
 variant of broad attention").
 """
 

@@ -2,7 +2,7 @@
 
 Importing this module registers ``bvit_5m`` and ``bvit_22m`` with timm, so
 ``timm.create_model('bvit_5m', num_classes=10)`` works like any other ViT. The defaults are the
-released architecture (see README, "The released model"): a 7x7 stride-2 conv stem, a linear
+released architecture (docs/model.md; README, "Where this differs"): a 7x7 stride-2 conv stem, a linear
 patch embedding (stored as a Conv2d), no qkv bias, LayerNorm eps 1e-5, and the broad attention
 output, scaled by 0.4 and pooled to the embedding width, added to every token of the last layer.
 """
