@@ -296,8 +296,9 @@ def is_operator(token: str) -> bool:
 
 def command_lines(block: Block) -> list[tuple[int, str]]:
     """(line number, command) of every command in a shell-like block, comments stripped and
-    ``\\``-continued lines joined. bash/sh/shell: every line; console/text: the ``$ `` lines (a
-    continuation may start with ``> ``). Lines of a here-document are not commands."""
+    ``\\``-continued lines joined. bash/sh/shell: every line (a ``$ `` prompt taken off);
+    console/text: the ``$ `` lines (a continuation may start with ``> ``). Lines of a
+    here-document are not commands."""
     raw = block.source.split('\n')
     prompt = block.lang in PROMPT_LANGS
     out: list[tuple[int, str]] = []
@@ -313,6 +314,8 @@ def command_lines(block: Block) -> list[tuple[int, str]]:
         if prompt:
             if not line.startswith('$ '):
                 continue
+            line = line[2:]
+        elif line.startswith('$ '):  # a prompt in a bash block: the command is the same
             line = line[2:]
         command = strip_comment(line).rstrip()
         while command.endswith('\\') and i < len(raw):
@@ -829,6 +832,7 @@ def test_python_blocks_run_in_order_in_one_namespace_and_a_failure_names_its_blo
     assert 'File "page.md:14", line 18' in failure         # the page's own line number
     assert 'raise ValueError(f"boom {y}")' in failure      # the source line shown in the traceback
     assert 'before the failure' in failure                 # the output's tail
+    assert 'run_blocks.py' not in failure                  # the runner's own frame left out
     assert 'a skip block ran' not in failure and 'after the failure' not in failure
 
 
@@ -859,9 +863,10 @@ def test_command_lines_and_tokens() -> None:
         'cat <<EOF',
         'python not_a_command.py --nope',
         'EOF',
+        '$ make demo',
     ]), closed=True)
     assert command_lines(block) == [(3, 'OUT=/path/to/save'), (4, 'python a.py --x 1      --y=2'),
-                                    (6, "echo 'a # b' c#d"), (7, 'cat <<EOF')]
+                                    (6, "echo 'a # b' c#d"), (7, 'cat <<EOF'), (10, 'make demo')]
     console = Block(line=1, first=2, info='console',
                     source='$ python a.py \\\n> --x\noutput --y\n$ echo $?\n3', closed=True)
     assert command_lines(console) == [(2, 'python a.py  --x'), (5, 'echo $?')]
@@ -873,12 +878,9 @@ def test_command_lines_and_tokens() -> None:
 
 
 def fake_help(options: set[str]) -> Callable[[Script, Path], Help]:
-    calls: list[str] = []
-
+    """A stand-in for script_help: every script accepts exactly ``options``."""
     def help_for(script: Script, root: Path) -> Help:
-        calls.append(script.name)
         return Help(frozenset(options))
-    help_for.calls = calls  # type: ignore[attr-defined]
     return help_for
 
 
