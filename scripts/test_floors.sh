@@ -12,6 +12,9 @@
 # TORCH/TORCHVISION/TIMM (the versions tested) are the floors both requirements.txt and
 # pyproject.toml declare.
 set -euo pipefail
+case "${1:-}" in
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;  # before anything is built or removed
+esac
 
 TORCH=${TORCH:-2.5.0}
 TORCHVISION=${TORCHVISION:-0.20.0}
