@@ -31,9 +31,11 @@ import argparse
 import ctypes
 import ctypes.util
 import json
+import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -120,7 +122,14 @@ def _time(fn: Callable[[], None], iters: int) -> float:
 
 
 def peak_memory_mb(fn: Callable[[], None], device: torch.device) -> float:
-    """Most tensor memory (MiB) alive during one call of ``fn`` beyond what was alive before."""
+    """Most tensor memory (MiB) alive during one call of ``fn`` beyond what was alive before.
+
+    On the CPU: the running sum of every allocation and free ``torch.profiler`` records in the
+    call (the ``[memory]`` events of its trace, each with its ``Bytes``), in time order. The
+    per-op ``self_cpu_memory_usage`` of ``prof.events()`` cannot give this: it is each op's
+    allocations net of its frees, so an op that frees (an autograd node dropping its saved
+    tensors) and one that allocates a temporary and frees it again both hide what they did.
+    """
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
@@ -130,17 +139,18 @@ def peak_memory_mb(fn: Callable[[], None], device: torch.device) -> float:
         return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    # Allocations are charged to the op that made them (self memory), frees are '[memory]' events.
-    timeline = []
-    for e in prof.events():
-        if e.name == '[memory]':
-            if e.cpu_memory_usage < 0:
-                timeline.append((e.time_range.start, e.cpu_memory_usage))
-        elif e.self_cpu_memory_usage > 0:
-            timeline.append((e.time_range.start, e.self_cpu_memory_usage))
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, 'trace.json')
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)['traceEvents']
+    # Frees of memory allocated before the call are not recorded (the profiler does not know
+    # their size), so the sum starts from 0 at the call's start.
+    changes = sorted((e['ts'], e['args']['Bytes']) for e in events
+                     if e.get('name') == '[memory]' and e['args'].get('Device Type', 0) == 0)
     live = peak = 0
-    for _, delta in sorted(timeline):
-        live += delta
+    for _, nbytes in changes:
+        live += nbytes
         peak = max(peak, live)
     return peak / 2 ** 20
 
