@@ -229,7 +229,7 @@ def plot_attention(
         model: nn.Module,
         image_tensor: Tensor,
         raw_image: Optional[ImageLike],
-        out_path: Optional[str],
+        out_path: Optional[str] = None,
         head: Union[str, int] = 'mean',
         label: Optional[int] = None,
         class_names: Optional[Sequence[str]] = None,
