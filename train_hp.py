@@ -41,18 +41,22 @@ from timm.utils import NativeScaler
 from torch import nn
 from torch.utils.data import DataLoader
 
-from bvit.broad import add_broad_attention
+from bvit.builder import canonical_arch, create_model, is_bvit, parse_model_kwargs, record_from_args
+from bvit.checkpoint import load_checkpoint
 from datasets import DATASETS, INAT_CATEGORIES, build_datasets, canonical_data_set, collate_skipping_unreadable
 from engine import Evaluator, autocast_context, train_one_epoch
 from losses import DistillationLoss, build_base_criterion
 from samplers import RepeatAugSampler, ShardSampler
+from resume import (
+    adopt_record, check_resume_schedule, make_checkpoint, read_resume, restore_training_state, resume_position,
+    save_checkpoint,
+)
 from utils import (
-    BVIT_NAMES, STOP_EXIT_STATUS, NonFiniteLossError, RunStopped, StopSignal, UsageError, all_reduce_sum,
-    append_log_line, barrier, check_resume_schedule, check_saved_args, cleanup_distributed, environment_info,
+    STOP_EXIT_STATUS, NonFiniteLossError, RunStopped, StopSignal, UsageError, all_reduce_sum,
+    append_log_line, barrier, cleanup_distributed, environment_info,
     epoch_seed, exit_without_teardown, format_seconds, gather_objects, get_rank, ignore_stop_signals,
-    init_distributed, is_dist, is_main_process, load_finetune_weights, load_model_weights, log, make_checkpoint,
-    model_kwargs, read_checkpoint, resolve_device, resolve_model_name, restore_training_state, resume_position,
-    save_checkpoint, seed_everything, setup_determinism, setup_tf32, write_line,
+    init_distributed, is_dist, is_main_process, log,
+    resolve_device, seed_everything, setup_determinism, setup_tf32, write_line,
 )
 
 SCHEDULES = ('cosine', 'tanh', 'step', 'multistep', 'poly', 'constant', 'wsd', 'rsqrt', 'none')
@@ -92,7 +96,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group('model')
     g.add_argument('--arch', '--model', dest='arch', default='BViT-5', metavar='NAME',
-                   help=f'model: a BViT name ({BVIT_NAMES}) or any timm model name')
+                   help='model: a BViT name (BViT-5, BViT-22; also BViT_5, BViT-21, BViT_21, bvit_5m, bvit_22m) or any '
+                        'timm model name')
     g.add_argument('--input-size', default=224, type=int, help='image size (square)')
     g.add_argument('--patch-size', default=None, type=int,
                    help='patch size (BViT default 16; passed to timm models that take patch_size)')
@@ -345,9 +350,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument('--config', default=None)
     known, _ = pre.parse_known_args(argv)
-    if known.config:
-        parser.set_defaults(**load_config(parser, known.config))
-    return parser.parse_args(argv)
+    config = load_config(parser, known.config) if known.config else {}
+    parser.set_defaults(**config)
+    args = parser.parse_args(argv)
+    # the flags set on the command line or in --config: --eval/--resume take the checkpoint's
+    # model for the others (resume.adopt_record)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    parser._defaults.clear()
+    args.given = sorted(set(config) | set(vars(parser.parse_args(argv))))
+    return args
 
 
 def _check_flags(args: argparse.Namespace) -> None:
@@ -386,43 +398,44 @@ def _check_flags(args: argparse.Namespace) -> None:
 
 # Model --------------------------------------------------------------------------------------------
 
-def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
-    import timm
-    kind, name = resolve_model_name(args.arch)
-    extra = model_kwargs(args)
-    if kind == 'bvit':
+# constructor arguments that a flag of this script sets, refused in --model-kwargs
+_FLAG_KWARGS = {'num_classes': '--data-set', 'img_size': '--input-size', 'patch_size': '--patch-size',
+                'stem': '--stem', 'broad': '--no-broad', 'broad_scale': '--broad-scale', 'drop_rate': '--drop',
+                'drop_path_rate': '--drop-path', 'in_chans': '(3 channels, fixed)', 'pretrained': '--finetune'}
+
+
+def _check_model_flags(args: argparse.Namespace) -> None:
+    """One line for an unknown --arch, a BViT-only flag on another model, or a bad --model-kwargs."""
+    try:
+        arch = canonical_arch(args.arch)
+    except ValueError as e:
+        raise UsageError(f'--arch: {e}') from None
+    if is_bvit(arch):
         if args.broad:
             log('note: --broad has no effect on a BViT model, which has broad attention already')
-        try:
-            return timm.create_model(
-                name, num_classes=num_classes, img_size=args.input_size, patch_size=args.patch_size or 16,
-                in_chans=3, drop_rate=args.drop, drop_path_rate=args.drop_path, stem=args.stem or 'conv',
-                broad=not args.no_broad, broad_scale=args.broad_scale, **extra)
-        except (ValueError, TypeError) as e:
-            raise UsageError(f'--arch {args.arch}: {e}') from None
-    if args.stem not in (None, 'none'):  # 'none' (plain patchify) is what other timm ViTs do anyway
+    elif args.stem not in (None, 'none'):  # 'none' (plain patchify) is what other timm ViTs do anyway
         raise UsageError('--stem applies to BViT models only (other timm ViTs patchify plainly: --stem none or no --stem)')
-    if args.no_broad:
+    elif args.no_broad:
         raise UsageError('--no-broad applies to BViT models only (other timm models have no broad attention '
                          'unless --broad is given)')
-    kwargs: Dict[str, Any] = dict(num_classes=num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path, **extra)
-    size_kwargs: Dict[str, Any] = dict(img_size=args.input_size)
-    if args.patch_size:
-        size_kwargs['patch_size'] = args.patch_size
+    for item in args.model_kwargs:
+        key = str(item).partition('=')[0].strip()
+        if key in _FLAG_KWARGS:
+            raise UsageError(f'--model-kwargs: {key} is set by {_FLAG_KWARGS[key]}, not here')
     try:
-        model = timm.create_model(name, **kwargs, **size_kwargs)
-    except TypeError as e:
-        if 'img_size' not in str(e) and 'patch_size' not in str(e):
-            raise
-        if args.patch_size:
-            raise UsageError(f'--patch-size: timm model {name} does not take a patch size') from None
-        model = timm.create_model(name, **kwargs)  # convolutional models take any input size
-    if args.broad:
-        try:
-            model = add_broad_attention(model, scale=args.broad_scale)
-        except (TypeError, ValueError) as e:
-            raise UsageError(f'--broad: {e}') from None
-    return model
+        parse_model_kwargs(args.model_kwargs)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
+    """The model of the flags (their record, :func:`bvit.builder.record_from_args`), with
+    ``--drop`` and ``--drop-path``."""
+    try:
+        return create_model(record_from_args({**vars(args), 'nb_classes': num_classes}), drop_rate=args.drop,
+                            drop_path_rate=args.drop_path)
+    except ValueError as e:
+        raise UsageError(f'--arch {args.arch}: {e}') from None
 
 
 def compile_model(model: nn.Module, args: argparse.Namespace) -> nn.Module:
@@ -441,7 +454,10 @@ def build_teacher(args: argparse.Namespace, num_classes: int, device: torch.devi
     if not timm.is_model(args.teacher_model):
         raise UsageError(f'unknown --teacher-model {args.teacher_model!r} (not a timm model name)')
     teacher = timm.create_model(args.teacher_model, pretrained=False, num_classes=num_classes)
-    load_model_weights(teacher, read_checkpoint(args.teacher_path), args.teacher_path)
+    try:
+        load_checkpoint(teacher, args.teacher_path)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(f'--teacher-path: {e}') from None
     teacher.to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -566,7 +582,10 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
     distributed teardown is :func:`cli`'s."""
     _check_flags(args)
     args.data_set = canonical_data_set(args.data_set)
-    resolve_model_name(args.arch)  # unknown names fail before anything is loaded
+    resume_obj = read_resume(args.resume) if args.resume else None
+    if resume_obj is not None:  # the checkpoint's model, for the flags not given
+        adopt_record(resume_obj, args, args.resume, getattr(args, 'given', ()))
+    _check_model_flags(args)  # unknown names fail before anything else is loaded
     device = init_distributed(args, resolve_device(args.device))
     args.device_resolved = str(device)
     if args.threads:
@@ -589,14 +608,13 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
 
     model = build_model(args, nb_classes)
     if args.finetune:
-        fresh = load_finetune_weights(model, args.finetune)
+        try:
+            fresh = load_checkpoint(model, args.finetune, new_head=True)
+        except (FileNotFoundError, ValueError) as e:
+            raise UsageError(f'--finetune {e}') from None
         log(f'fine-tuning from {args.finetune}' + (f' (new {", ".join(fresh)})' if fresh else ''))
     if args.attn_only:
         set_attn_only(model)
-    resume_obj = None
-    if args.resume:
-        resume_obj = read_checkpoint(args.resume)
-        check_saved_args(resume_obj, args, args.resume)
     args.n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f'model {args.arch}: {args.n_parameters:,} trainable parameters, {nb_classes} classes, input '
         f'{args.input_size}; data {args.data_set}: {len(dataset_train) if dataset_train is not None else "-"} train / '
@@ -608,7 +626,10 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
                           max_bad_images=args.max_bad_images)
     if args.eval:
         if resume_obj is not None:
-            load_model_weights(model, resume_obj, args.resume, use_ema=args.eval_ema)
+            try:
+                load_checkpoint(model, resume_obj, use_ema=args.eval_ema)
+            except ValueError as e:
+                raise UsageError(f'{args.resume}: {e}') from None
         model.to(device)
         return evaluator(compile_model(model, args) if args.torchcompile else model)
 

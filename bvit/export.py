@@ -4,9 +4,9 @@ Command line::
 
     python -m bvit.export CHECKPOINT OUT_DIR [--force] [--use-ema]
 
-CHECKPOINT is anything :func:`bvit.models.load_checkpoint` reads: a checkpoint of train_hp.py
-(the model's arguments come from the ``args`` it stores: arch, classes, input size, patch size,
-stem, broad attention and its scale), a released BViT file (bvit_5m or bvit_22m by its width), an
+CHECKPOINT is anything :func:`bvit.checkpoint.load_checkpoint` reads: a checkpoint of train_hp.py
+(the model comes from its record, :mod:`bvit.builder`: arch, classes, input size, patch size,
+stem, broad attention and its scale, further constructor arguments), a released BViT file (bvit_5m or bvit_22m by its width), an
 authors' T2T-ViT file (the model read off its weights), or a bare state dict. OUT_DIR receives::
 
     config.json, model.safetensors   timm's hub layout (timm.models.save_for_hf):
@@ -34,9 +34,9 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import models as bvit_models
-from . import t2t
-from .rebuild import build_from_checkpoint
+from .builder import build_from_checkpoint, is_bvit, model_kwargs, record_of_checkpoint
+from .checkpoint import read_checkpoint
+from .t2t import T2T_MODEL_ARGS
 
 EXPORT_FILES = ('config.json', 'model.safetensors', 'model.onnx')
 TOLERANCE = 1e-4
@@ -65,20 +65,6 @@ def _check_out_dir(out_dir: str, force: bool) -> None:
         raise ExportError(f'{out_dir} holds files that are not an export ({shown}); choose a new or empty folder')
     if entries and not force:
         raise ExportError(f'{out_dir} already holds an export ({", ".join(entries)}); pass --force to replace it')
-
-
-def bvit_model_args(model: nn.Module) -> Dict[str, Any]:
-    """Every argument that rebuilds ``model`` (a BViT) with ``timm.create_model``, read off the
-    model itself, for config.json's ``model_args`` (dropout rates are training settings: left out)."""
-    block = model.blocks[0]
-    return dict(
-        img_size=list(model.img_size), patch_size=model.patch_size, in_chans=model.in_chans,
-        num_classes=model.num_classes, global_pool=model.global_pool, embed_dim=model.embed_dim,
-        depth=len(model.blocks), num_heads=model.num_heads, head_dim=model.head_dim,
-        mlp_ratio=block.mlp.fc1.out_features / model.embed_dim, qkv_bias=block.attn.qkv.bias is not None,
-        stem=model.stem_type, broad=model.broad, broad_scale=model.broad_scale, norm_eps=model.norm.eps,
-        **{k: getattr(model, k) for k in ('dynamic_img_size', 'dynamic_img_pad') if getattr(model, k, False)},
-    )
 
 
 def _preprocessing(ckpt_args: Dict[str, Any]) -> Dict[str, Any]:
@@ -119,12 +105,13 @@ def timm_reload_logits(folder: str, x: Tensor) -> Tensor:
         return model(x)
 
 
-def _write(model: nn.Module, folder: str, ckpt_args: Dict[str, Any]) -> Dict[str, float]:
-    """All three files into ``folder``, then the checks; returns the largest logit differences."""
+def _write(model: nn.Module, record: Dict[str, Any], folder: str, ckpt_args: Dict[str, Any]) -> Dict[str, float]:
+    """All three files into ``folder``, then the checks; returns the largest logit differences.
+    config.json's ``model_args`` are the constructor arguments of the checkpoint's record
+    (:func:`bvit.builder.model_kwargs`), the map the model was built with."""
     from timm.models import save_for_hf
     model.pretrained_cfg = {**model.pretrained_cfg, **_preprocessing(ckpt_args)}
-    args = t2t.model_args(model) if isinstance(model, t2t.T2TViT) else bvit_model_args(model)
-    save_for_hf(model, folder, model_args=args, safe_serialization=True)
+    save_for_hf(model, folder, model_args=model_kwargs(record)[1], safe_serialization=True)
     c, h, w = model.in_chans, *model.img_size
     gen = torch.Generator().manual_seed(0)
     export_onnx(model, os.path.join(folder, 'model.onnx'), torch.randn(2, c, h, w, generator=gen))
@@ -177,19 +164,30 @@ def export(checkpoint: str, out_dir: str, force: bool = False, use_ema: bool = F
     except ImportError:
         raise ExportError('the ONNX export needs onnx and onnxruntime: pip install onnx onnxruntime') from None
     try:
-        obj = bvit_models.read_checkpoint(checkpoint)
-    except (FileNotFoundError, ValueError) as e:
+        obj = read_checkpoint(checkpoint)
+        record = record_of_checkpoint(obj, use_ema)
+    except FileNotFoundError as e:
         raise ExportError(str(e)) from None
+    except ValueError as e:
+        raise ExportError(str(e) if str(e).startswith(checkpoint) else f'{checkpoint}: {e}') from None
+    if not is_bvit(record['arch']) and record['arch'] not in T2T_MODEL_ARGS:
+        raise ExportError(f'{checkpoint}: it holds a {record["arch"]} model, not a BViT or T2T-ViT')
+    if record['broad'] and not is_bvit(record['arch']):
+        raise ExportError(f'{checkpoint}: it holds {record["arch"]} with broad attention (train_hp.py --broad), '
+                          'which timm.create_model cannot rebuild from config.json; evaluate it with '
+                          'train_hp.py --eval --resume')
     try:
-        model, ckpt_args = build_from_checkpoint(obj, use_ema=use_ema, bvit_only=True)
+        model, record = build_from_checkpoint(obj, use_ema=use_ema)
     except ValueError as e:
         raise ExportError(f'{checkpoint}: {e}') from None
+    saved = obj.get('args') if isinstance(obj, dict) else None
+    ckpt_args = dict(saved) if isinstance(saved, dict) else {}
 
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(out_dir)}.tmp-', dir=parent)
     try:
-        diffs = _write(model, tmp, ckpt_args)
+        diffs = _write(model, record, tmp, ckpt_args)
         bad = [f'{name} {d:.3g}' for name, d in diffs.items() if not d <= TOLERANCE]
         if bad:
             raise ExportCheckError(f'export check failed: largest logit difference {", ".join(bad)} > {TOLERANCE:g}; '
@@ -234,7 +232,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-__all__: List[str] = ['export', 'bvit_model_args', 'export_onnx', 'onnx_logits', 'timm_reload_logits', 'ExportError', 'ExportCheckError',
+__all__: List[str] = ['export', 'export_onnx', 'onnx_logits', 'timm_reload_logits', 'ExportError', 'ExportCheckError',
                        'main']
 
 if __name__ == '__main__':

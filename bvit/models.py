@@ -7,12 +7,8 @@ patch embedding (stored as a Conv2d), no qkv bias, LayerNorm eps 1e-5, and the b
 output, scaled by 0.4 and pooled to the embedding width, added to every token of the last layer.
 """
 
-import argparse
-import contextlib
 import math
-import os
 import re
-import zipfile
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -25,6 +21,7 @@ from timm.layers import register_notrace_function, resample_abs_pos_embed, resam
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices  # no public name; timm's own ViT imports it from here
 
+from .checkpoint import check_state_dict, checkpoint_globals, classifier_keys, unwrap_state_dict
 from .layers import Block, BroadTap, attention_probs, broad_group, broad_output, broad_probs
 
 _int_or_pair = Union[int, Tuple[int, int]]
@@ -503,66 +500,11 @@ _OFFICIAL_RENAMES = [
     (r'^mlp_head\.0\.', 'norm.'),
     (r'^mlp_head\.1\.', 'head.'),
 ]
-_WRAPPER_PREFIXES = ('module.', '_orig_mod.', 'model.')
-_EMA_KEYS = ('model_ema', 'state_dict_ema')
-
-# The one class besides tensors and plain data that real checkpoint files hold: the run's
-# ``args`` as an argparse.Namespace, stored by BViT's released train_hp.py and DeiT's main.py
-# (under 'args') and by timm's CheckpointSaver (which T2T-ViT's releases come from).
-CHECKPOINT_SAFE_GLOBALS = (argparse.Namespace,)
-
-
-def checkpoint_globals() -> contextlib.AbstractContextManager:
-    """``torch.serialization.safe_globals`` for :data:`CHECKPOINT_SAFE_GLOBALS`: inside it,
-    ``torch.load(weights_only=True)`` also rebuilds those classes and still refuses any other."""
-    return torch.serialization.safe_globals(list(CHECKPOINT_SAFE_GLOBALS))
-
-
-def unwrap_state_dict(obj: Any, use_ema: bool = False) -> Dict[str, Tensor]:
-    """The state dict inside whatever ``torch.load(path, weights_only=True)`` returned.
-
-    Accepts a bare state dict or one under ``model`` (DeiT, BViT's release), ``state_dict``
-    (timm's CheckpointSaver, Lightning) or ``net`` (T2T-ViT's CIFAR transfer files) or, with
-    ``use_ema``, ``model_ema`` (DeiT) or ``state_dict_ema`` (timm's saver); strips ``module.``
-    (DDP, DataParallel), ``_orig_mod.`` (torch.compile) and ``model.`` (Lightning wrapper)
-    prefixes. Raises ValueError if no state dict is found.
-    """
-    if isinstance(obj, Mapping):
-        if use_ema:
-            key = next((k for k in _EMA_KEYS if isinstance(obj.get(k), Mapping)), None)
-            if key is None:
-                raise ValueError('the checkpoint holds no model_ema weights (nor state_dict_ema)')
-            obj = obj[key]
-        else:
-            for key in ('model', 'state_dict', 'net') + _EMA_KEYS:
-                if isinstance(obj.get(key), Mapping):
-                    obj = obj[key]
-                    break
-    if not isinstance(obj, Mapping) or not obj or not all(
-            isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
-        raise ValueError('the file holds no model state dict (expected a dict of tensors, '
-                         "or one under 'model' or 'state_dict')")
-    out = {}
-    for key, value in obj.items():
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in _WRAPPER_PREFIXES:
-                if key.startswith(prefix):
-                    key, stripped = key[len(prefix):], True
-        out[key] = value
-    return out
-
-
-def convert_official_state_dict(obj: Any, use_ema: bool = False) -> Dict[str, Tensor]:
-    """State dict for :class:`BViT` from a released BViT file or one of this project's.
-
-    ``obj`` is what ``torch.load(path, weights_only=True)`` returned (see
-    :func:`unwrap_state_dict` for the containers and prefixes understood). Keys in the released
-    layout are renamed, and its Linear patch embedding, which flattens each patch as (row,
-    column, channel), becomes the Conv2d kernel (D, C, p, p). Other keys pass unchanged.
-    """
-    sd = unwrap_state_dict(obj, use_ema)
+def convert_official_state_dict(state_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+    """A released BViT state dict in this module's layout: keys renamed, and the release's Linear
+    patch embedding, which flattens each patch as (row, column, channel), turned into the Conv2d
+    kernel (D, C, p, p). Keys already in this layout pass unchanged."""
+    sd = state_dict
     out: Dict[str, Tensor] = {}
     for key, value in sd.items():
         for pattern, repl in _OFFICIAL_RENAMES:
@@ -581,97 +523,22 @@ def convert_official_state_dict(obj: Any, use_ema: bool = False) -> Dict[str, Te
     return out
 
 
-def check_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
-    """Raise ValueError naming the first key where ``state_dict`` does not fit ``model``."""
-    expected = model.state_dict()
-    name = type(model).__name__
-    for key, ref in expected.items():
-        if key not in state_dict:
-            raise ValueError(f"checkpoint does not fit this {name}: key '{key}' (shape {tuple(ref.shape)}) is missing")
-        if tuple(state_dict[key].shape) != tuple(ref.shape):
-            raise ValueError(
-                f"checkpoint does not fit this {name}: '{key}' has shape {tuple(state_dict[key].shape)} "
-                f"in the checkpoint but {tuple(ref.shape)} in the model")
-    for key in state_dict:
-        if key not in expected:
-            raise ValueError(f"checkpoint does not fit this {name}: unexpected key '{key}'")
-
-
-def read_checkpoint(path: Union[str, os.PathLike]) -> Any:
-    """``torch.load(path, weights_only=True)`` on CPU, with errors a person can act on.
-
-    Besides tensors and plain data, the classes of :data:`CHECKPOINT_SAFE_GLOBALS` are rebuilt
-    (the ``argparse.Namespace`` that released training scripts store as ``args``; it is returned
-    as it is, and this project's readers of ``args`` take only a dict, so its values are not
-    interpreted). Raises FileNotFoundError for a missing file and ValueError for one that is not a
-    readable PyTorch checkpoint (truncated, corrupt, or holding any other pickled object, which
-    is named and never unpickled).
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'checkpoint not found: {path}')
-    try:
-        with checkpoint_globals():
-            return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # torch raises several types for bad files; all mean the same here
-        if not zipfile.is_zipfile(path):
-            reason = 'truncated, or not written by torch.save'
-        elif 'weights only load failed' in str(e).lower():
-            reason = (f'it holds pickled Python objects ({_foreign_globals(path, str(e))}) besides tensors, plain data and '
-                      'argparse.Namespace; refusing to load it (torch.load with weights_only=True)')
-        else:
-            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise ValueError(f'{path} is not a readable PyTorch checkpoint: {reason}') from None
-
-
-def _foreign_globals(path: str, message: str = '') -> str:
-    """The classes and functions a checkpoint would unpickle beyond the allowed ones, read off
-    its pickle without running it (``torch.serialization.get_unsafe_globals_in_checkpoint``).
-    torch 2.5 has no such function: there the first one, as torch's ``message`` names it."""
-    allowed = {f'{c.__module__}.{c.__qualname__}' for c in CHECKPOINT_SAFE_GLOBALS}
-    try:
-        names = [n for n in torch.serialization.get_unsafe_globals_in_checkpoint(path) if n not in allowed]
-    except AttributeError:  # torch 2.5
-        names = re.findall(r'Unsupported global: GLOBAL ([\w.]+)', message)[:1]
-    except Exception:  # pragma: no cover - an unreadable pickle: torch's own message suffices
-        names = []
-    return ', '.join(names[:3]) + (', ...' if len(names) > 3 else '') if names else 'unknown'
-
-
-def load_checkpoint(model: nn.Module, path: Union[str, os.PathLike], use_ema: bool = False) -> Any:
-    """Load a released BViT file or one of this project's checkpoints into ``model``, adapted by
-    :func:`checkpoint_filter_fn` (so a checkpoint of another input size loads, its position table
-    resampled).
-
-    Returns the object read from the file (so a training script can restore the rest of its
-    state). Raises FileNotFoundError or ValueError (see :func:`read_checkpoint`,
-    :func:`check_state_dict`) and leaves the model untouched on error.
-    """
-    obj = read_checkpoint(path)
-    try:
-        sd = checkpoint_filter_fn(obj, model, use_ema)
-    except ValueError as e:
-        raise ValueError(f'{os.fspath(path)}: {e}') from None
-    check_state_dict(model, sd)
-    model.load_state_dict(sd)
-    return obj
-
-
-def _saved_grid(obj: Any, sd: Mapping[str, Tensor]) -> Tuple[int, int]:
-    """The patch grid a checkpoint's position table was trained at: from this project's saved
-    arguments when present, else from the table itself (its rows are sized for the image without
-    the stem, (S/p)² + 1, as released), the patch size and whether the file has a stem."""
-    saved = obj.get('args') if isinstance(obj, Mapping) else None
-    if isinstance(saved, Mapping) and saved.get('input_size'):
-        size = saved['input_size']
-        size = size if isinstance(size, int) else tuple(size)[-2:]
-        return patch_grid(size, int(saved.get('patch_size') or 16), saved.get('stem') or 'conv')
+def _saved_grid(sd: Mapping[str, Tensor]) -> Tuple[int, int]:
+    """The patch grid a BViT state dict's position table was trained at. The table is sized for
+    the image without the stem, (S // p)² + 1 rows as released, so S is one of side·p .. side·p +
+    p - 1; the one whose grid fits the stem (at most one does) gives the grid."""
     rows = sd['pos_embed'].shape[1] - 1
     side = math.isqrt(rows)
     if side * side != rows:
-        raise ValueError(f'pos_embed has {rows + 1} rows: not 1 + a square grid, and the file holds no input size')
+        raise ValueError(f'pos_embed has {rows + 1} rows: not 1 + a square grid')
     p = sd['patch_embed.weight'].shape[-1] if 'patch_embed.weight' in sd else 16
-    return patch_grid(side * p, p, 'conv' if 'stem.weight' in sd else 'none')
+    stem = 'conv' if 'stem.weight' in sd else 'none'
+    for size in range(side * p, side * p + p):
+        try:
+            return patch_grid(size, p, stem)
+        except ValueError:
+            continue
+    raise ValueError(f'pos_embed has {rows + 1} rows, which fit no image size with patch size {p} and stem {stem!r}')
 
 
 def _adapt_in_chans(sd: Dict[str, Tensor], in_chans: int) -> None:
@@ -708,30 +575,27 @@ def _adapt_in_chans(sd: Dict[str, Tensor], in_chans: int) -> None:
     sd['patch_embed.weight'] = adapt(pe)
 
 
-def checkpoint_filter_fn(state_dict: Any, model: nn.Module, use_ema: bool = False) -> Dict[str, Tensor]:
-    """Adapt a checkpoint to ``model``: the one place every loader goes through (timm's
-    ``pretrained_filter_fn``, :func:`load_checkpoint`, ``--finetune``, ``--eval --resume``, export).
+def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[str, Tensor]:
+    """Adapt BViT weights to ``model`` (a :class:`BViT`): the family filter that timm's
+    ``pretrained=True`` door and :func:`bvit.checkpoint.load_checkpoint` call.
 
-    ``state_dict``: what ``torch.load(path, weights_only=True)`` returned: a released BViT file, one
-    of this project's checkpoints (``use_ema`` picks ``model_ema`` / ``state_dict_ema``) or a bare state dict, with any
-    ``module.``/``_orig_mod.``/``model.`` prefixes. Done here: the release's key names, its Linear
-    patch embedding as a Conv2d kernel, the position table resampled (bicubic) from the
+    ``state_dict``: a state dict (released layout or this module's), or a checkpoint holding one
+    (:func:`bvit.checkpoint.unwrap_state_dict`, raw weights). Done here: the release's key names,
+    its Linear patch embedding as a Conv2d kernel, the position table resampled (bicubic) from the
     checkpoint's patch grid to the model's and sized to the model's table, and the first convs
-    adapted to the model's ``in_chans``. The classifier is left as saved. ValueError when the file
-    holds no state dict or a table that cannot be resampled. A T2T-ViT model gets
-    :func:`bvit.t2t.checkpoint_filter_fn` (the authors' T2T-ViT files).
+    adapted to the model's ``in_chans``. The classifier is left as saved; every other key must fit
+    the model, so a state dict of another family is refused (ValueError naming the key), whatever
+    the class count.
     """
-    if isinstance(model, _t2t.T2TViT):  # T2T-ViT's own layout and table (bvit.t2t)
-        return _t2t.checkpoint_filter_fn(state_dict, model, use_ema)
-    sd = convert_official_state_dict(state_dict, use_ema)
-    if 'pos_embed' in sd and isinstance(model, BViT):
+    sd = convert_official_state_dict(unwrap_state_dict(state_dict))
+    if 'pos_embed' in sd and 'patch_embed.weight' in sd:
         pe = sd['pos_embed']
         sd['pos_embed'] = resample_pos_embed(
-            pe.float(), _saved_grid(state_dict, sd), model.grid_size, num_rows=model.pos_embed.shape[1],
+            pe.float(), _saved_grid(sd), model.grid_size, num_rows=model.pos_embed.shape[1],
             num_prefix_tokens=model.num_prefix_tokens).to(pe.dtype)
-    in_chans = getattr(model, 'in_chans', None)
-    if in_chans is not None and 'patch_embed.weight' in sd and sd['patch_embed.weight'].shape[1] != in_chans:
-        _adapt_in_chans(sd, in_chans)
+    if 'patch_embed.weight' in sd and sd['patch_embed.weight'].shape[1] != model.in_chans:
+        _adapt_in_chans(sd, model.in_chans)
+    check_state_dict(model, sd, ignore=classifier_keys(model) + ['head.weight', 'head.bias'])
     return sd
 
 
@@ -827,10 +691,6 @@ def bvit_22m(pretrained: bool = False, **kwargs: Any) -> BViT:
 
 
 __all__ = [
-    'BViT', 'AttentionMaps', 'bvit_5m', 'bvit_22m', 'resolve_arch', 'unwrap_state_dict',
-    'convert_official_state_dict', 'checkpoint_filter_fn', 'check_state_dict', 'read_checkpoint', 'load_checkpoint',
-    'CHECKPOINT_SAFE_GLOBALS', 'checkpoint_globals',
-    'resample_pos_embed', 'patch_grid', 'MODEL_ARGS',
+    'BViT', 'AttentionMaps', 'bvit_5m', 'bvit_22m', 'resolve_arch', 'convert_official_state_dict',
+    'checkpoint_filter_fn', 'resample_pos_embed', 'patch_grid', 'MODEL_ARGS',
 ]
-
-from . import t2t as _t2t  # noqa: E402  (registers the T2T-ViT models; imports this module's loaders)

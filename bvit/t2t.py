@@ -37,7 +37,7 @@ from timm.layers import Mlp, resample_abs_pos_embed, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 
-from .models import checkpoint_globals, unwrap_state_dict
+from .checkpoint import check_state_dict, checkpoint_globals, classifier_keys, unwrap_state_dict
 
 _int_or_pair = Union[int, Tuple[int, int]]
 
@@ -387,22 +387,22 @@ def rename_authors_keys(sd: Mapping[str, Tensor]) -> Dict[str, Tensor]:
     return out
 
 
-def checkpoint_filter_fn(state_dict: Any, model: nn.Module, use_ema: bool = False) -> Dict[str, Tensor]:
-    """Adapt an authors' T2T-ViT file, or one of this project's, to ``model`` (a :class:`T2TViT`).
+def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[str, Tensor]:
+    """Adapt an authors' T2T-ViT state dict, or one of this project's, to ``model`` (a
+    :class:`T2TViT`): the family filter that timm's ``pretrained=True`` door and
+    :func:`bvit.checkpoint.load_checkpoint` call.
 
-    ``state_dict``: what ``torch.load(path, weights_only=True)`` returned; the containers and
-    prefixes of :func:`bvit.models.unwrap_state_dict` are understood (timm's saver ``state_dict`` /
-    ``state_dict_ema``, ``module.``). Their ``tokens_to_token.`` becomes ``patch_embed.``, a Performer
-    layer's ``mlp.0.`` / ``mlp.2.`` become ``mlp.fc1.`` / ``mlp.fc2.``, and a position table of
-    another grid (the checkpoint's taken as square, as the authors' are) is resampled bicubically
-    to the model's (timm's ``resample_abs_pos_embed``, class row kept), as the authors' loader does
-    for their 384 px model. The classifier is left as saved. ValueError for a table that is not
-    1 + a square grid or weights of another input channel count.
+    ``state_dict``: a state dict or a checkpoint holding one (raw weights;
+    :func:`bvit.checkpoint.unwrap_state_dict`). Their ``tokens_to_token.`` becomes ``patch_embed.``,
+    a Performer layer's ``mlp.0.`` / ``mlp.2.`` become ``mlp.fc1.`` / ``mlp.fc2.``, and a position
+    table of another grid (the checkpoint's taken as square, as the authors' are) is resampled
+    bicubically to the model's (timm's ``resample_abs_pos_embed``, class row kept), as the authors'
+    loader does for their 384 px model. The classifier is left as saved; every other key must fit
+    (ValueError naming the key, or the channel count to build the model with).
     """
-    out = rename_authors_keys(unwrap_state_dict(state_dict, use_ema))
+    out = rename_authors_keys(unwrap_state_dict(state_dict))
     pe = out.get('pos_embed')
-    target = getattr(model, 'pos_embed', None)
-    if pe is not None and target is not None and tuple(pe.shape) != tuple(target.shape):
+    if pe is not None and tuple(pe.shape) != tuple(model.pos_embed.shape):
         side = math.isqrt(pe.shape[1] - 1)
         if side * side != pe.shape[1] - 1:
             raise ValueError(f'pos_embed has {pe.shape[1]} rows: not 1 + a square grid of tokens')
@@ -410,23 +410,11 @@ def checkpoint_filter_fn(state_dict: Any, model: nn.Module, use_ema: bool = Fals
             pe.float(), list(model.patch_embed.grid_size), [side, side], num_prefix_tokens=1).to(pe.dtype)
     first = next((k for k in ('patch_embed.attention1.kqv.weight', 'patch_embed.attention1.attn.qkv.weight')
                   if k in out), None)
-    in_chans = getattr(model, 'in_chans', 3)
-    if first is not None and out[first].shape[1] != in_chans * 49:
+    if first is not None and out[first].shape[1] != model.in_chans * 49:
         raise ValueError(f'{first} takes {out[first].shape[1]} inputs ({out[first].shape[1] // 49} channels x 7x7), '
-                         f'the model {in_chans * 49}: build it with in_chans={out[first].shape[1] // 49}')
+                         f'the model {model.in_chans * 49}: build it with in_chans={out[first].shape[1] // 49}')
+    check_state_dict(model, out, ignore=classifier_keys(model) + ['head.weight', 'head.bias'])
     return out
-
-
-def model_args(model: T2TViT) -> Dict[str, Any]:
-    """The ``timm.create_model`` arguments that rebuild ``model`` besides its name (for
-    config.json): size, classes, pooling and, when set, qk_scale and dynamic_img_size."""
-    args: Dict[str, Any] = dict(img_size=list(model.img_size), in_chans=model.in_chans,
-                                num_classes=model.num_classes, global_pool=model.global_pool)
-    if model.qk_scale is not None:
-        args['qk_scale'] = model.qk_scale
-    if model.dynamic_img_size:
-        args['dynamic_img_size'] = True
-    return args
 
 
 # Registration -----------------------------------------------------------------------------------
@@ -539,6 +527,6 @@ def t2t_vit_t_24(pretrained: bool = False, **kwargs: Any) -> T2TViT:
 
 __all__ = [
     'T2TViT', 'TokensToToken', 'TokenPerformer', 'TokenTransformer', 'TokenAttention', 'sinusoid_pos_table',
-    'performer_features', 'performer_attention', 'soft_split_size', 't2t_grid', 'checkpoint_filter_fn', 'rename_authors_keys', 'model_args',
+    'performer_features', 'performer_attention', 'soft_split_size', 't2t_grid', 'checkpoint_filter_fn', 'rename_authors_keys',
     'arch_of_state_dict', 'T2T_MODEL_ARGS', 'SOFT_SPLITS',
 ] + list(T2T_MODEL_ARGS)

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import models as bvit_models  # (registers bvit_5m / bvit_22m)
-from .rebuild import build_from_checkpoint
+from .builder import build_from_checkpoint
+from .checkpoint import read_checkpoint
 
 ImageLike = Union[np.ndarray, Tensor]
 
@@ -54,21 +54,23 @@ def load_model(path: str, arch: Optional[str] = None, input_size: Optional[int] 
                num_classes: Optional[int] = None, use_ema: bool = False) -> Tuple[nn.Module, Dict[str, Any]]:
     """Build the model a checkpoint was trained as and load its weights; eval mode, CPU.
 
-    The architecture comes from the checkpoint (see :mod:`bvit.rebuild`), the arguments given
-    here override it, and the weights are adapted by :func:`bvit.models.checkpoint_filter_fn`
-    (so ``input_size`` may differ from the checkpoint's: the position table is resampled).
-    Returns (model, args stored in the checkpoint or {}). Raises VisualizeError with a one-line
-    message for a missing or unreadable file or weights that do not fit.
+    The architecture comes from the checkpoint's record (:func:`bvit.builder.build_from_checkpoint`),
+    the arguments given here override it, and the weights are loaded by
+    :func:`bvit.checkpoint.load_checkpoint` (so ``input_size`` may differ from the checkpoint's: the
+    position table is resampled). Returns (model, the ``args`` stored in the checkpoint or {}).
+    Raises VisualizeError with a one-line message for a missing or unreadable file or weights
+    that do not fit.
     """
     overrides = dict(arch=arch, input_size=input_size, patch_size=patch_size, stem=stem, num_classes=num_classes)
     try:
-        obj = bvit_models.read_checkpoint(path)
-    except (FileNotFoundError, ValueError) as e:
+        obj = read_checkpoint(path)
+        model, _ = build_from_checkpoint(obj, use_ema, overrides)
+    except FileNotFoundError as e:
         raise VisualizeError(str(e)) from None
-    try:
-        return build_from_checkpoint(obj, overrides, use_ema)
     except ValueError as e:
-        raise VisualizeError(f'{path}: {e}') from None
+        raise VisualizeError(str(e) if str(e).startswith(str(path)) else f'{path}: {e}') from None
+    saved = obj.get('args') if isinstance(obj, Mapping) else None
+    return model, dict(saved) if isinstance(saved, Mapping) else {}
 
 
 def data_config(model: nn.Module, args: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:

@@ -16,6 +16,7 @@ import torch
 from timm.scheduler import CosineLRScheduler
 
 import bvit.models as M
+import bvit.checkpoint as C
 import train_hp
 import utils
 
@@ -89,12 +90,12 @@ def _weights_equal(model, ref) -> bool:
 def test_release_files_load_in_python(tmp_path, kind):
     model, ema = _pair()
     path = release_file(kind, tmp_path / f'{kind}.pth', model, ema)
-    obj = M.read_checkpoint(path)
+    obj = C.read_checkpoint(path)
     assert isinstance(obj['args'], argparse.Namespace) and obj['args'].lr == 5e-4
     fresh = lambda: train_hp.build_model(train_hp.parse_args(TINY), 10)  # noqa: E731
     for use_ema, want in ((False, model), (True, ema)):
         target = fresh()
-        M.load_checkpoint(target, path, use_ema=use_ema)
+        C.load_checkpoint(target, path, use_ema=use_ema)
         assert _weights_equal(target, want)
     # timm's pretrained path (its load_state_dict prefers the EMA weights when a file has them)
     pre = timm.create_model('bvit_5m', pretrained=True, pretrained_cfg_overlay=dict(file=str(path), num_classes=10),
@@ -112,7 +113,7 @@ def test_release_files_in_train_hp_eval_resume_and_finetune(tmp_path, kind):
     want = train_hp.main(train_hp.parse_args(TINY + ['--eval', '--resume', str(bare)]))
     assert stats['images'] == 12 and stats['loss'] == want['loss'] and stats['acc1'] == want['acc1']
     target = train_hp.build_model(train_hp.parse_args(TINY), 10)
-    assert utils.load_finetune_weights(target, path) == []
+    assert C.load_checkpoint(target, path, new_head=True) == []
     assert _weights_equal(target, model)
 
 
@@ -133,7 +134,7 @@ def test_any_other_pickled_object_is_refused_without_unpickling(tmp_path, capsys
     torch.save({'model': model.state_dict(), 'args': argparse.Namespace(lr=1e-3), 'extra': Payload()}, bad)
     CALLS.clear()
     with pytest.raises(ValueError) as info:
-        M.read_checkpoint(bad)
+        C.read_checkpoint(bad)
     msg = str(info.value)
     assert '\n' not in msg and 'refusing to load it' in msg
     assert f'({__name__}.record_call)' in msg  # named, the allowed Namespace not

@@ -13,6 +13,7 @@ import timm
 import torch
 
 import bvit.models as M
+import bvit.checkpoint as C
 from bvit import export as E
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,7 +27,8 @@ def _train_args(*flags):
     """The ``args`` dict train_hp.py stores in its checkpoints, for these flags."""
     import train_hp
     from utils import args_to_dict
-    args = train_hp.parse_args(['--data-set', 'DIGITS', '--input-size', '32', '--patch-size', '4', *flags])
+    args = train_hp.parse_args(['--data-set', 'DIGITS', '--input-size', '32', '--patch-size', '4',
+                                '--model-kwargs', 'depth=2', *flags])
     args.nb_classes = 10
     return args_to_dict(args)
 
@@ -70,9 +72,12 @@ def test_training_checkpoint_round_trips_through_timm_and_onnx(tmp_path, flags, 
     cfg = json.loads((out / 'config.json').read_text())
     assert cfg['architecture'] == 'bvit_5m' and cfg['num_classes'] == 10
     margs = cfg['model_args']
-    assert margs['img_size'] == [32, 32] and margs['depth'] == 2 and margs['num_classes'] == 10
-    assert (margs['embed_dim'], margs['num_heads'], margs['head_dim'], margs['mlp_ratio']) == (192, 3, 64, 4.0)
-    assert (margs['qkv_bias'], margs['norm_eps'], margs['in_chans'], margs['global_pool']) == (False, 1e-5, 3, 'token')
+    # the record's constructor arguments (bvit.builder.model_kwargs; timm's save_for_hf adds its own
+    # img_size, in_chans and global_pool), the rest the architecture's defaults
+    want = {'num_classes': 10, 'img_size': [32, 32], 'patch_size': kwargs.get('patch_size', 4), 'depth': 2,
+            'stem': kwargs.get('stem', 'conv'), 'broad': kwargs.get('broad', True),
+            'broad_scale': kwargs.get('broad_scale', 0.4), 'in_chans': 3, 'global_pool': 'token'}
+    assert margs == want
     for key, value in kwargs.items():
         assert margs[key] == value, key
     if kwargs:
@@ -115,7 +120,7 @@ def test_released_file_becomes_bvit_5m_by_its_width(tmp_path):
     diffs = E.export(str(path), str(tmp_path / 'out'), log=lambda *a: None)
     assert diffs['timm local-dir reload'] == 0 and diffs['onnxruntime'] <= 1e-4
     ref = timm.create_model('bvit_5m', depth=2).eval()
-    M.load_checkpoint(ref, path)
+    C.load_checkpoint(ref, path)
     reloaded = timm.create_model(f'local-dir:{tmp_path / "out"}', pretrained=True).eval()
     assert reloaded.img_size == (224, 224) and reloaded.num_classes == 1000 and reloaded.stem_type == 'conv'
     x = torch.randn(1, 3, 224, 224)
@@ -205,10 +210,15 @@ def test_local_dir_export_loads_at_another_size_and_class_count(tmp_path):
 
 
 def test_dynamic_size_model_round_trips(tmp_path):
-    """A model built with dynamic_img_size keeps it through config.json (bvit_model_args)."""
-    from timm.models import save_for_hf
+    """A model trained with --model-kwargs dynamic_img_size=True keeps it through config.json: its
+    model_args are the record's constructor arguments."""
     src = _tiny(dynamic_img_size=True)
-    save_for_hf(src, tmp_path / 'out', model_args=E.bvit_model_args(src), safe_serialization=True)
+    ckpt = tmp_path / 'c.pth'
+    torch.save({'model': src.state_dict(), 'args': _train_args('--model-kwargs', 'depth=2', 'dynamic_img_size=True')},
+               ckpt)
+    E.export(str(ckpt), str(tmp_path / 'out'), log=lambda *a: None)
+    config = json.loads((tmp_path / 'out' / 'config.json').read_text())
+    assert config['model_args']['dynamic_img_size'] is True and config['model_args']['depth'] == 2
     reloaded = timm.create_model(f'local-dir:{tmp_path / "out"}', pretrained=True).eval()
     assert reloaded.dynamic_img_size
     x = torch.randn(2, 3, 48, 40)

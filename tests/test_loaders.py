@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 
 import bvit.models as M
+import bvit.checkpoint as C
 import train_hp
+import resume
 import utils
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +33,7 @@ def _train_style_checkpoint(path: Path, argv, num_classes: int = 10, seed: int =
     args.nb_classes = num_classes
     torch.manual_seed(seed)
     model = train_hp.build_model(args, num_classes).eval()
-    torch.save({'format': utils.CHECKPOINT_FORMAT, 'model': model.state_dict(), 'epoch': 0,
+    torch.save({'format': resume.CHECKPOINT_FORMAT, 'model': model.state_dict(), 'epoch': 0,
                 'args': utils.args_to_dict(args)}, path)
     return model
 
@@ -44,7 +46,7 @@ def test_eval_resume_at_the_same_size_gives_the_source_logits_exactly(tmp_path):
     src = _train_style_checkpoint(tmp_path / 'c.pth', TINY)
     args = train_hp.parse_args(TINY + ['--eval', '--resume', str(tmp_path / 'c.pth')])
     model = train_hp.build_model(args, 10).eval()
-    utils.load_model_weights(model, utils.read_checkpoint(args.resume), args.resume)
+    C.load_checkpoint(model, args.resume)
     for key, value in src.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
     x = torch.randn(3, 3, 16, 16)
@@ -57,10 +59,10 @@ def test_eval_resume_of_a_training_checkpoint_at_a_larger_size(tmp_path):
     timm's resample_abs_pos_embed of the used rows, everything else as saved."""
     src = _train_style_checkpoint(tmp_path / 'c.pth', TINY)
     args = train_hp.parse_args(TINY + ['--eval', '--resume', str(tmp_path / 'c.pth'), '--input-size', '32'])
-    utils.check_saved_args(utils.read_checkpoint(args.resume), args, args.resume)  # not refused
+    resume.adopt_record(C.read_checkpoint(args.resume), args, args.resume, args.given)  # honoured, not refused
     model = train_hp.build_model(args, 10)
     assert model.img_size == (32, 32) and model.grid_size == (4, 4)
-    utils.load_model_weights(model, utils.read_checkpoint(args.resume), args.resume)
+    C.load_checkpoint(model, args.resume)
     old = src.pos_embed.detach()
     want = resample_abs_pos_embed(old[:, :5], [4, 4], [2, 2], num_prefix_tokens=1)
     assert torch.equal(model.pos_embed.detach(), _padded(want, model.pos_embed.shape[1]))
@@ -81,7 +83,7 @@ def test_eval_resume_of_a_released_224_file_at_288(tmp_path):
     stats = train_hp.main(train_hp.parse_args(argv))
 
     ref = timm.create_model('bvit_5m', num_classes=10, img_size=288).eval()
-    want = M.convert_official_state_dict(torch.load(path, weights_only=True))
+    want = M.convert_official_state_dict(C.unwrap_state_dict(torch.load(path, weights_only=True)))
     pe = want['pos_embed']
     assert pe.shape[1] == 197 and ref.pos_embed.shape[1] == 325  # rows sized for 224/16 and 288/16 without the stem
     want['pos_embed'] = _padded(resample_abs_pos_embed(pe.float()[:, :50], [9, 9], [7, 7], num_prefix_tokens=1)
@@ -114,7 +116,7 @@ def test_finetune_bvit_other_size_and_class_count(tmp_path):
     torch.manual_seed(1)
     model = train_hp.build_model(args, 3)
     fresh_head = {k: v.clone() for k, v in model.head.state_dict().items()}
-    assert utils.load_finetune_weights(model, str(tmp_path / 'c.pth')) == ['head.weight', 'head.bias']
+    assert C.load_checkpoint(model, str(tmp_path / 'c.pth'), new_head=True) == ['head.weight', 'head.bias']
     want = resample_abs_pos_embed(src.pos_embed.detach()[:, :5], [4, 4], [2, 2], num_prefix_tokens=1)
     assert torch.equal(model.pos_embed.detach(), _padded(want, model.pos_embed.shape[1]))
     for key, value in fresh_head.items():
@@ -124,26 +126,23 @@ def test_finetune_bvit_other_size_and_class_count(tmp_path):
             assert torch.equal(model.state_dict()[key], value), key
     # the same class count keeps the saved head
     same = train_hp.build_model(train_hp.parse_args(TINY), 10)
-    assert utils.load_finetune_weights(same, str(tmp_path / 'c.pth')) == []
+    assert C.load_checkpoint(same, str(tmp_path / 'c.pth'), new_head=True) == []
     assert torch.equal(same.head.weight, src.head.weight)
 
 
 def test_finetune_of_a_timm_vit_resamples_with_timm(tmp_path):
-    """Non-BViT timm models keep their --finetune: timm's resample_abs_pos_embed (square grid)."""
+    """Non-BViT timm models load through timm's own family filter (vision_transformer's
+    checkpoint_filter_fn: resample_abs_pos_embed of a square grid)."""
     torch.manual_seed(0)
     big = timm.create_model('vit_tiny_patch16_224', num_classes=10, img_size=64)  # 4x4 grid
     torch.save({'model': big.state_dict()}, tmp_path / 'vit.pth')
     small = timm.create_model('vit_tiny_patch16_224', num_classes=5, img_size=32)  # 2x2 grid
-    assert utils.load_finetune_weights(small, str(tmp_path / 'vit.pth')) == ['head.weight', 'head.bias']
+    assert C.load_checkpoint(small, str(tmp_path / 'vit.pth'), new_head=True) == ['head.weight', 'head.bias']
     want = resample_abs_pos_embed(big.pos_embed.detach(), [2, 2], num_prefix_tokens=1)
     assert torch.equal(small.pos_embed.detach(), want)
     assert torch.equal(small.blocks[0].attn.qkv.weight, big.blocks[0].attn.qkv.weight)
-    same = {k: v.clone() for k, v in small.state_dict().items()}
-    utils.interpolate_pos_embed(small, same)  # a no-op at the same shape
-    assert torch.equal(same['pos_embed'], small.pos_embed.detach())
-    bvit_sd = {'pos_embed': torch.zeros(1, 3, 192)}
-    utils.interpolate_pos_embed(timm.create_model('bvit_5m', img_size=32, patch_size=4, depth=1), bvit_sd)
-    assert bvit_sd['pos_embed'].shape == (1, 3, 192)  # BViT tables are checkpoint_filter_fn's business
+    from timm.models import vision_transformer
+    assert C.family_filter(small) is vision_transformer.checkpoint_filter_fn  # timm's own filter did it
 
 
 def test_no_copy_of_the_adaptation_is_left():

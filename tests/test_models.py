@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import timm
 
 import bvit.models as M
+import bvit.checkpoint as C
 from bvit.layers import broad_attention
 from bvit.flops import count_flops, count_params
 
@@ -117,7 +118,7 @@ def test_22m_released_layout_matches_reference():
         torch.nn.init.normal_(p, std=0.05)
     released = to_released(src)
     model = timm.create_model('bvit_22m').eval()
-    model.load_state_dict(M.convert_official_state_dict({'state_dict': {'model.' + k: v for k, v in released.items()}}))
+    model.load_state_dict(M.convert_official_state_dict(C.unwrap_state_dict({'state_dict': {'model.' + k: v for k, v in released.items()}})))
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         ref = released_forward(released, x, heads=6)
@@ -136,7 +137,7 @@ def test_checkpoint_containers_and_prefixes(golden, wrap, tmp_path):
     model = timm.create_model('bvit_5m').eval()
     path = tmp_path / 'w.pth'
     torch.save(wrap(golden['state_dict']), path)
-    M.load_checkpoint(model, path)
+    C.load_checkpoint(model, path)
     with torch.no_grad():
         assert (model(golden['input']) - golden['logits']).abs().max() < 1e-4
 
@@ -147,33 +148,33 @@ def test_model_ema_is_used_when_asked(tmp_path):
     path = tmp_path / 'ck.pth'
     torch.save({'model': model.state_dict(), 'model_ema': other.state_dict()}, path)
     target = tiny()
-    M.load_checkpoint(target, path, use_ema=True)
+    C.load_checkpoint(target, path, use_ema=True)
     assert torch.equal(target.head.weight, other.head.weight)
-    M.load_checkpoint(target, path)
+    C.load_checkpoint(target, path)
     assert torch.equal(target.head.weight, model.head.weight)
     torch.save({'model': model.state_dict()}, path)
     with pytest.raises(ValueError, match='model_ema'):
-        M.load_checkpoint(target, path, use_ema=True)
+        C.load_checkpoint(target, path, use_ema=True)
 
 
 def test_wrong_model_names_key_and_shapes(golden):
     model = timm.create_model('bvit_22m')
     with pytest.raises(ValueError, match=r"'cls_token' has shape \(1, 1, 192\) in the checkpoint but \(1, 1, 384\)"):
-        M.check_state_dict(model, M.convert_official_state_dict(golden['state_dict']))
+        C.check_state_dict(model, M.convert_official_state_dict(golden['state_dict']))
     sd = M.convert_official_state_dict(golden['state_dict'])
     sd.pop('blocks.3.attn.qkv.weight')
     with pytest.raises(ValueError, match="'blocks.3.attn.qkv.weight'.*missing"):
-        M.check_state_dict(timm.create_model('bvit_5m'), sd)
+        C.check_state_dict(timm.create_model('bvit_5m'), sd)
     sd = M.convert_official_state_dict(golden['state_dict'])
     sd['extra.weight'] = torch.zeros(1)
     with pytest.raises(ValueError, match="unexpected key 'extra.weight'"):
-        M.check_state_dict(timm.create_model('bvit_5m'), sd)
+        C.check_state_dict(timm.create_model('bvit_5m'), sd)
 
 
 def test_bad_checkpoint_files(tmp_path, golden):
     model = tiny()
     with pytest.raises(FileNotFoundError, match='not found'):
-        M.load_checkpoint(model, tmp_path / 'missing.pth')
+        C.load_checkpoint(model, tmp_path / 'missing.pth')
     good = tmp_path / 'good.pth'
     torch.save({'model': model.state_dict()}, good)
     truncated = tmp_path / 'truncated.pth'
@@ -182,10 +183,10 @@ def test_bad_checkpoint_files(tmp_path, golden):
     text.write_text('not a checkpoint\n')
     for bad in (truncated, text):
         with pytest.raises(ValueError, match='not a readable PyTorch checkpoint'):
-            M.load_checkpoint(model, bad)
+            C.load_checkpoint(model, bad)
     torch.save({'epoch': 3}, tmp_path / 'nostate.pth')
     with pytest.raises(ValueError, match='no model state dict'):
-        M.load_checkpoint(model, tmp_path / 'nostate.pth')
+        C.load_checkpoint(model, tmp_path / 'nostate.pth')
 
 
 def test_arbitrary_pickles_are_refused(tmp_path):
@@ -195,7 +196,7 @@ def test_arbitrary_pickles_are_refused(tmp_path):
     path = tmp_path / 'evil.pth'
     torch.save({'model': Evil()}, path)
     with pytest.raises(ValueError, match='not a readable'):
-        M.read_checkpoint(path)
+        C.read_checkpoint(path)
 
 
 # --- broad attention ------------------------------------------------------------------------------

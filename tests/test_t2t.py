@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 
 import bvit.models as M
+import bvit.t2t as T
+import bvit.checkpoint as C
 from bvit import t2t as T
 from bvit.broad import add_broad_attention
 
@@ -198,15 +200,15 @@ def test_authors_file_loads_with_its_logits_everywhere(tmp_path):
     want, want_ema = _logits(src, x), _logits(ema, x)
     fresh = lambda **kw: timm.create_model('t2t_vit_7', **SMALL, **kw)  # noqa: E731
     m = fresh()
-    M.load_checkpoint(m, path)
+    C.load_checkpoint(m, path)
     assert torch.equal(_logits(m, x), want)
-    M.load_checkpoint(m, path, use_ema=True)
+    C.load_checkpoint(m, path, use_ema=True)
     assert torch.equal(_logits(m, x), want_ema)
     pre = fresh(pretrained=True, pretrained_cfg_overlay=dict(file=str(path), num_classes=10))
     assert torch.equal(_logits(pre, x), want_ema)  # timm's loader takes state_dict_ema, as the authors' eval does
     import utils
     tuned = timm.create_model('t2t_vit_7', img_size=32, num_classes=3)
-    assert utils.load_finetune_weights(tuned, str(path)) == ['head.weight', 'head.bias']
+    assert C.load_checkpoint(tuned, str(path), new_head=True) == ['head.weight', 'head.bias']
     assert torch.equal(tuned.patch_embed.attention1.w, src.patch_embed.attention1.w)
     assert torch.equal(tuned.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
 
@@ -220,13 +222,13 @@ def test_position_table_resampled_for_another_size(tmp_path):
     obj = {'state_dict': authors_layout(sd)}
     for size, grid in ((384, 24), (32, 2)):
         model = timm.create_model('t2t_vit_7', img_size=size, device='meta')
-        out = M.checkpoint_filter_fn(obj, model)
+        out = T.checkpoint_filter_fn(obj, model)
         want = resample_abs_pos_embed(sd['pos_embed'], [grid, grid], [14, 14], num_prefix_tokens=1)
         assert out['pos_embed'].shape == (1, grid * grid + 1, 256) and torch.equal(out['pos_embed'], want)
         assert torch.equal(out['patch_embed.attention1.mlp.fc1.weight'], sd['patch_embed.attention1.mlp.fc1.weight'])
-        M.check_state_dict(model, out)
+        C.check_state_dict(model, out)
     with pytest.raises(ValueError, match='in_chans=3'):
-        M.checkpoint_filter_fn(obj, timm.create_model('t2t_vit_7', in_chans=1, device='meta'))
+        T.checkpoint_filter_fn(obj, timm.create_model('t2t_vit_7', in_chans=1, device='meta'))
 
 
 # --- broad attention ----------------------------------------------------------------------------
@@ -248,7 +250,7 @@ def test_broad_attention_at_scale_0_is_the_original_model(name, tmp_path):
     plain.load_state_dict(model.state_dict())  # converted weights load into the plain model as they are
     assert torch.equal(_logits(plain, x), ref)
     fresh = add_broad_attention(timm.create_model(name, **SMALL), scale=0.)  # and an authors' file into a converted one
-    M.load_checkpoint(fresh, authors_file(tmp_path / 'authors.pth.tar', plain))
+    C.load_checkpoint(fresh, authors_file(tmp_path / 'authors.pth.tar', plain))
     assert torch.equal(_logits(fresh, x), ref)
 
 

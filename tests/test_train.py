@@ -520,7 +520,7 @@ def test_eval_of_a_released_layout_checkpoint_through_resume(tmp_path):
 
     # the same, computed here: the released forward on the same images
     model = timm.create_model('bvit_5m', num_classes=10).eval()
-    model.load_state_dict(bvit.models.convert_official_state_dict(torch.load(path, weights_only=True)))
+    model.load_state_dict(bvit.models.convert_official_state_dict(bvit.checkpoint.unwrap_state_dict(torch.load(path, weights_only=True))))
     val, _ = build_dataset(False, train_hp.parse_args(argv))
     images = torch.stack([val[i][0] for i in range(len(val))])
     targets = torch.tensor([val[i][1] for i in range(len(val))])

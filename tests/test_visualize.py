@@ -20,7 +20,8 @@ def _train_args(*flags):
     """The ``args`` dict train_hp.py stores in its checkpoints, for these command-line flags."""
     import train_hp
     from utils import args_to_dict
-    args = train_hp.parse_args(['--data-set', 'DIGITS', '--input-size', '32', '--patch-size', '4', *flags])
+    args = train_hp.parse_args(['--data-set', 'DIGITS', '--input-size', '32', '--patch-size', '4',
+                                '--model-kwargs', 'depth=2', *flags])
     args.nb_classes = 10
     return args_to_dict(args)
 
