@@ -408,8 +408,8 @@ def _check_model_flags(args: argparse.Namespace) -> None:
     """One line for an unknown --arch, a BViT-only flag on another model, or a bad --model-kwargs."""
     try:
         arch = canonical_arch(args.arch)
-    except ValueError as e:
-        raise UsageError(f'--arch: {e}') from None
+    except ValueError as e:  # 'unknown model NAME: ...'
+        raise UsageError(str(e).replace('unknown model', 'unknown --arch', 1)) from None
     if is_bvit(arch):
         if args.broad:
             log('note: --broad has no effect on a BViT model, which has broad attention already')
