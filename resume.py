@@ -85,9 +85,9 @@ def adopt_record(obj: Any, args: Any, path: str, given: Sequence[str]) -> None:
     flags (its weights must then fit them)."""
     try:
         saved = record_of_checkpoint(obj)
-    except ValueError:
+        mine = record_from_args(vars(args))
+    except ValueError:  # no model to read off, or flags that train_hp.py refuses in one line later
         return
-    mine = record_from_args(vars(args))
     for field in RECORD_FLAGS:
         if saved[field] == mine[field]:
             continue

@@ -435,7 +435,8 @@ def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
         return create_model(record_from_args({**vars(args), 'nb_classes': num_classes}), drop_rate=args.drop,
                             drop_path_rate=args.drop_path)
     except ValueError as e:
-        raise UsageError(f'--arch {args.arch}: {e}') from None
+        flag = '--broad' if str(e).startswith('broad attention') else f'--arch {args.arch}'
+        raise UsageError(f'{flag}: {e}') from None
 
 
 def compile_model(model: nn.Module, args: argparse.Namespace) -> nn.Module:

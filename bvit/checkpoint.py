@@ -83,14 +83,15 @@ def unwrap_state_dict(obj: Any, use_ema: bool = False) -> Dict[str, Tensor]:
     """The state dict inside what ``torch.load(path, weights_only=True)`` returned.
 
     Raw weights: a bare state dict or one under ``model`` (DeiT, BViT's release, train_hp.py),
-    ``state_dict`` (timm's CheckpointSaver, Lightning) or ``net`` (T2T-ViT's CIFAR files). With
+    ``state_dict`` (timm's CheckpointSaver, Lightning) or ``net`` (T2T-ViT's CIFAR files), else
+    the EMA weights of a file that holds nothing else. With
     ``use_ema``: ``model_ema`` (DeiT, train_hp.py) or ``state_dict_ema`` (timm's saver); a file
     without EMA weights is refused rather than answered with the raw ones. ``module.`` (DDP),
     ``_orig_mod.`` (torch.compile) and ``model.`` (Lightning) prefixes are stripped. ValueError
     when no state dict is found.
     """
     if isinstance(obj, Mapping):
-        keys = _EMA_KEYS if use_ema else _RAW_KEYS
+        keys = _EMA_KEYS if use_ema else _RAW_KEYS + _EMA_KEYS  # a file of EMA weights alone gives those
         key = next((k for k in keys if isinstance(obj.get(k), Mapping)), None)
         if key is not None:
             obj = obj[key]

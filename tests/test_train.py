@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import train_hp
+import resume
 import utils
 from engine import evaluate, train_one_epoch
 from losses import DistillationLoss, build_base_criterion
@@ -222,12 +223,16 @@ def _bad_cases(tmp: Path, trained: Path) -> Dict[str, Tuple[List[str], str]]:
         'resume text file': (TINY + ['--resume', text], 'not a readable PyTorch checkpoint'),
         'resume pickled object': (TINY + ['--resume', pickled], 'refusing to load it'),
         'eval truncated file': (TINY + ['--eval', '--resume', truncated], 'not a readable PyTorch checkpoint'),
-        'checkpoint of another model': (TINY + ['--eval', '--resume', other], 'does not fit'),
-        'resume of another model': (TINY + ['--resume', other], 'does not fit'),
-        'checkpoint with broad': (TINY + ['--resume', ckpt, '--no-broad'], 'with broad attention, but this run builds '
-                                  'it without; remove --no-broad'),
-        'checkpoint of another scale': (TINY + ['--eval', '--resume', ckpt, '--broad-scale', '0.2'], '--broad-scale'),
-        'checkpoint of another arch': (TINY + ['--eval', '--resume', ckpt, '--arch', 'BViT-22'], '--arch bvit_5m'),
+        # a file without a record: its model read off the weights (bvit_22m), the --arch given honoured
+        'checkpoint of another model': (TINY + ['--arch', 'BViT-5', '--eval', '--resume', other], 'does not fit'),
+        'resume of another model': (TINY + ['--arch', 'BViT-5', '--resume', other],
+                                    'was trained with --arch bvit_22m, but this run has --arch bvit_5m'),
+        'checkpoint with broad': (TINY + ['--resume', ckpt, '--no-broad'], 'was trained with broad attention, but '
+                                  'this run has no broad attention; leave the flag out'),
+        'checkpoint of another scale': (TINY + ['--resume', ckpt, '--broad-scale', '0.2'],
+                                        'was trained with --broad-scale 0.4, but this run has --broad-scale 0.2'),
+        'checkpoint of another arch': (TINY + ['--resume', ckpt, '--arch', 'BViT-22'],
+                                       'was trained with --arch bvit_5m, but this run has --arch bvit_22m'),
         'yaml unknown key': (['--config', bad_yaml], "unknown key 'learning_rate'"),
         'yaml missing': (['--config', tmp / 'nope.yaml'], 'file not found'),
         'yaml bad value': (['--config', _write(tmp / 'v.yaml', 'epochs: many\n')], 'invalid value'),
@@ -291,7 +296,7 @@ def test_checkpoint_is_plain_data_and_written_atomically(tmp_path, trained, monk
     assert len(read_log(trained / 'log.txt')) == 1
 
     target = tmp_path / 'checkpoint.pth'
-    utils.atomic_save({'a': torch.ones(3)}, str(target))
+    resume.atomic_save({'a': torch.ones(3)}, str(target))
     good = target.read_bytes()
     real_save = torch.save
 
@@ -301,7 +306,7 @@ def test_checkpoint_is_plain_data_and_written_atomically(tmp_path, trained, monk
 
     monkeypatch.setattr(torch, 'save', dies_mid_write)
     with pytest.raises(KeyboardInterrupt):
-        utils.atomic_save({'a': torch.zeros(3)}, str(target))
+        resume.atomic_save({'a': torch.zeros(3)}, str(target))
     monkeypatch.setattr(torch, 'save', real_save)
     assert target.read_bytes() == good
     assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoint.pth']
@@ -340,12 +345,12 @@ def test_resume_restores_optimizer_scheduler_scaler_and_ema_exactly(tmp_path):
         scaler(loss, opt)
         ema.update(model)
     path = tmp_path / 'checkpoint.pth'
-    utils.atomic_save(utils.make_checkpoint(model, opt, sched, scaler, ema, 1, 42.5, args), str(path))
+    resume.atomic_save(resume.make_checkpoint(model, opt, sched, scaler, ema, 1, 42.5, args), str(path))
     obj = torch.load(path, weights_only=True)
 
     model2, opt2, sched2, scaler2, ema2 = _training_objects(args, 1)
     assert not _states_equal(model.state_dict(), model2.state_dict())
-    assert utils.restore_training_state(obj, str(path), model2, opt2, sched2, scaler2, ema2) == (2, 42.5)
+    assert resume.restore_training_state(obj, str(path), model2, opt2, sched2, scaler2, ema2) == (2, 42.5)
     assert _states_equal(model.state_dict(), model2.state_dict())
     assert _states_equal(ema.module.state_dict(), ema2.module.state_dict())
     assert _states_equal(opt.state_dict(), opt2.state_dict())
@@ -357,9 +362,9 @@ def test_resume_restores_optimizer_scheduler_scaler_and_ema_exactly(tmp_path):
                           ('lr_scheduler', '--sched'), ('optimizer', '--finetune')):
         fresh = _training_objects(args, 2)
         with pytest.raises(utils.UsageError, match=re.escape(expected)):
-            utils.restore_training_state({**obj, key: None}, str(path), *fresh)
+            resume.restore_training_state({**obj, key: None}, str(path), *fresh)
     with pytest.raises(utils.UsageError, match='--finetune'):
-        utils.restore_training_state(obj['model'], str(path), *_training_objects(args, 2))
+        resume.restore_training_state(obj['model'], str(path), *_training_objects(args, 2))
 
 
 def test_lr_follows_the_schedule_and_resume_reproduces_an_uninterrupted_run(tmp_path, capsys, monkeypatch):
