@@ -10,9 +10,9 @@ import torch
 from timm.utils import NativeScaler, accuracy, dispatch_clip_grad, unwrap_model
 from torch import nn
 
+from preemption import StopSignal, rng_state, set_rng_state
 from utils import (
-    NonFiniteLossError, ProgressPrinter, StopSignal, UsageError, all_reduce_sum, format_seconds, get_world_size,
-    is_dist, log, rng_state, set_rng_state,
+    NonFiniteLossError, ProgressPrinter, UsageError, all_reduce_sum, format_seconds, get_world_size, is_dist, log,
 )
 
 
