@@ -1,4 +1,4 @@
-"""Tests of the training stack (train_hp.py, engine.py, losses.py, utils.py): tiny DIGITS runs on
+"""Tests of the training stack (train_hp.py, engine.py, losses.py, utils.py, preemption.py): tiny DIGITS runs on
 CPU, in-process where possible, and as real processes for the launchers (torchrun with 2
 processes, the legacy torch.distributed.launch, plain python)."""
 from __future__ import annotations
