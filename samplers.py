@@ -31,7 +31,7 @@ class RepeatAugSampler(timm_sampler.RepeatAugSampler):
             raise ValueError(f'num_repeats must be >= 1, got {num_repeats}')
         super().__init__(dataset, num_replicas, rank, shuffle=shuffle, num_repeats=num_repeats, selected_round=0)
         self.seed, self.start = seed, 0
-        self.set_epoch(0)
+        self.epoch = seed  # epoch 0 until set_epoch
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         if not 0 <= start <= self.num_selected_samples:

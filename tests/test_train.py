@@ -440,7 +440,7 @@ def test_sampler_is_reshuffled_every_epoch_in_a_single_process(tmp_path, capsys,
 
     def record(self, epoch, start=0):
         real(self, epoch, start)
-        seen.append((epoch, self.indices()))
+        seen.append((epoch, list(self)))
 
     monkeypatch.setattr(RepeatAugSampler, 'set_epoch', record)
     rc, _, _ = run_cli(TINY + ['--epochs', '2', '--no-repeated-aug', '--no-model-ema'], capsys)
