@@ -3,7 +3,7 @@
 ``--data-set``: IMNET (ImageFolder ``train/`` + ``val/``, 1000 classes), CIFAR10 / CIFAR100 (the
 python-version folders ``cifar-10-batches-py`` / ``cifar-100-python``; ``CIFAR`` is CIFAR100, as
 in DeiT), INAT / INAT19 (iNaturalist 2018 / 2019 json layout), FOLDER (any ImageFolder pair, class
-count from the folders), DIGITS (scikit-learn's bundled 8x8 digits, no download), FASHION_MNIST
+count from the folders), DIGITS (scikit-learn's bundled 8x8 digits, no download: ``bvit.data``), FASHION_MNIST
 (the four IDX files of Fashion-MNIST, gzip or not, read by torchvision's FashionMNIST class) and
 FAKE (torchvision's FakeData: random images, for throughput and smoke runs without a data set).
 """
@@ -13,13 +13,13 @@ import json
 import os
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Subset
 from torchvision import datasets as tv_datasets
 from torchvision import transforms
 
+from bvit.data import DigitsDataset, eval_transform
 from utils import UsageError
 
 DATASETS = ('IMNET', 'CIFAR10', 'CIFAR100', 'CIFAR', 'INAT', 'INAT19', 'FOLDER', 'DIGITS', 'FASHION_MNIST', 'FAKE')
@@ -27,10 +27,6 @@ INAT_CATEGORIES = ('kingdom', 'phylum', 'class', 'order', 'supercategory', 'fami
 
 FOLDER_LAYOUT = ('expected <data-path>/train/<class>/<image> and <data-path>/val/<class>/<image>, '
                  'with the same class folders in both')
-
-# DIGITS: 1797 images of 8x8 pixels (values 0..16), split once with a fixed seed.
-DIGITS_VAL_SIZE = 357  # odd on purpose: --dist-eval must count every image once
-DIGITS_SPLIT_SEED = 0
 
 # FASHION_MNIST: Debian's dataset-fashion-mnist package puts the four gzip IDX files here.
 FASHION_MNIST_DEFAULT_PATH = '/usr/share/datasets/fashion-mnist'
@@ -136,10 +132,8 @@ def _three_augment(args: Any) -> transforms.Compose:
 
 def build_transform(is_train: bool, args: Any) -> Any:
     """Training: timm's ``create_transform`` (random-resized crop, flip, RandAugment, random
-    erasing as set by the flags) or 3-Augment with ``--ThreeAugment``. Evaluation: timm's
-    ``create_transform(is_training=False)``: resize the shorter side to
-    ``floor(input_size / eval_crop_ratio)`` (bicubic; DeiT's ``int(...)`` too), center crop
-    ``input_size``, normalise."""
+    erasing as set by the flags) or 3-Augment with ``--ThreeAugment``. Evaluation:
+    :func:`bvit.data.eval_transform` (``--eval-crop-ratio``)."""
     if is_train:
         if args.ThreeAugment:
             return _three_augment(args)
@@ -151,41 +145,7 @@ def build_transform(is_train: bool, args: Any) -> Any:
             hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=aa,
             interpolation=args.train_interpolation, mean=tuple(args.mean), std=tuple(args.std),
             re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
-    from timm.data import create_transform
-    return create_transform(input_size=args.input_size, is_training=False, interpolation='bicubic',
-                            mean=tuple(args.mean), std=tuple(args.std), crop_pct=args.eval_crop_ratio)
-
-
-# DIGITS -------------------------------------------------------------------------------------------
-
-class DigitsDataset(Dataset):
-    """scikit-learn's 8x8 handwritten digits as 3-channel PIL images (ships with scikit-learn,
-    no download). ``train``: 1440 images, otherwise the 357 held-out ones; the split is
-    stratified and fixed (seed 0), independent of ``--seed``. Images are upsampled to the input
-    size by the transforms."""
-
-    def __init__(self, train: bool, transform: Optional[Any] = None) -> None:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-        digits = load_digits()
-        images = np.clip(np.round(digits.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
-        targets = digits.target.astype(np.int64)
-        train_idx, val_idx = train_test_split(
-            np.arange(len(targets)), test_size=DIGITS_VAL_SIZE, stratify=targets, random_state=DIGITS_SPLIT_SEED)
-        idx = np.sort(train_idx if train else val_idx)
-        self.images = images[idx]
-        self.targets = [int(t) for t in targets[idx]]
-        self.classes = [str(c) for c in range(10)]
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int) -> Tuple[Any, int]:
-        img = Image.fromarray(self.images[index], mode='L').convert('RGB')
-        if self.transform is not None:
-            img = self.transform(img)
-        return img, self.targets[index]
+    return eval_transform(args.input_size, args.mean, args.std, args.eval_crop_ratio)
 
 
 # Fashion-MNIST ------------------------------------------------------------------------------------

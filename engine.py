@@ -10,9 +10,9 @@ import torch
 from timm.utils import NativeScaler, accuracy, dispatch_clip_grad, unwrap_model
 from torch import nn
 
+from preemption import StopSignal, rng_state, set_rng_state
 from utils import (
-    NonFiniteLossError, ProgressPrinter, StopSignal, UsageError, all_reduce_sum, format_seconds, get_world_size,
-    is_dist, log, rng_state, set_rng_state,
+    NonFiniteLossError, ProgressPrinter, UsageError, all_reduce_sum, format_seconds, get_world_size, is_dist, log,
 )
 
 
@@ -225,21 +225,10 @@ def evaluate(
     }
 
 
-def eval_line(stats: Dict[str, Any], ema: bool = False) -> str:
-    """DeiT's line (``* Acc@1 81.800 Acc@5 95.594 loss 0.808``), then this script's fields."""
-    line = (f'*{" EMA" if ema else ""} Acc@1 {stats["acc1"]:.3f} Acc@5 {stats["acc5"]:.3f} loss {stats["loss"]:.3f}'
-            f'  ({stats["images"]} images')
-    return line + (f', {stats["skipped"]} unreadable skipped)' if stats.get('skipped') else ')')
-
-
-def accuracy_line(stats: Dict[str, Any]) -> str:
-    """DeiT's per-epoch line."""
-    return f'Accuracy of the network on the {stats["images"]} test images: {stats["acc1"]:.1f}%'
-
-
 class Evaluator:
-    """:func:`evaluate` on one validation loader, printing DeiT's lines (:func:`eval_line`, and
-    :func:`accuracy_line` for the model itself, not its EMA). A model on another device than
+    """:func:`evaluate` on one validation loader, printing DeiT's lines (``* Acc@1 81.800 Acc@5
+    95.594 loss 0.808``, then this script's image counts; ``Accuracy of the network on the N test
+    images: ..%`` for the model itself, not its EMA). A model on another device than
     ``device`` (an EMA kept on the CPU) is evaluated there, in float32. ``bad_images``: this
     process's one count of unreadable files (``--max-bad-images``), shared with the training."""
 
@@ -255,11 +244,12 @@ class Evaluator:
         autocast = self.autocast if device == self.device else autocast_context(device, None)
         stats = evaluate(self.loader, model, device, autocast, reduce=self.reduce, print_freq=self.print_freq,
                          header='Test (EMA)' if ema else 'Test', bad_images=self.bad_images)
-        log(eval_line(stats, ema), all_ranks=self.log_all_ranks)
+        skipped = f', {stats["skipped"]} unreadable skipped' if stats['skipped'] else ''
+        log(f'*{" EMA" if ema else ""} Acc@1 {stats["acc1"]:.3f} Acc@5 {stats["acc5"]:.3f} loss {stats["loss"]:.3f}'
+            f'  ({stats["images"]} images{skipped})', all_ranks=self.log_all_ranks)
         if not ema:
-            log(accuracy_line(stats))
+            log(f'Accuracy of the network on the {stats["images"]} test images: {stats["acc1"]:.1f}%')
         return stats
 
 
-__all__ = ['autocast_context', 'train_one_epoch', 'evaluate', 'Evaluator', 'eval_line', 'accuracy_line',
-           'UnreadableImages', 'unpack_batch']
+__all__ = ['autocast_context', 'train_one_epoch', 'evaluate', 'Evaluator', 'UnreadableImages', 'unpack_batch']

@@ -26,7 +26,10 @@ class DistillationLoss(nn.Module):
     ``distillation_type`` 'soft': KL divergence between temperature-``tau`` softmaxes of student
     and teacher, times tau², normalised by the number of logits (so ``--distillation-alpha``
     weighs the same as in DeiT); 'hard': cross entropy against the teacher's argmax; 'none':
-    the base loss alone. The teacher sees the same (mixed) images without gradients.
+    the base loss alone. The teacher sees the same (mixed) images without gradients. Not timm's
+    ``timm.task.LogitDistillationTask``: it has no 'hard' distillation, averages the soft term
+    per image (``batchmean``, a factor of the class count above DeiT's), renormalises the
+    teacher's input, and owns the model's forward and DDP wrapping.
     """
 
     def __init__(self, base_criterion: nn.Module, teacher: Optional[nn.Module], distillation_type: str = 'none',

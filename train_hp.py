@@ -37,7 +37,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
-from timm.utils import NativeScaler
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.utils import NativeScaler, random_seed
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -47,21 +48,18 @@ from datasets import DATASETS, INAT_CATEGORIES, build_datasets, canonical_data_s
 from engine import Evaluator, autocast_context, train_one_epoch
 from losses import DistillationLoss, build_base_criterion
 from samplers import RepeatAugSampler, ShardSampler
+from preemption import STOP_EXIT_STATUS, RunStopped, StopSignal, epoch_seed, gather_objects, ignore_stop_signals
 from resume import (
     adopt_record, check_resume_schedule, make_checkpoint, read_resume, restore_training_state, resume_position,
     save_checkpoint,
 )
 from utils import (
-    STOP_EXIT_STATUS, NonFiniteLossError, RunStopped, StopSignal, UsageError, all_reduce_sum,
-    append_log_line, barrier, cleanup_distributed, environment_info,
-    epoch_seed, exit_without_teardown, format_seconds, gather_objects, get_rank, ignore_stop_signals,
-    init_distributed, is_dist, is_main_process, log,
-    resolve_device, seed_everything, setup_determinism, setup_tf32, write_line,
+    NonFiniteLossError, UsageError, all_reduce_sum, append_log_line, barrier, cleanup_distributed, environment_info,
+    exit_without_teardown, format_seconds, get_rank, init_distributed, is_dist, is_main_process, log,
+    resolve_device, write_line,
 )
 
 SCHEDULES = ('cosine', 'tanh', 'step', 'multistep', 'poly', 'constant', 'wsd', 'rsqrt', 'none')
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # Arguments ----------------------------------------------------------------------------------------
@@ -173,8 +171,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='aspect-ratio range of the random-resized crop')
     g.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability')
     g.add_argument('--vflip', type=float, default=0.0, help='vertical flip probability')
-    g.add_argument('--mean', type=float, nargs=3, default=IMAGENET_MEAN, metavar='M', help='normalisation mean')
-    g.add_argument('--std', type=float, nargs=3, default=IMAGENET_STD, metavar='S', help='normalisation std')
+    g.add_argument('--mean', type=float, nargs=3, default=IMAGENET_DEFAULT_MEAN, metavar='M', help='normalisation mean')
+    g.add_argument('--std', type=float, nargs=3, default=IMAGENET_DEFAULT_STD, metavar='S', help='normalisation std')
 
     g = p.add_argument_group('random erasing')
     g.add_argument('--reprob', type=float, default=0.25, metavar='PCT', help='random erase probability')
@@ -473,6 +471,23 @@ def set_attn_only(model: nn.Module) -> None:
 
 # Training parts -----------------------------------------------------------------------------------
 
+def setup_determinism(deterministic: bool) -> None:
+    """``--deterministic``: cuDNN benchmark off, deterministic kernels (warning only where an op
+    has none). Otherwise cuDNN benchmark on, as in DeiT."""
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = bool(deterministic)
+    if deterministic:
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def setup_tf32(enabled: bool) -> None:
+    """CUDA runs: float32 matmuls and cuDNN convolutions in TF32 (10-bit mantissa inputs, float32
+    accumulation), as timm's ``train.py`` sets them; ``--no-tf32`` keeps them in full float32."""
+    torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
+    torch.backends.cudnn.allow_tf32 = bool(enabled)
+
+
 def precision(args: argparse.Namespace, device: torch.device) -> Tuple[Optional[torch.dtype], str]:
     """(autocast dtype or None, its description). ``--amp`` is the default on CUDA; on the CPU it
     applies only when given (CPU autocast, a gradient scaler with fp16)."""
@@ -596,7 +611,7 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         setup_tf32(args.tf32)
     # the same seed on every rank: identical initial weights, so the EMA copy taken before DDP
     # broadcasts rank 0's weights is identical too (with seed + rank, as in DeiT, it is not)
-    seed_everything(args.seed)
+    random_seed(args.seed)
     amp_dtype, args.precision = precision(args, device)
     log(environment_info(args))
 
@@ -698,7 +713,7 @@ def train_epochs(args: argparse.Namespace, device: torch.device, t: Training, st
     bad_images = t.evaluator.bad_images  # one count of unreadable files per process, train and val
     for epoch in range(start_epoch, args.epochs):
         epoch_start = time.time()
-        seed_everything(epoch_seed(args.seed, epoch, args.rank))
+        random_seed(epoch_seed(args.seed, epoch, args.rank))
         resume = None
         if position is not None and position['epoch'] == epoch:
             resume = position['ranks'][args.rank]

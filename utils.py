@@ -1,5 +1,6 @@
-"""Helpers of the training script: errors, distributed set-up, seeding, printing and metric logging.
-Checkpoint files and ``--resume`` live in ``resume.py``; weights load through ``bvit.checkpoint``.
+"""Helpers of the training script: errors, distributed set-up, printing and metric logging.
+Checkpoint files and ``--resume`` live in ``resume.py``, preemption in ``preemption.py``; weights
+load through ``bvit.checkpoint``.
 """
 from __future__ import annotations
 
@@ -7,31 +8,19 @@ import datetime
 import json
 import os
 import platform
-import random
-import signal
 import sys
-import threading
 import time
 from typing import Any, Dict, List, Mapping, NoReturn, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from timm.utils import random_seed
 
 
 
 class UsageError(Exception):
     """A problem with the command line, the configuration, the data or a checkpoint file: the
     script prints ``error: <message>`` on one line and exits with status 2, without a traceback."""
-
-
-class RunStopped(Exception):
-    """SIGTERM or SIGINT stopped the training after a finished optimizer step; a resumable
-    checkpoint was written (with ``--output_dir``). The script exits with :data:`STOP_EXIT_STATUS`."""
-
-
-STOP_EXIT_STATUS = 3
 
 
 class NonFiniteLossError(RuntimeError):
@@ -142,6 +131,12 @@ def init_distributed(args: Any, device: torch.device) -> torch.device:
     ``args.local_rank`` and ``args.distributed``; returns the device of this process
     (``cuda:LOCAL_RANK`` on GPUs, or the ``--device cuda:N`` of a single process). The backend
     is NCCL on CUDA and gloo on CPU.
+
+    Not timm's ``init_distributed_device``, which also reads SLURM's variables but leaves
+    ``MASTER_ADDR`` / ``MASTER_PORT`` unset under ``srun`` (the ``env://`` rendezvous then
+    fails), takes ``LOCAL_RANK`` as the CUDA index (a task of ``srun --gpus-per-task=1`` sees
+    one GPU, index 0), replaces a ``--device cuda:N`` under a launcher with a warning, and
+    fails with assertions, not one line.
     """
     slurm = slurm_launch()
     world_size = env_int('WORLD_SIZE')
@@ -222,18 +217,11 @@ def barrier() -> None:
 
 
 def exit_without_teardown(status: int) -> NoReturn:
-    """End this process now with ``status``: the failure path of a distributed run.
-
-    The peers of a rank that fails (a non-finite loss, too many unreadable images, a checkpoint
-    it cannot write) may be blocked in a collective waiting for it (DDP's gradient all-reduce, a
-    barrier). ``destroy_process_group()`` or any other collective here would wait for them in
-    turn, under NCCL until its watchdog's timeout (10 minutes and more), and hide the cause
-    behind a timeout trace. So the failing rank prints its line first (the caller does), flushes
-    and leaves with ``os._exit``: no collective, no atexit handlers. The launcher then ends the
-    peers (torchrun stops the other workers when one fails; under SLURM ``srun
-    --kill-on-bad-exit=1``, as ``scripts/slurm_train.sbatch`` runs it); a gloo peer also sees the
-    closed connection and fails at once. Data-loader workers notice their parent is gone and exit.
-    """
+    """End this process now with ``status``, after flushing stdout and stderr: ``os._exit``, no
+    collective, no atexit handlers. The failure path of a distributed run: the peers of a failing
+    rank may wait for it in a collective, and a collective teardown here would wait for them in
+    turn; the launcher ends them (docs/training.md, "When one rank fails"). The caller prints the
+    error line first."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -243,16 +231,15 @@ def exit_without_teardown(status: int) -> NoReturn:
 
 
 # The tensors all_reduce_sum has reduced, kept until cleanup_distributed has destroyed the process
-# group. With gloo, torch 2.5 (the floor) frees a finished collective's work in a worker thread,
-# which needs the GIL when Python has dropped the tensor first; the group's destructor joins those
-# workers holding the GIL, so both ranks hung in destroy_process_group after --eval --dist-eval.
-# Kept here, no worker frees a tensor (the suite does not hang at torch 2.14 without this either).
-# A few float64 numbers a call, a few calls an epoch.
+# group, so that no gloo worker thread frees one during the teardown (docs/training.md, "When one
+# rank fails"). A few float64 numbers a call, a few calls an epoch.
 _REDUCED: List[torch.Tensor] = []
 
 
 def all_reduce_sum(values: Sequence[float], device: torch.device) -> List[float]:
-    """Sum a few numbers over all ranks (float64; identity when not distributed)."""
+    """Sum a few numbers over all ranks (float64; identity when not distributed). Not timm's
+    ``reduce_tensor``, which averages one tensor of the caller's dtype (counts and loss sums must
+    be summed exactly) and needs a process group."""
     if not is_dist():
         return [float(v) for v in values]
     t = torch.tensor(list(values), dtype=torch.float64, device=device)
@@ -264,7 +251,9 @@ def all_reduce_sum(values: Sequence[float], device: torch.device) -> List[float]
 # Printing -----------------------------------------------------------------------------------------
 
 def log(*items: Any, all_ranks: bool = False) -> None:
-    """print() on rank 0 only (on every rank, tagged with the rank, when ``all_ranks``)."""
+    """print() on rank 0 only (on every rank, tagged with the rank, when ``all_ranks``), one
+    :func:`write_line` each. Not timm's ``setup_default_logging`` (the ``logging`` module): the
+    lines are DeiT's, bare on stdout, for DeiT's log parsers."""
     rank = get_rank()
     if rank == 0 or all_ranks:
         if rank and all_ranks:
@@ -294,121 +283,6 @@ def environment_info(args: Any) -> str:
         parts.append(f'cuda {torch.version.cuda} cudnn {torch.backends.cudnn.version()}')
     parts.append(f'threads {torch.get_num_threads()}')
     return 'environment: ' + ', '.join(parts)
-
-
-# Seeding ------------------------------------------------------------------------------------------
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's (all devices) global generators: timm's ``random_seed``
-    (``seed`` below 2**32, as every seed of this script is)."""
-    random_seed(int(seed))
-
-
-def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    """Seed of rank ``rank`` in epoch ``epoch``: every epoch's random numbers (augmentation,
-    mixup, dropout, loader workers) depend only on (seed, epoch, rank), so a resumed run draws
-    exactly what an uninterrupted one would have."""
-    return (int(seed) * 1_000_003 + epoch * 10_007 + rank) % (2 ** 31)
-
-
-def setup_determinism(deterministic: bool) -> None:
-    """``--deterministic``: cuDNN benchmark off, deterministic kernels (warning only where an op
-    has none). Otherwise cuDNN benchmark on, as in DeiT."""
-    torch.backends.cudnn.benchmark = not deterministic
-    torch.backends.cudnn.deterministic = bool(deterministic)
-    if deterministic:
-        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
-        torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def setup_tf32(enabled: bool) -> None:
-    """CUDA runs: float32 matmuls and cuDNN convolutions in TF32 (10-bit mantissa inputs, float32
-    accumulation), as timm's ``train.py`` sets them; ``--no-tf32`` keeps them in full float32."""
-    torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
-    torch.backends.cudnn.allow_tf32 = bool(enabled)
-
-
-# Preemption: signals, random states ---------------------------------------------------------------
-
-class StopSignal:
-    """While installed, SIGTERM and SIGINT only record that a stop was asked for: the training
-    loop finishes its optimizer step, the ranks agree, rank 0 saves, and the run exits with
-    :data:`STOP_EXIT_STATUS`. Further signals (also during the save) change nothing; SIGKILL
-    still stops at once. Installed from the main thread only (Python's rule for handlers)."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self) -> None:
-        self.signum: Optional[int] = None
-        self._previous: Dict[int, Any] = {}
-
-    def install(self) -> 'StopSignal':
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is None:
-            self.signum = signum
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.signum).name if self.signum is not None else 'a signal'
-
-
-def ignore_stop_signals(worker_id: int) -> None:
-    """``worker_init_fn`` of the data loaders: SLURM and a terminal's Ctrl-C signal the whole
-    process group, and a loader worker killed by them would end the step the main process is
-    finishing; the main process stops its workers itself."""
-    for sig in StopSignal.SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-
-
-def rng_state() -> Dict[str, Any]:
-    """Python's, NumPy's (also mixup's) and torch's (CPU and CUDA) generator states as plain
-    data (tensors, numbers), so that a checkpoint holding them loads with ``weights_only=True``."""
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-    return {
-        'torch': torch.get_rng_state(),
-        'cuda': list(cuda),
-        'numpy': {'keys': torch.from_numpy(np_state[1].astype(np.int64)), 'pos': int(np_state[2]),
-                  'has_gauss': int(np_state[3]), 'cached_gaussian': float(np_state[4])},
-        'python': {'version': int(py_state[0]), 'state': torch.tensor(py_state[1], dtype=torch.int64),
-                   'gauss': py_state[2]},
-    }
-
-
-def set_rng_state(state: Mapping[str, Any]) -> None:
-    """Restore what :func:`rng_state` returned."""
-    torch.set_rng_state(state['torch'])
-    if state['cuda'] and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state['cuda'])
-    n = state['numpy']
-    np.random.set_state(('MT19937', n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'],
-                         n['cached_gaussian']))
-    p = state['python']
-    random.setstate((p['version'], tuple(int(v) for v in p['state'].tolist()), p['gauss']))
-
-
-def gather_objects(obj: Any) -> List[Any]:
-    """``obj`` of every rank, in rank order (one collective; used once, when a run stops)."""
-    if not is_dist():
-        return [obj]
-    out: List[Any] = [None] * get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 # Metric logging -----------------------------------------------------------------------------------
@@ -479,7 +353,6 @@ def append_log_line(output_dir: str, stats: Mapping[str, Any]) -> None:
 __all__ = [
     'UsageError', 'NonFiniteLossError', 'resolve_device', 'init_distributed', 'is_dist', 'get_world_size',
     'get_rank', 'is_main_process', 'cleanup_distributed', 'barrier', 'exit_without_teardown', 'all_reduce_sum',
-    'log', 'write_line', 'environment_info',
-    'seed_everything', 'epoch_seed', 'setup_determinism', 'setup_tf32', 'ProgressPrinter', 'plain',
+    'log', 'write_line', 'environment_info', 'format_seconds', 'ProgressPrinter', 'plain',
     'args_to_dict', 'append_log_line',
 ]

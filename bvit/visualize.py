@@ -30,18 +30,14 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 
 from .builder import build_from_checkpoint
 from .checkpoint import read_checkpoint
+from .data import DigitsDataset, eval_transform
 
 ImageLike = Union[np.ndarray, Tensor]
-
-# The DIGITS split of the training script (datasets.DigitsDataset): scikit-learn's 1797 8x8 digits,
-# 357 held out, stratified, seed 0. tests/test_visualize.py checks the two agree image for image.
-DIGITS_VAL_SIZE = 357
-DIGITS_SPLIT_SEED = 0
-
 
 class VisualizeError(Exception):
     """An error with a message meant for the person at the command line."""
@@ -86,23 +82,14 @@ def data_config(model: nn.Module, args: Optional[Mapping[str, Any]] = None) -> D
     img = (img, img) if isinstance(img, int) else tuple(img)
     return dict(
         input_size=(getattr(model, 'in_chans', 3), int(img[0]), int(img[1])),
-        mean=tuple(cfg.get('mean', (0.485, 0.456, 0.406))),
-        std=tuple(cfg.get('std', (0.229, 0.224, 0.225))),
+        mean=tuple(cfg.get('mean', IMAGENET_DEFAULT_MEAN)),
+        std=tuple(cfg.get('std', IMAGENET_DEFAULT_STD)),
         crop_pct=float(cfg.get('crop_pct', 0.875)),
         interpolation=cfg.get('interpolation', 'bicubic'),
     )
 
 
 # Images -----------------------------------------------------------------------------------------
-
-def eval_transform(cfg: Mapping[str, Any]):
-    """The evaluation transform of the training script (``datasets.build_transform(False, ...)``),
-    timm's ``create_transform(is_training=False)``: resize to floor(input_size / crop ratio)
-    (bicubic), center crop, normalize with ``cfg``'s mean/std."""
-    from timm.data import create_transform
-    return create_transform(input_size=tuple(cfg['input_size']), is_training=False, interpolation='bicubic',
-                            mean=tuple(cfg['mean']), std=tuple(cfg['std']), crop_pct=cfg['crop_pct'])
-
 
 def denormalize(image: Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """(C, H, W) normalized tensor -> (H, W, 3) float array in [0, 1] for display."""
@@ -132,37 +119,27 @@ def load_image(spec: str, args: Mapping[str, Any], cfg: Mapping[str, Any]) -> Tu
             im = im.convert('RGB')
     except (UnidentifiedImageError, OSError) as e:
         raise VisualizeError(f'--image {spec!r} is not an image PIL can read ({type(e).__name__})') from None
-    image = eval_transform(cfg)(im)
+    image = _eval_transform(cfg)(im)
     return image, None, os.path.basename(spec)
 
 
-def digits_val_split() -> Tuple[np.ndarray, np.ndarray]:
-    """The DIGITS validation split as the training script makes it: (357 uint8 8x8 images scaled
-    to 0..255, their labels), in the order of ``datasets.DigitsDataset(train=False)``."""
-    try:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-    except ImportError:
-        raise VisualizeError('an integer --image needs scikit-learn (the DIGITS images ship with it): '
-                             'pip install scikit-learn') from None
-    digits = load_digits()
-    images = np.clip(np.round(digits.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
-    targets = digits.target.astype(np.int64)
-    _, val_idx = train_test_split(np.arange(len(targets)), test_size=DIGITS_VAL_SIZE, stratify=targets,
-                                  random_state=DIGITS_SPLIT_SEED)
-    idx = np.sort(val_idx)
-    return images[idx], targets[idx]
+def _eval_transform(cfg: Mapping[str, Any]):
+    """:func:`bvit.data.eval_transform` (the training script's) with ``cfg``'s size, mean/std, crop."""
+    return eval_transform(cfg['input_size'], cfg['mean'], cfg['std'], cfg['crop_pct'])
 
 
 def digits_val_item(index: int, args: Mapping[str, Any], cfg: Mapping[str, Any]) -> Tuple[Tensor, int]:
-    """Item ``index`` of the DIGITS validation split, preprocessed for the model."""
-    from PIL import Image
-    images, targets = digits_val_split()
-    n = len(targets)
+    """Item ``index`` of the DIGITS validation split (:class:`bvit.data.DigitsDataset`),
+    preprocessed for the model."""
+    try:
+        val = DigitsDataset(train=False, transform=_eval_transform(cfg))
+    except ImportError:
+        raise VisualizeError('an integer --image needs scikit-learn (the DIGITS images ship with it): '
+                             'pip install scikit-learn') from None
+    n = len(val)
     if not -n <= index < n:
         raise VisualizeError(f'--image {index}: the DIGITS validation split has {n} images (0..{n - 1})')
-    image = Image.fromarray(images[index % n]).convert('RGB')  # 2-D uint8: mode L
-    return eval_transform(cfg)(image), int(targets[index % n])
+    return val[index % n]
 
 
 # Attention --------------------------------------------------------------------------------------

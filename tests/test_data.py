@@ -238,6 +238,18 @@ def test_repeat_aug_sampler_reshuffles_every_epoch_with_one_process():
     assert list(s2) == orders[1]  # a resumed run draws the same order
 
 
+@pytest.mark.parametrize('n,world,rank,repeats,seed,epoch,shuffle,expected', [
+    (11, 2, 1, 3, 5, 3, True, [10, 9, 9, 2, 4, 4]), (7, 3, 0, 3, 5, 3, True, [1, 5, 3]),
+    (10, 4, 3, 1, 0, 2, True, [5, 4, 7]), (3, 4, 3, 3, 1, 0, True, [2]), (5, 2, 1, 3, 0, 0, False, [0, 1, 1])])
+def test_repeat_aug_sampler_draws_the_indices_of_the_earlier_own_sampler(n, world, rank, repeats, seed, epoch,
+                                                                        shuffle, expected):
+    """The indices the sampler drew before it became timm's subclass (printed by it), so that a
+    checkpoint written mid-epoch then resumes on the same batches."""
+    s = RepeatAugSampler(range(n), world, rank, shuffle=shuffle, seed=seed, num_repeats=repeats)
+    s.set_epoch(epoch)
+    assert list(s) == expected
+
+
 @pytest.mark.parametrize('n,world', [(61, 2), (357, 2), (10, 3), (2, 4), (0, 2)])
 def test_shard_sampler_partitions_without_padding(n, world):
     parts = [list(ShardSampler(range(n), world, r)) for r in range(world)]

@@ -1,4 +1,4 @@
-"""Tests of the training stack (train_hp.py, engine.py, losses.py, utils.py): tiny DIGITS runs on
+"""Tests of the training stack (train_hp.py, engine.py, losses.py, utils.py, preemption.py): tiny DIGITS runs on
 CPU, in-process where possible, and as real processes for the launchers (torchrun with 2
 processes, the legacy torch.distributed.launch, plain python)."""
 from __future__ import annotations
@@ -21,11 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import preemption
 import train_hp
 import resume
 import utils
 from engine import evaluate, train_one_epoch
 from losses import DistillationLoss, build_base_criterion
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import NativeScaler
 
@@ -443,7 +445,7 @@ def test_sampler_is_reshuffled_every_epoch_in_a_single_process(tmp_path, capsys,
 
     def record(self, epoch, start=0):
         real(self, epoch, start)
-        seen.append((epoch, self.indices()))
+        seen.append((epoch, list(self)))
 
     monkeypatch.setattr(RepeatAugSampler, 'set_epoch', record)
     rc, _, _ = run_cli(TINY + ['--epochs', '2', '--no-repeated-aug', '--no-model-ema'], capsys)
@@ -456,15 +458,15 @@ def test_deterministic_switches_off_cudnn_benchmark():
     before = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
               torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     try:
-        utils.setup_determinism(True)
+        train_hp.setup_determinism(True)
         assert torch.backends.cudnn.benchmark is False and torch.backends.cudnn.deterministic is True
         assert torch.are_deterministic_algorithms_enabled()
-        utils.setup_determinism(False)
+        train_hp.setup_determinism(False)
         assert torch.backends.cudnn.benchmark is True
     finally:
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[:2]
         torch.use_deterministic_algorithms(before[2], warn_only=before[3])
-    seeds = {utils.epoch_seed(s, e, r) for s in (0, 1) for e in range(3) for r in range(4)}
+    seeds = {preemption.epoch_seed(s, e, r) for s in (0, 1) for e in range(3) for r in range(4)}
     assert len(seeds) == 2 * 3 * 4  # every (seed, epoch, rank) draws its own numbers
 
 
@@ -668,7 +670,7 @@ def test_timm_helpers_in_place_of_own_copies_give_the_same_numbers():
     import numpy as np
     from timm.utils import unwrap_model
     import datasets
-    utils.seed_everything(7)  # timm's random_seed
+    train_hp.random_seed(7)  # timm's, as the script seeds
     draws = (random.random(), float(np.random.rand()), torch.rand(1).item())
     random.seed(7)
     np.random.seed(7)
@@ -684,7 +686,7 @@ def test_timm_helpers_in_place_of_own_copies_give_the_same_numbers():
         args = train_hp.parse_args(['--input-size', str(size), '--eval-crop-ratio', str(ratio)])
         ref = transforms.Compose([transforms.Resize(int(size / ratio), interpolation=transforms.InterpolationMode.BICUBIC),
                                   transforms.CenterCrop(size), transforms.ToTensor(),
-                                  transforms.Normalize(train_hp.IMAGENET_MEAN, train_hp.IMAGENET_STD)])
+                                  transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
         assert torch.equal(datasets.build_transform(False, args)(img), ref(img)), (size, ratio)
 
 
@@ -1194,9 +1196,9 @@ def test_tf32_on_cuda_by_default_and_stated_in_the_precision():
         assert train_hp.precision(args, torch.device('cpu'))[1] == 'float32'  # no TF32 on the CPU
         off = train_hp.parse_args(['--no-tf32', '--no-amp'])
         assert train_hp.precision(off, cuda) == (None, 'float32')
-        utils.setup_tf32(True)
+        train_hp.setup_tf32(True)
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
-        utils.setup_tf32(False)
+        train_hp.setup_tf32(False)
         assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
@@ -1285,7 +1287,7 @@ def test_the_normal_and_the_preempted_ends_keep_the_collective_teardown(monkeypa
     assert calls == ['destroy']
 
     def stopped(args):
-        raise utils.RunStopped('at epoch 0')
+        raise preemption.RunStopped('at epoch 0')
 
     calls.clear()
     monkeypatch.setattr(train_hp, 'main', stopped)
@@ -1304,9 +1306,9 @@ def test_no_rank_exits_with_3_before_rank_0_has_saved_mid_epoch(tmp_path, monkey
     args = train_hp.parse_args(TINY + ['--output_dir', str(tmp_path)])
     args.world_size = 2
     t = train_hp.Training(**{f.name: None for f in dataclasses.fields(train_hp.Training)})
-    stop = utils.StopSignal()
+    stop = preemption.StopSignal()
     stop.signum = signal.SIGTERM
-    with pytest.raises(utils.RunStopped):
+    with pytest.raises(preemption.RunStopped):
         train_hp._save_stopped(args, t, 1, 0.0, {'batches_done': 2, 'batches_total': 4}, stop)
     assert calls == (['save', 'barrier'] if rank == 0 else ['barrier'])
 

@@ -165,21 +165,3 @@ def test_input_size_override_resamples_the_position_table(ckpt):
     assert model.pos_embed.shape[1] == 145
     assert torch.equal(model.pos_embed.detach()[:, :37], want)
     assert not model.pos_embed.detach()[:, 37:].any()
-
-
-def test_digits_split_and_transform_are_the_training_scripts():
-    """bvit.visualize reads DIGITS from scikit-learn itself (bvit never imports the root
-    scripts): the same images, labels and evaluation preprocessing as datasets.py."""
-    import datasets
-    import train_hp
-    ref = datasets.DigitsDataset(train=False)
-    images, targets = visualize.digits_val_split()
-    assert len(targets) == len(ref) == 357
-    assert np.array_equal(images, ref.images) and targets.tolist() == ref.targets
-    args = train_hp.parse_args(['--data-set', 'DIGITS', '--input-size', '32', '--eval-crop-ratio', '0.9'])
-    cfg = dict(input_size=(3, 32, 32), mean=tuple(args.mean), std=tuple(args.std), crop_pct=0.9)
-    img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 48, 3), dtype=np.uint8))
-    assert torch.equal(visualize.eval_transform(cfg)(img), datasets.build_transform(False, args)(img))
-    x, label = visualize.digits_val_item(3, {}, cfg)
-    y, ref_label = datasets.DigitsDataset(train=False, transform=datasets.build_transform(False, args))[3]
-    assert torch.equal(x, y) and label == ref_label
