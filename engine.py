@@ -1,8 +1,10 @@
-"""One training epoch, one evaluation pass, and the evaluator of the training script."""
+"""One training epoch, one evaluation pass, the evaluator of the training script, and the numerics
+they run under (autocast and its dtype, TF32, determinism)."""
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from typing import Any, Callable, ContextManager, Dict, Iterable, Optional, Sequence, Set, Tuple
 
@@ -14,6 +16,35 @@ from preemption import StopSignal, rng_state, set_rng_state
 from utils import (
     NonFiniteLossError, ProgressPrinter, UsageError, all_reduce_sum, format_seconds, get_world_size, is_dist, log,
 )
+
+
+def setup_determinism(deterministic: bool) -> None:
+    """``--deterministic``: cuDNN benchmark off, deterministic kernels (warning only where an op
+    has none). Otherwise cuDNN benchmark on, as in DeiT."""
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = bool(deterministic)
+    if deterministic:
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def setup_tf32(enabled: bool) -> None:
+    """CUDA runs: float32 matmuls and cuDNN convolutions in TF32 (10-bit mantissa inputs, float32
+    accumulation), as timm's ``train.py`` sets them; ``--no-tf32`` keeps them in full float32."""
+    torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
+    torch.backends.cudnn.allow_tf32 = bool(enabled)
+
+
+def precision(args: Any, device: torch.device) -> Tuple[Optional[torch.dtype], str]:
+    """(autocast dtype or None, its description). ``--amp`` is the default on CUDA; on the CPU it
+    applies only when given (CPU autocast, a gradient scaler with fp16)."""
+    amp = args.amp if args.amp is not None else device.type == 'cuda'
+    tf32 = ', TF32 float32 matmuls and convolutions' if device.type == 'cuda' and args.tf32 else ''
+    if not amp:
+        return None, 'float32' + tf32
+    dtype = torch.bfloat16 if args.amp_dtype == 'bf16' else torch.float16
+    return dtype, (f'{args.amp_dtype} autocast on {device.type}' +
+                   (' with gradient scaler' if dtype == torch.float16 else '') + tf32)
 
 
 def autocast_context(device: torch.device, amp_dtype: Optional[torch.dtype]) -> Callable[[], ContextManager]:

@@ -6,16 +6,18 @@ step (:class:`StopSignal`), the run ends with :class:`RunStopped` (exit status
 """
 from __future__ import annotations
 
+import os
 import random
 import signal
 import threading
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from utils import get_world_size, is_dist
+from resume import save_checkpoint
+from utils import barrier, get_world_size, is_dist, is_main_process, log
 
 
 class RunStopped(Exception):
@@ -114,5 +116,32 @@ def gather_objects(obj: Any) -> List[Any]:
     return out
 
 
+def save_and_stop(args: Any, stop: StopSignal, epoch: int, state: Dict[str, Any],
+                  checkpoint: Callable[[Dict[str, Any]], Dict[str, Any]]) -> None:
+    """A stop agreed in the middle of ``epoch``: rank 0 saves ``checkpoint(position)``, the
+    position being where every rank is (iterations done, its loss sums, its random states), then
+    the run ends with :class:`RunStopped`."""
+    ranks = gather_objects(state)  # every rank's own generator states and loss sums
+    position = {'epoch': epoch, 'batches_done': state['batches_done'], 'batch_size': args.batch_size,
+                'world_size': args.world_size, 'ranks': ranks}
+    if args.output_dir and is_main_process():
+        save_checkpoint(checkpoint(position), os.path.join(args.output_dir, 'checkpoint.pth'))  # further signals only set the flag
+    barrier()  # no rank exits with status 3 (which a launcher may answer by killing the job) before the file is there
+    stop_run(args.output_dir, stop, f'at epoch {epoch}, iteration {state["batches_done"]}/{state["batches_total"]}',
+              'a resumable checkpoint.pth')
+
+
+def stop_run(output_dir: str, stop: StopSignal, where: str, what: str) -> None:
+    """Logs the one line of a stopped run and raises :class:`RunStopped`."""
+    if output_dir:
+        path = os.path.join(output_dir, 'checkpoint.pth')
+        log(f'stopped by {stop.name} {where}: {what} is in {path}; continue with --resume {path} '
+            f'(exit status {STOP_EXIT_STATUS})')
+    else:
+        log(f'stopped by {stop.name} {where}: nothing saved (no --output_dir) (exit status {STOP_EXIT_STATUS})')
+    raise RunStopped(where)
+
+
 __all__ = ['RunStopped', 'STOP_EXIT_STATUS', 'StopSignal', 'ignore_stop_signals', 'epoch_seed', 'rng_state',
+           'save_and_stop', 'stop_run',
            'set_rng_state', 'gather_objects']

@@ -1,34 +1,16 @@
 """Train and evaluate BViT (and any timm model, optionally with broad attention) on ImageNet,
-CIFAR, iNaturalist, an image folder, or the bundled DIGITS set.
-
-Single process (CPU or one GPU)::
+CIFAR, iNaturalist, an image folder, Fashion-MNIST or the bundled DIGITS set, with DeiT's recipe
+and flags. One process, ``torchrun`` / ``torch.distributed.launch``, or ``srun`` under SLURM::
 
     python train_hp.py --config configs/demo_digits.yaml --output_dir output/demo
+    torchrun --nproc_per_node=4 train_hp.py --arch BViT-5 --data-path /path/to/imagenet --output_dir /path/to/save
+    python train_hp.py --eval --resume /path/to/weight.pth --data-path /path/to/imagenet
 
-Several processes (the flags of DeiT's main.py keep their names and meanings)::
-
-    torchrun --nproc_per_node=4 train_hp.py --arch BViT-5 --batch-size 256 --data-path /path/to/imagenet --output_dir /path/to/save
-    python -m torch.distributed.launch --nproc_per_node=4 --use_env train_hp.py ...
-
-Evaluation of this project's checkpoints or of released BViT files::
-
-    python train_hp.py --eval --resume /path/to/weight --data-path /path/to/imagenet
-
-Under SLURM, ``srun python train_hp.py ...`` (one task per GPU) takes rank, world size and local
-rank from SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID (see docs/training.md, "SLURM and several nodes").
-
-Exit status: 0 done; 2 expected problems (bad flags, data, configs or checkpoints; more unreadable
-images than --max-bad-images; a checkpoint that cannot be written), with one ``error: ...`` line on
-stderr; 1 a diverging run (NaN
-loss), the last checkpoint kept; 3 stopped by SIGTERM or SIGINT after a finished optimizer step,
-with a resumable checkpoint (``--resume OUTPUT_DIR/checkpoint.pth`` continues mid-epoch). In a
-distributed run a failing rank prints its line at once and exits with its status without a
-collective teardown, so that its peers, waiting for it, are ended by the launcher (docs/training.md, "When one rank fails").
+Exit statuses (``--help``'s epilog) and the rest: docs/training.md.
 """
 from __future__ import annotations
 
 import argparse
-import difflib
 import os
 import sys
 import time
@@ -44,17 +26,18 @@ from torch.utils.data import DataLoader
 
 from bvit.builder import canonical_arch, create_model, is_bvit, parse_model_kwargs, record_from_args
 from bvit.checkpoint import load_checkpoint
+from config import parse_with_config
 from datasets import DATASETS, INAT_CATEGORIES, build_datasets, canonical_data_set, collate_skipping_unreadable
-from engine import Evaluator, autocast_context, train_one_epoch
+from engine import Evaluator, autocast_context, precision, setup_determinism, setup_tf32, train_one_epoch
 from losses import DistillationLoss, build_base_criterion
 from samplers import RepeatAugSampler, ShardSampler
-from preemption import STOP_EXIT_STATUS, RunStopped, StopSignal, epoch_seed, gather_objects, ignore_stop_signals
+from preemption import STOP_EXIT_STATUS, RunStopped, StopSignal, epoch_seed, ignore_stop_signals, save_and_stop, stop_run
 from resume import (
     adopt_record, check_resume_schedule, make_checkpoint, read_resume, restore_training_state, resume_position,
     save_checkpoint,
 )
 from utils import (
-    NonFiniteLossError, UsageError, all_reduce_sum, append_log_line, barrier, cleanup_distributed, environment_info,
+    NonFiniteLossError, UsageError, all_reduce_sum, append_log_line, cleanup_distributed, environment_info,
     exit_without_teardown, format_seconds, get_rank, init_distributed, is_dist, is_main_process, log,
     resolve_device, write_line,
 )
@@ -283,81 +266,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_config(parser: argparse.ArgumentParser, path: str) -> Dict[str, Any]:
-    """``--config``: defaults from a YAML file, ``{dest: value}`` for ``parser.set_defaults``, as
-    timm's train.py reads its config, with each key checked: a flag name without its dashes,
-    spelled with ``-`` or ``_`` (``batch-size``, ``no_model_ema``; also ``tf32``, the destination of
-    ``--no-tf32``). Values are converted and checked with the flag's type, count and choices; an
-    unknown key is an error naming the closest flag."""
-    import yaml
-    if not os.path.isfile(path):
-        raise UsageError(f'--config {path}: file not found')
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError) as e:
-        raise UsageError(f'--config {path}: not valid YAML ({str(e).splitlines()[0]})') from None
-    if not isinstance(data, (dict, type(None))):
-        raise UsageError(f'--config {path}: expected a mapping of option names to values')
-    actions = [a for a in parser._actions if a.option_strings and a.dest not in ('help', 'config')]
-    by_name = {a.dest: a for a in actions}
-    by_name.update({o.lstrip('-').replace('-', '_'): a for a in actions for o in a.option_strings})
-    defaults: Dict[str, Any] = {}
-    for key, value in (data or {}).items():
-        name = str(key).replace('-', '_')
-        if name not in by_name:
-            close = difflib.get_close_matches(name, sorted(by_name), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ''
-            raise UsageError(f"{path}: unknown key '{key}'{hint}; keys are train_hp.py flag names")
-        action = by_name[name]
-        defaults[action.dest] = _config_value(action, name, value, f'{path}: {key}')
-    return defaults
-
-
-def _config_value(action: argparse.Action, name: str, value: Any, where: str) -> Any:
-    """``value`` of YAML key ``name`` converted for ``action``, as the command line would be."""
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-        if not isinstance(value, bool):
-            raise UsageError(f'{where} must be true or false, got {value!r}')
-        return value if name == action.dest else (action.const if value else not action.const)  # no_x: true -> False
-    if value is None:
-        return None
-    many = action.nargs in ('+', '*') or isinstance(action.nargs, int)
-    if not many and isinstance(value, (list, dict)):
-        raise UsageError(f'{where} takes one value, got {value!r}')
-    values = list(value) if many and isinstance(value, (list, tuple)) else [value]
-    if isinstance(action.nargs, int) and len(values) != action.nargs:
-        raise UsageError(f'{where} needs {action.nargs} values, got {len(values)}')
-    out = []
-    for v in values:
-        if isinstance(v, bool) and action.type in (int, float):
-            raise UsageError(f'{where} must be a number, got {v!r}')
-        try:
-            v = action.type(v) if action.type is not None and v is not None else v
-        except (TypeError, ValueError):
-            raise UsageError(f'{where} has an invalid value {v!r}') from None
-        if action.choices is not None and v not in action.choices:
-            raise UsageError(f'{where} must be one of {", ".join(map(str, action.choices))}, got {v!r}')
-        out.append(v)
-    return out if many else out[0]
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Command line (``sys.argv[1:]`` by default) over ``--config`` YAML over built-in defaults."""
-    parser = get_args_parser()
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument('--config', default=None)
-    known, _ = pre.parse_known_args(argv)
-    config = load_config(parser, known.config) if known.config else {}
-    parser.set_defaults(**config)
-    args = parser.parse_args(argv)
-    # the flags set on the command line or in --config: --eval/--resume take the checkpoint's
-    # model for the others (resume.adopt_record)
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
-    parser._defaults.clear()
-    args.given = sorted(set(config) | set(vars(parser.parse_args(argv))))
-    return args
+    """Command line (``sys.argv[1:]`` by default) over ``--config`` YAML over built-in defaults;
+    ``args.given``: the flags set on the command line or in ``--config`` (config.py)."""
+    return parse_with_config(get_args_parser(), argv)
 
 
 def _check_flags(args: argparse.Namespace) -> None:
@@ -471,35 +383,6 @@ def set_attn_only(model: nn.Module) -> None:
 
 # Training parts -----------------------------------------------------------------------------------
 
-def setup_determinism(deterministic: bool) -> None:
-    """``--deterministic``: cuDNN benchmark off, deterministic kernels (warning only where an op
-    has none). Otherwise cuDNN benchmark on, as in DeiT."""
-    torch.backends.cudnn.benchmark = not deterministic
-    torch.backends.cudnn.deterministic = bool(deterministic)
-    if deterministic:
-        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
-        torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def setup_tf32(enabled: bool) -> None:
-    """CUDA runs: float32 matmuls and cuDNN convolutions in TF32 (10-bit mantissa inputs, float32
-    accumulation), as timm's ``train.py`` sets them; ``--no-tf32`` keeps them in full float32."""
-    torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
-    torch.backends.cudnn.allow_tf32 = bool(enabled)
-
-
-def precision(args: argparse.Namespace, device: torch.device) -> Tuple[Optional[torch.dtype], str]:
-    """(autocast dtype or None, its description). ``--amp`` is the default on CUDA; on the CPU it
-    applies only when given (CPU autocast, a gradient scaler with fp16)."""
-    amp = args.amp if args.amp is not None else device.type == 'cuda'
-    tf32 = ', TF32 float32 matmuls and convolutions' if device.type == 'cuda' and args.tf32 else ''
-    if not amp:
-        return None, 'float32' + tf32
-    dtype = torch.bfloat16 if args.amp_dtype == 'bf16' else torch.float16
-    return dtype, (f'{args.amp_dtype} autocast on {device.type}' +
-                   (' with gradient scaler' if dtype == torch.float16 else '') + tf32)
-
-
 def _loader(dataset: Any, sampler: Any, batch_size: int, args: argparse.Namespace, device: torch.device,
             drop_last: bool) -> DataLoader:
     return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=args.num_workers,
@@ -513,9 +396,7 @@ def build_optimizer(args: argparse.Namespace, model: nn.Module) -> Tuple[torch.o
     total_batch = args.batch_size * args.world_size
     lr = args.lr if args.unscale_lr else args.lr * total_batch / 512.0
     args.lr_scaled = lr
-    opt_kwargs: Dict[str, Any] = dict(eps=args.opt_eps)
-    if args.opt_betas:
-        opt_kwargs['betas'] = tuple(args.opt_betas)
+    opt_kwargs: Dict[str, Any] = dict(eps=args.opt_eps, **({'betas': tuple(args.opt_betas)} if args.opt_betas else {}))
     try:
         return create_optimizer_v2(model, opt=args.opt, lr=lr, weight_decay=args.weight_decay,
                                    momentum=args.momentum, **opt_kwargs), lr
@@ -726,7 +607,8 @@ def train_epochs(args: argparse.Namespace, device: torch.device, t: Training, st
             mixup_fn=t.mixup_fn, set_training_mode=args.train_mode, print_freq=args.print_freq,
             num_epochs=args.epochs, stop=stop, resume=resume, bad_images=bad_images)
         if train_stats['stopped'] is not None:
-            _save_stopped(args, t, epoch, max_accuracy, train_stats['stopped'], stop)
+            save_and_stop(args, stop, epoch, train_stats['stopped'],
+                          lambda position: t.checkpoint(epoch - 1, max_accuracy, args, position=position))
         epoch_stats: Dict[str, Any] = {}
         ema_stats = None
         is_best = False
@@ -745,7 +627,7 @@ def train_epochs(args: argparse.Namespace, device: torch.device, t: Training, st
         _append_epoch_log(args, epoch, train_stats, epoch_stats, ema_stats, max_accuracy,
                           time.time() - epoch_start)
         if all_reduce_sum([float(stop.requested)], device)[0] > 0 and epoch + 1 < args.epochs:
-            _stop_run(args, stop, f'after epoch {epoch}', 'checkpoint.pth of that epoch')
+            stop_run(args.output_dir, stop, f'after epoch {epoch}', 'checkpoint.pth of that epoch')
     if test_stats:
         log(f'Training time {format_seconds(time.time() - start_time)}; final top-1 {test_stats["acc1"]:.2f}%, '
             f'best top-1 {max_accuracy:.2f}%')
@@ -769,32 +651,6 @@ def _append_epoch_log(args: argparse.Namespace, epoch: int, train_stats: Dict[st
     record.update(epoch=epoch, n_parameters=args.n_parameters, max_accuracy=max_accuracy,
                   epoch_time_s=round(seconds, 2))  # training + evaluation + saving
     append_log_line(args.output_dir, record)
-
-
-def _save_stopped(args: argparse.Namespace, t: Training, epoch: int, max_accuracy: float,
-                  state: Dict[str, Any], stop: StopSignal) -> None:
-    """A stop agreed in the middle of ``epoch``: rank 0 saves where every rank is (iterations
-    done, its loss sums, its random states), then the run ends with :class:`RunStopped`."""
-    ranks = gather_objects(state)  # every rank's own generator states and loss sums
-    position = {'epoch': epoch, 'batches_done': state['batches_done'], 'batch_size': args.batch_size,
-                'world_size': args.world_size, 'ranks': ranks}
-    if args.output_dir and is_main_process():
-        save_checkpoint(t.checkpoint(epoch - 1, max_accuracy, args, position=position),
-                        os.path.join(args.output_dir, 'checkpoint.pth'))  # further signals only set the flag
-    barrier()  # no rank exits with status 3 (which a launcher may answer by killing the job) before the file is there
-    _stop_run(args, stop, f'at epoch {epoch}, iteration {state["batches_done"]}/{state["batches_total"]}',
-              'a resumable checkpoint.pth')
-
-
-def _stop_run(args: argparse.Namespace, stop: StopSignal, where: str, what: str) -> None:
-    """Logs the one line of a stopped run and raises :class:`RunStopped`."""
-    if args.output_dir:
-        path = os.path.join(args.output_dir, 'checkpoint.pth')
-        log(f'stopped by {stop.name} {where}: {what} is in {path}; continue with --resume {path} '
-            f'(exit status {STOP_EXIT_STATUS})')
-    else:
-        log(f'stopped by {stop.name} {where}: nothing saved (no --output_dir) (exit status {STOP_EXIT_STATUS})')
-    raise RunStopped(where)
 
 
 # Entry point: exit status and error lines ---------------------------------------------------------

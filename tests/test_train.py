@@ -23,6 +23,8 @@ from torch import nn
 
 import preemption
 import train_hp
+import config
+import engine
 import resume
 import utils
 from engine import evaluate, train_one_epoch
@@ -157,7 +159,7 @@ def test_config_gives_defaults_and_the_command_line_wins(tmp_path):
 
 def test_config_values_are_checked_and_converted_like_the_command_line(tmp_path):
     def load(text):
-        return train_hp.load_config(train_hp.get_args_parser(), str(_write(tmp_path / 'c.yaml', text)))
+        return config.load_config(train_hp.get_args_parser(), str(_write(tmp_path / 'c.yaml', text)))
 
     assert load('no-tf32: true\nno_model_ema: false\nmodel: BViT-22\ndr: 0.5\nepochs: 7\n') == dict(
         tf32=False, model_ema=True, arch='BViT-22', decay_rate=0.5, epochs=7)  # flag names, aliases, types
@@ -458,10 +460,10 @@ def test_deterministic_switches_off_cudnn_benchmark():
     before = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
               torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     try:
-        train_hp.setup_determinism(True)
+        engine.setup_determinism(True)
         assert torch.backends.cudnn.benchmark is False and torch.backends.cudnn.deterministic is True
         assert torch.are_deterministic_algorithms_enabled()
-        train_hp.setup_determinism(False)
+        engine.setup_determinism(False)
         assert torch.backends.cudnn.benchmark is True
     finally:
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[:2]
@@ -866,11 +868,11 @@ def test_amp_on_cpu_is_used_when_asked_and_states_its_precision(tmp_path, capsys
     assert 'precision fp16 autocast on cpu with gradient scaler' in stdout.splitlines()[0]
     scaler = torch.load(out / 'checkpoint.pth', weights_only=True)['scaler']
     assert scaler['scale'] == 65536.0  # the CPU gradient scaler ran and was saved
-    assert train_hp.precision(train_hp.parse_args([]), torch.device('cpu')) == (None, 'float32')  # CPU default
-    assert train_hp.precision(train_hp.parse_args(['--amp-dtype', 'bf16']), torch.device('cuda'))[0] == torch.bfloat16
-    assert train_hp.precision(train_hp.parse_args(['--no-amp']), torch.device('cuda')) == (
+    assert engine.precision(train_hp.parse_args([]), torch.device('cpu')) == (None, 'float32')  # CPU default
+    assert engine.precision(train_hp.parse_args(['--amp-dtype', 'bf16']), torch.device('cuda'))[0] == torch.bfloat16
+    assert engine.precision(train_hp.parse_args(['--no-amp']), torch.device('cuda')) == (
         None, 'float32, TF32 float32 matmuls and convolutions')
-    assert train_hp.precision(train_hp.parse_args(['--no-amp', '--no-tf32']), torch.device('cuda')) == (None, 'float32')
+    assert engine.precision(train_hp.parse_args(['--no-amp', '--no-tf32']), torch.device('cuda')) == (None, 'float32')
 
 
 # Preemption: SIGTERM / SIGINT, exact resume -------------------------------------------------------
@@ -1191,14 +1193,14 @@ def test_tf32_on_cuda_by_default_and_stated_in_the_precision():
         cuda = torch.device('cuda', 0)
         args = train_hp.parse_args(['--amp-dtype', 'bf16'])
         assert args.tf32 is True
-        assert train_hp.precision(args, cuda) == (torch.bfloat16, 'bf16 autocast on cuda, TF32 float32 matmuls and '
+        assert engine.precision(args, cuda) == (torch.bfloat16, 'bf16 autocast on cuda, TF32 float32 matmuls and '
                                                   'convolutions')
-        assert train_hp.precision(args, torch.device('cpu'))[1] == 'float32'  # no TF32 on the CPU
+        assert engine.precision(args, torch.device('cpu'))[1] == 'float32'  # no TF32 on the CPU
         off = train_hp.parse_args(['--no-tf32', '--no-amp'])
-        assert train_hp.precision(off, cuda) == (None, 'float32')
-        train_hp.setup_tf32(True)
+        assert engine.precision(off, cuda) == (None, 'float32')
+        engine.setup_tf32(True)
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
-        train_hp.setup_tf32(False)
+        engine.setup_tf32(False)
         assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
