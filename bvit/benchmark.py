@@ -20,9 +20,9 @@ median ratio and its range over the runs. Peak memory is the most tensor memory 
 one call beyond what was alive before it (activations, gradients, temporaries; not the weights),
 from the allocations recorded by ``torch.profiler`` on the CPU or ``torch.cuda.max_memory_allocated``.
 Minor page faults per call (``getrusage``) are printed beside the speeds: with glibc's default
-allocator, whether a call maps its memory afresh depends on what ran before it in the process,
-which moves single models by up to a fifth; ``--malloc retain`` takes that out (docs/benchmarks.md,
-"Page faults and the allocator"). Inference is ``model(x)`` under ``torch.inference_mode()`` in eval
+allocator, whether a call maps its memory afresh depends on what ran before it in the process;
+``--malloc retain`` takes that out (docs/benchmarks.md, "Page faults and the allocator", says by
+how much it moved the models measured there). Inference is ``model(x)`` under ``torch.inference_mode()`` in eval
 mode; a training step is forward, cross entropy, backward and an AdamW step in train mode.
 """
 from __future__ import annotations
@@ -99,9 +99,9 @@ def retain_freed_memory() -> None:
     for large blocks), so that calls reuse memory earlier calls touched, much as jemalloc or
     tcmalloc do. By default glibc maps large blocks afresh and gives memory back, by thresholds
     it adapts as the process runs, so whether a call page-faults its memory in again depends on
-    what ran before it: 0 to 235,000 minor faults per inference call of one model here, and 0
-    for every model with this setting once warm. SystemExit where the C library has no
-    ``mallopt`` (not glibc). The same from the shell: MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647."""
+    what ran before it (measured counts: docs/benchmarks.md, "Page faults and the allocator").
+    SystemExit where the C library has no ``mallopt`` (not glibc). The same from the shell:
+    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647."""
     libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
     mallopt = getattr(libc, 'mallopt', None)
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4

@@ -3,9 +3,10 @@
 ``add_broad_attention(model, scale=0.4)`` turns a timm model into its broad-attention variant in
 place and returns it. No parameter, buffer or state-dict key is added, removed or renamed, so the
 model's pretrained weights load as they are, and ``scale=0`` gives the original model's output
-exactly. The conversion swaps the classes of the model and of its attention modules for
-subclasses defined here (the instances, their parameters and their hooks stay as they are);
-``remove_broad_attention`` swaps them back.
+exactly. The conversion swaps the classes of the model (or Swin's stages), of its blocks and of
+their attention modules for subclasses defined here (the instances, their parameters and their
+hooks stay as they are); ``remove_broad_attention`` swaps them back. The blocks then run in the
+loop BViT's own run in (``bvit.layers.BroadBlocks``).
 
 Supported models
 ----------------
@@ -14,8 +15,9 @@ Supported models
   is timm's ``Attention`` (``timm.layers.Attention``). Each block hands the q, k, v its own
   attention used (after qkv bias and q_norm / k_norm) to the broad attention of BViT:
   ``adaptive_avg_pool1d(softmax(Q Kᵀ · d^-0.5) V, D)`` with Q, K, V concatenated over the L blocks
-  along the channel axis, computed by the same functions as BViT's own (``bvit.layers``: each
-  block's attention hands its q, k, v to a ``BroadTap``), added with ``scale`` to every token
+  along the channel axis, computed by the same functions and the same block loop as BViT's own
+  (``bvit.layers``: ``BroadBlocks._run_blocks`` calls each block as ``block(x, broad=tap)``, and
+  the block's attention hands its q, k, v to the ``BroadTap``), added with ``scale`` to every token
   of the last block's output, before the final norm and the head. With a class-token head
   (``global_pool='token'``, or the distilled head) ``forward`` computes only the rows that reach
   the logits (1, or 2 for the distilled model); ``forward_features`` returns every token.
@@ -57,18 +59,17 @@ merging, or before the final norm for the last stage).
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 from timm.layers import Attention
 from timm.models.swin_transformer import (
     SwinTransformer, SwinTransformerBlock, SwinTransformerStage, WindowAttention, window_partition, window_reverse)
 from timm.models.vision_transformer import VisionTransformer
 
-from .layers import BroadTap, broad_attention, broad_group, broad_output
+from .layers import BroadBlocks, BroadTap, BroadTerms, broad_group
 
 try:  # timm >= 1.0.15 builds additive masks for the non-fused path with these
     from timm.layers import maybe_add_mask, resolve_self_attn_mask
@@ -91,10 +92,11 @@ SUPPORTED = (
 # Attention modules that hand on their q, k, v ----------------------------------------------------
 
 class _QKVTap:
-    """Mixin: when ``_broad_tap`` is set (by :func:`_run_block`), ``forward`` hands its q, k, v to
-    it (a :class:`bvit.layers.BroadTap`, as BViT's own attention does; timm's blocks take no such
-    argument, so it is set on the module for the one call)."""
-    _broad_tap: Optional[BroadTap] = None
+    """Mixin: when ``_broad_tap`` is set (by its block, :class:`_BroadBlock`, for the one call),
+    ``forward`` hands its q, k, v to it (a :class:`bvit.layers.BroadTap`, as BViT's own attention
+    does; timm's blocks call their attention without such an argument, so the block sets it on
+    the module)."""
+    _broad_tap: Optional[Any] = None
 
     def _broad_record(self, q: Tensor, k: Tensor, v: Tensor) -> None:
         tap = self._broad_tap
@@ -166,44 +168,68 @@ class BroadWindowAttention(_QKVTap, WindowAttention):
         return self.proj_drop(self.proj(out))
 
 
-class _KeepQKV:
-    """A tap that keeps the q, k, v themselves (Swin re-windows them before the broad attention)."""
+# Blocks that take the tap -------------------------------------------------------------------
 
-    def __init__(self) -> None:
-        self.qkv: Optional[QKV] = None
+class _BroadBlock:
+    """Mixin for a timm block whose ``attn`` is one of the classes above: ``forward(x, broad=tap,
+    **kwargs)`` is the block's own ``forward(x, **kwargs)``, its attention's q, k, v handed to
+    ``tap`` (a :class:`bvit.layers.BroadTap`), as BViT's blocks take it, so that
+    :meth:`bvit.layers.BroadBlocks._run_blocks` runs them alike. timm's block code calls its
+    attention without the tap, so the block sets it on the attention for the one call."""
+    _broad_base: type
+
+    def _attn_tap(self, x: Tensor, broad: BroadTap) -> Any:
+        """What the attention hands its q, k, v to, for the block input ``x``."""
+        return broad
+
+    def forward(self, x: Tensor, broad: Optional[BroadTap] = None, **kwargs: Any) -> Tensor:
+        attn = self.attn
+        attn._broad_tap = None if broad is None else self._attn_tap(x, broad)
+        try:
+            return super().forward(x, **kwargs)
+        finally:
+            attn._broad_tap = None
+
+
+class _StageWindows:
+    """Hands a Swin block's windowed q, k, v (B·nW, h, N, d) to ``tap`` in the stage's unshifted
+    window partition (:func:`_to_stage_windows`), for a block input of H x W tokens."""
+
+    def __init__(self, tap: BroadTap, block: nn.Module, H: int, W: int) -> None:
+        self.tap, self.block, self.H, self.W = tap, block, H, W
 
     def record(self, q: Tensor, k: Tensor, v: Tensor) -> None:
-        self.qkv = (q, k, v)
+        self.tap.record(*(_to_stage_windows(t, self.block, self.H, self.W) for t in (q, k, v)))
 
 
-def _run_block(block: nn.Module, x: Tensor, tap: Any, **kwargs: Any) -> Tensor:
-    """Run ``block`` (whose ``attn`` is one of the classes above), its q, k, v handed to ``tap``
-    (a :class:`bvit.layers.BroadTap` or a :class:`_KeepQKV`)."""
-    attn = block.attn
-    attn._broad_tap = tap
-    try:
-        x = block(x, **kwargs)
-    finally:
-        attn._broad_tap = None
-    if getattr(tap, 'values', None) is None and getattr(tap, 'qkv', None) is None:
-        raise RuntimeError(f'{type(block).__name__} did not call its attention; broad attention expects one call')
-    return x
+class _BroadSwinBlock(_BroadBlock):
+    """Mixin for a Swin block (input (B, H, W, C)): the tap gets q, k, v re-windowed to the stage's partition."""
+
+    def _attn_tap(self, x: Tensor, broad: BroadTap) -> Any:
+        return _StageWindows(broad, self, x.shape[1], x.shape[2])
 
 
-def _call_block(block: nn.Module, x: Tensor, tap: Any, ckpt: bool, **kwargs: Any) -> Tensor:
-    """:func:`_run_block`, recomputed in the backward pass with ``ckpt`` (gradient checkpointing)."""
-    if ckpt:
-        return checkpoint(_run_block, block, x, tap, use_reentrant=False, **kwargs)
-    return _run_block(block, x, tap, **kwargs)
+_BROAD_CLASSES: Dict[Tuple[type, type], type] = {}
 
 
-def _use_checkpoint(enabled: bool) -> bool:
-    return enabled and not torch.jit.is_scripting()
+def _broad_class(mixin: type, base: type) -> type:
+    """The class ``Broad<base>`` = (mixin, base), made once per pair."""
+    cls = _BROAD_CLASSES.get((mixin, base))
+    if cls is None:
+        name = 'Broad' + base.__name__
+        cls = type(name, (mixin, base), {'__module__': __name__, '__qualname__': name, '_broad_base': base})
+        _BROAD_CLASSES[mixin, base] = cls
+        globals().setdefault(name, cls)  # so that pickling the whole model finds it in this process
+    return cls
+
+
+def _swap_block(block: nn.Module, mixin: type) -> None:
+    _swap(block, _broad_class(mixin, getattr(type(block), '_broad_base', type(block))))
 
 
 # Vision Transformer --------------------------------------------------------------------------
 
-class _BroadViTMixin:
+class _BroadViTMixin(BroadBlocks):
     """Overrides ``forward_features`` / ``forward`` of a timm VisionTransformer (subclass)."""
     broad_scale: float
     _broad_base: type
@@ -216,21 +242,11 @@ class _BroadViTMixin:
         x = self._pos_embed(x)
         x = self.patch_drop(x)
         x = self.norm_pre(x)
-        kwargs: Dict[str, Any] = {}
-        if attn_mask is not None or is_causal:
-            kwargs = dict(attn_mask=attn_mask, is_causal=is_causal)
         attn = self.blocks[0].attn
         rows = x.shape[1] if rows is None else rows
-        group = broad_group(len(self.blocks), attn.num_heads, attn.head_dim, self.embed_dim)
-        ckpt = _use_checkpoint(self.grad_checkpointing)
-        logits: Optional[Tensor] = None
-        values: List[Tensor] = []
-        for i, blk in enumerate(self.blocks):  # as BViT's own loop: each layer's logits summed as it runs
-            tap = BroadTap(rows, i, group)
-            x = _call_block(blk, x, tap, ckpt, **kwargs)
-            logits = tap.logits if logits is None else logits + tap.logits
-            values.append(tap.values)
-        out = broad_output(logits, values, attn.head_dim, group, attn.scale, attn_mask, is_causal)
+        terms = BroadTerms(rows, broad_group(len(self.blocks), attn.num_heads, attn.head_dim, self.embed_dim))
+        x, _ = self._run_blocks(x, terms, attn_mask=attn_mask, is_causal=is_causal)
+        out = terms.output(attn.head_dim, attn.scale, attn_mask, is_causal)
         return x[:, :rows] + self.broad_scale * out.to(x.dtype)
 
     def forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
@@ -276,13 +292,7 @@ if VisionTransformerDistilled is not None:
 
 
 def _broad_vit_class(base: type) -> type:
-    cls = _VIT_CLASSES.get(base)
-    if cls is None:
-        name = 'Broad' + base.__name__
-        cls = type(name, (_BroadViTMixin, base), {'__module__': __name__, '__qualname__': name, '_broad_base': base})
-        _VIT_CLASSES[base] = cls
-        globals().setdefault(name, cls)  # so that pickling the whole model finds it in this process
-    return cls
+    return _VIT_CLASSES.get(base) or _broad_class(_BroadViTMixin, base)
 
 
 # Swin Transformer ----------------------------------------------------------------------------
@@ -315,7 +325,7 @@ def _padding_key_mask(
     return mask[:, None, None, :]
 
 
-class BroadSwinTransformerStage(SwinTransformerStage):
+class BroadSwinTransformerStage(BroadBlocks, SwinTransformerStage):
     """Swin stage whose output gets the scaled broad attention over its blocks (see module doc)."""
     _broad_base = SwinTransformerStage
     broad_scale: float = 0.4
@@ -324,32 +334,31 @@ class BroadSwinTransformerStage(SwinTransformerStage):
     def forward(self, x: Tensor) -> Tensor:
         x = self.downsample(x)
         B, H, W, C = x.shape
-        taps = [_KeepQKV() for _ in self.blocks]
-        ckpt = _use_checkpoint(self.grad_checkpointing)
-        for blk, tap in zip(self.blocks, taps):
-            x = _call_block(blk, x, tap, ckpt)
-        qs = [_to_stage_windows(t.qkv[0], blk, H, W) for t, blk in zip(taps, self.blocks)]
-        ks = [_to_stage_windows(t.qkv[1], blk, H, W) for t, blk in zip(taps, self.blocks)]
-        vs = [_to_stage_windows(t.qkv[2], blk, H, W) for t, blk in zip(taps, self.blocks)]
-        return x + self.broad_scale * self._broad(qs, ks, vs, B, H, W, C)
-
-    def _broad(self, qs: List[Tensor], ks: List[Tensor], vs: List[Tensor], B: int, H: int, W: int, C: int) -> Tensor:
         window = tuple(self.blocks[0].window_size)
         if any(tuple(b.window_size) != window for b in self.blocks):
             sizes = [b.window_size for b in self.blocks]
             raise RuntimeError(f'broad attention needs one window size per stage, got {sizes}')
+        attn = self.blocks[0].attn
+        head_dim = attn.qkv.out_features // (3 * attn.num_heads)
+        terms = BroadTerms(window[0] * window[1], broad_group(len(self.blocks), attn.num_heads, head_dim, C))
+        x, _ = self._run_blocks(x, terms)
+        out = terms.output(head_dim, attn.scale, self._broad_mask(B, H, W, window, x)).to(x.dtype)
+        Hp, Wp = math.ceil(H / window[0]) * window[0], math.ceil(W / window[1]) * window[1]
+        out = window_reverse(out.reshape(-1, window[0], window[1], C), window, Hp, Wp)
+        return x + self.broad_scale * out[:, :H, :W]
+
+    def _broad_mask(self, B: int, H: int, W: int, window: Tuple[int, int], x: Tensor) -> Optional[Tensor]:
+        """Additive mask of the broad logits (B·nW, h or 1, N, N), or None: the blocks' summed
+        relative position bias (``broad_rel_pos_bias``) and -inf on padding keys."""
         mask: Optional[Tensor] = None
         if self.broad_rel_pos_bias:
             mask = torch.stack([b.attn._get_rel_pos_bias() for b in self.blocks]).sum(0)  # (1, h, N, N)
-        pad = _padding_key_mask(H, W, window, qs[0].device, qs[0].dtype)
+        pad = _padding_key_mask(H, W, window, x.device, x.dtype)
         if pad is not None:
             mask = pad if mask is None else mask + pad  # (nW, h or 1, N, N)
-            nw, h, N = mask.shape[0], mask.shape[1], qs[0].shape[-2]
+            nw, h, N = mask.shape[0], mask.shape[1], window[0] * window[1]
             mask = mask.expand(nw, -1, N, -1).unsqueeze(0).expand(B, -1, -1, -1, -1).reshape(B * nw, h, N, N)
-        out = broad_attention(qs, ks, vs, C, scale=self.blocks[0].attn.scale, attn_mask=mask)
-        Hp, Wp = math.ceil(H / window[0]) * window[0], math.ceil(W / window[1]) * window[1]
-        out = window_reverse(out.reshape(-1, window[0], window[1], C), window, Hp, Wp)
-        return out[:, :H, :W]
+        return mask
 
 
 class BroadSwinTransformer(SwinTransformer):
@@ -415,6 +424,7 @@ def _convert_vit(model: nn.Module, scale: float) -> nn.Module:
         _check_attrs(model, attn, _ATTN_ATTRS, f'block {i} attention')
     for blk in blocks:
         _swap(blk.attn, BroadAttention)
+        _swap_block(blk, _BroadBlock)
     _swap(model, _broad_vit_class(base))
     model.broad_scale = scale
     return model
@@ -433,6 +443,7 @@ def _convert_swin(model: nn.Module, scale: float, rel_pos_bias: bool) -> nn.Modu
     for stage in model.layers:
         for blk in stage.blocks:
             _swap(blk.attn, BroadWindowAttention)
+            _swap_block(blk, _BroadSwinBlock)
         _swap(stage, BroadSwinTransformerStage)
         stage.broad_rel_pos_bias = bool(rel_pos_bias)
     _swap(model, BroadSwinTransformer)

@@ -37,17 +37,14 @@ def count_params(model: nn.Module) -> int:
 
 
 def count_flops(model: nn.Module, img_size: int = 224, in_chans: int = 3) -> int:
-    """FLOPs (2 per multiply-add) of ``model(x)`` for one image, in eval mode, as every call after
-    the first costs (a BViT prepares per-layer constants of its streamed class row on its first
-    inference call; that one-off work is not counted)."""
+    """FLOPs (2 per multiply-add) of ``model(x)`` for one image (1, in_chans, img_size, img_size),
+    in eval mode; every call of a BViT costs the same (it keeps nothing from one call to the next)."""
     was_training = model.training
     model.eval()
     x = torch.zeros(1, in_chans, img_size, img_size)
     counter = FlopCounterMode(display=False)
-    with torch.no_grad():
+    with torch.no_grad(), counter:
         model(x)
-        with counter:
-            model(x)
     model.train(was_training)
     return counter.get_total_flops()
 

@@ -16,17 +16,20 @@ over as soon as it has run, and one step at the end:
   groups it falls into, divided by the group size g (:func:`broad_group`).
 
 These three functions are the definition: :func:`broad_attention` composes them for lists of
-q, k, v; BViT's blocks hand them over through a :class:`BroadTap`; ``bvit.broad`` uses them
-for timm's ViT and Swin. A variant of broad attention is a change to them (docs/model.md, "Writing a
-variant of broad attention").
+q, k, v. In the models a block's attention hands them over through a :class:`BroadTap`, and one
+loop, :meth:`BroadBlocks._run_blocks`, runs the blocks and collects the terms in a
+:class:`BroadTerms`; BViT and ``bvit.broad`` (timm's ViT, DeiT, Swin stages, T2T-ViT) share it.
+A variant of broad attention is a change to the three functions or to :meth:`BroadTap.record`
+(docs/model.md, "Writing a variant of broad attention").
 """
 
-from typing import List, Optional, Sequence, Type
+from typing import List, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 import torch.fx
+from torch.utils.checkpoint import checkpoint
 from timm.layers import DropPath, Mlp, register_notrace_function, use_fused_attn
 
 
@@ -135,9 +138,9 @@ def broad_attention(
 class BroadTap:
     """What one block's attention hands on to the broad attention (filled in by :class:`Attention`).
 
-    Made by the model for block ``layer`` and passed as ``block(x, broad=tap)``; after the call
-    ``logits`` is the layer's :func:`broad_logits` for the query rows [0, ``rows``) and ``values``
-    its :func:`broad_values` for pooling groups of ``group``.
+    Made by :meth:`BroadTerms.tap` for block ``layer`` and passed as ``block(x, broad=tap)``; after
+    the call ``logits`` is the layer's :func:`broad_logits` for the query rows [0, ``rows``) and
+    ``values`` its :func:`broad_values` for pooling groups of ``group``.
     """
 
     def __init__(self, rows: int, layer: int, group: int) -> None:
@@ -151,6 +154,81 @@ class BroadTap:
         """Take the layer's terms from its q, k, v (B, H, N, d)."""
         self.logits = broad_logits(q[:, :, :self.rows], k)
         self.values = broad_values(v, self.layer, self.group)
+
+
+class BroadTerms:
+    """The broad terms of the blocks run so far, collected by :meth:`BroadBlocks._run_blocks`.
+
+    ``tap(layer)`` makes the :class:`BroadTap` block ``layer`` fills in; ``add(tap)`` then takes
+    its terms: ``logits`` is Σ_l broad_logits (B, H, R, N), summed as the blocks run so that one
+    layer's logits live at a time, and ``values`` the layers' broad_values (B, H, N, w_l).
+    ``output`` is the pooled broad output (B, R, H·L·d / g) of :func:`broad_output`.
+    """
+
+    def __init__(self, rows: int, group: int) -> None:
+        self.rows = rows
+        self.group = group
+        self.logits = torch.jit.annotate(Optional[Tensor], None)
+        self.values = torch.jit.annotate(List[Tensor], [])
+
+    def tap(self, layer: int) -> BroadTap:
+        return BroadTap(self.rows, layer, self.group)
+
+    def add(self, tap: BroadTap) -> None:
+        logits, values = tap.logits, tap.values
+        if logits is None or values is None:
+            raise RuntimeError(f'block {tap.layer} did not call its attention; broad attention expects one call per block')
+        total = self.logits
+        self.logits = logits if total is None else total + logits
+        self.values.append(values)
+
+    def output(self, head_dim: int, scale: float, attn_mask: Optional[Tensor] = None,
+               is_causal: bool = False) -> Tensor:
+        """:func:`broad_output` of the terms collected (head dim d, logit ``scale``, mask as there)."""
+        logits = self.logits
+        if logits is None:
+            raise RuntimeError('broad attention needs at least one block')
+        return broad_output(logits, self.values, head_dim, self.group, scale, attn_mask, is_causal)
+
+
+class BroadBlocks:
+    """Mixin with the one loop that runs a model's blocks and collects their broad terms.
+
+    For a module with ``blocks`` (a ModuleList or Sequential whose blocks take ``block(x,
+    broad=tap)`` and, with a mask, ``attn_mask=`` / ``is_causal=``) and ``grad_checkpointing``:
+    BViT, and ``bvit.broad``'s timm ViT / DeiT / T2T-ViT models and Swin stages.
+    """
+
+    def _run_blocks(self, x: Tensor, terms: Optional[BroadTerms], take: Optional[List[int]] = None,
+                    depth: int = -1, attn_mask: Optional[Tensor] = None,
+                    is_causal: bool = False) -> Tuple[Tensor, List[Tensor]]:
+        """Tokens x through the first ``depth`` blocks (all when -1) -> (last output, the outputs of
+        the blocks in ``take``). Block i hands its q, k, v to ``terms.tap(i)``, whose terms
+        ``terms.add`` collects as soon as the block has run; no broad attention when ``terms`` is None.
+        ``attn_mask`` / ``is_causal`` go to every block (timm's ViT blocks)."""
+        taken: List[Tensor] = []
+        for i, blk in enumerate(self.blocks):
+            if depth < 0 or i < depth:
+                tap = terms.tap(i) if terms is not None else None
+                if (self.grad_checkpointing and not torch.jit.is_scripting()) or attn_mask is not None or is_causal:
+                    x = self._call_block(i, x, tap, attn_mask, is_causal)
+                else:
+                    x = blk(x, broad=tap)
+                if terms is not None and tap is not None:
+                    terms.add(tap)
+                if take is not None and i in take:
+                    taken.append(x)
+        return x, taken
+
+    @torch.jit.unused
+    def _call_block(self, i: int, x: Tensor, tap: Optional[BroadTap], attn_mask: Optional[Tensor],
+                    is_causal: bool) -> Tensor:
+        """Block i with a mask and/or recomputed in the backward pass (gradient checkpointing);
+        neither is scripted."""
+        kwargs = dict(attn_mask=attn_mask, is_causal=is_causal) if attn_mask is not None or is_causal else {}
+        if self.grad_checkpointing:
+            return checkpoint(self.blocks[i], x, broad=tap, use_reentrant=False, **kwargs)
+        return self.blocks[i](x, broad=tap, **kwargs)
 
 
 def attention_probs(q: Tensor, k: Tensor, scale: float) -> Tensor:
@@ -263,5 +341,5 @@ class Block(nn.Module):
 
 
 __all__: List[str] = [
-    'Attention', 'Block', 'BroadTap', 'broad_group', 'broad_logits', 'broad_values', 'broad_output',
+    'Attention', 'Block', 'BroadTap', 'BroadTerms', 'BroadBlocks', 'broad_group', 'broad_logits', 'broad_values', 'broad_output',
     'broad_attention', 'attention_probs', 'broad_probs']

@@ -15,22 +15,20 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import register_notrace_function, resample_abs_pos_embed, resample_patch_embed, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices  # no public name; timm's own ViT imports it from here
 
 from .checkpoint import check_state_dict, checkpoint_globals, classifier_keys, unwrap_state_dict
-from .layers import Block, BroadTap, attention_probs, broad_group, broad_output, broad_probs
+from .layers import Block, BroadBlocks, BroadTap, BroadTerms, attention_probs, broad_group, broad_probs
 
 _int_or_pair = Union[int, Tuple[int, int]]
 
 # The helpers below that branch on shapes are leaves for torch.fx.symbolic_trace (and so
 # torchvision's create_feature_extractor): a trace records a call to them instead of tracing
 # through. timm's own FX tracer learns the same from ``register_notrace_function``. The broad
-# attention's own leaves are declared in bvit.layers; broad_output is called from here too.
-torch.fx.wrap('broad_output')
+# attention's own leaves are declared in bvit.layers.
 
 
 def _pair(x: _int_or_pair) -> Tuple[int, int]:
@@ -97,12 +95,9 @@ torch.fx.wrap('_pad_to_patch')
 
 @register_notrace_function
 def _pos_for_grid(pos_embed: Tensor, grid: Tuple[int, int], h: int, w: int, num_prefix: int) -> Tensor:
-    """The position rows for an (h, w) patch grid: the table's own rows at its grid, else those
-    rows resampled bicubically (timm's ``resample_abs_pos_embed``), prefix rows kept."""
-    used = pos_embed[:, :num_prefix + grid[0] * grid[1]]
-    if h == grid[0] and w == grid[1]:
-        return used
-    return resample_abs_pos_embed(used, [h, w], [grid[0], grid[1]], num_prefix_tokens=num_prefix)
+    """The position rows for an (h, w) patch grid: :func:`resample_pos_embed` of the table from
+    its own grid (its used rows as they are at that grid)."""
+    return resample_pos_embed(pos_embed, grid, (h, w), num_prefix_tokens=num_prefix)
 
 
 torch.fx.wrap('_pos_for_grid')
@@ -120,12 +115,12 @@ class AttentionMaps(NamedTuple):
     grid_size: Tuple[int, int]
 
 
-class BViT(nn.Module):
+class BViT(BroadBlocks, nn.Module):
     """Vision transformer with broad attention (BViT).
 
     Every block hands its (q, k, v) to a parameter-free broad attention over all L layers; its
     output, pooled to the embedding width and scaled by ``broad_scale``, joins the last layer's
-    tokens before the norm and the head.
+    tokens before the norm and the head. The blocks run in :meth:`bvit.layers.BroadBlocks._run_blocks`.
     """
 
     def __init__(
@@ -305,50 +300,24 @@ class BViT(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return self.pos_drop(x + pos)
 
-    def _recompute(self) -> bool:
-        return self.grad_checkpointing and not torch.jit.is_scripting()
-
-    @torch.jit.unused
-    def _checkpoint(self, i: int, x: Tensor, tap: Optional[BroadTap]) -> Tensor:
-        """Block i, recomputed in the backward pass (gradient checkpointing)."""
-        return checkpoint(self.blocks[i], x, broad=tap, use_reentrant=False)
-
-    def _run_blocks(self, x: Tensor, rows: int, take: Optional[List[int]] = None,
-                    depth: int = -1) -> Tuple[Tensor, Tensor, List[Tensor], List[Tensor]]:
-        """Tokens (B, N, D) through the first ``depth`` blocks (all when -1) -> (tokens, Σ_l broad
-        logits (B, H, rows, N), each layer's broad values (B, H, N, w), the outputs of the blocks
-        in ``take``). The broad terms come from each block's attention as it runs
-        (:class:`bvit.layers.BroadTap`); with ``rows == 0`` (no broad attention) they are empty."""
-        group = self._broad_group() if rows > 0 else 0
-        logits = x.new_zeros(0)
-        values: List[Tensor] = []
-        taken: List[Tensor] = []
-        for i, blk in enumerate(self.blocks):
-            if depth < 0 or i < depth:
-                tap = BroadTap(rows, i, group) if rows > 0 else None
-                x = self._checkpoint(i, x, tap) if self._recompute() else blk(x, broad=tap)
-                if tap is not None:
-                    s, v = tap.logits, tap.values
-                    assert s is not None and v is not None
-                    logits = s if i == 0 else logits + s
-                    values.append(v)
-                if take is not None and i in take:
-                    taken.append(x)
-        return x, logits, values, taken
-
     def _broad_group(self) -> int:
         return broad_group(len(self.blocks), self.num_heads, self.head_dim, self.embed_dim)
 
-    def _broad_out(self, logits: Tensor, values: List[Tensor]) -> Tensor:
-        """The pooled broad output (B, R, D) from the layers' terms (:func:`bvit.layers.broad_output`)."""
-        return broad_output(logits, values, self.head_dim, self._broad_group(), self.head_dim ** -0.5)
+    def _broad_terms(self, rows: int) -> Optional[BroadTerms]:
+        """What collects the broad terms of the query rows [0, rows) (None when broad attention is off)."""
+        return BroadTerms(rows, self._broad_group()) if self.broad else None
+
+    def _broad_out(self, terms: BroadTerms) -> Tensor:
+        """The pooled broad output (B, R, D) of the blocks' terms (:func:`bvit.layers.broad_output`)."""
+        return terms.output(self.head_dim, self.head_dim ** -0.5)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Images (B, C, H, W) -> normed tokens (B, N+1, D), broad output added on every token."""
         x = self._embed(x)
-        x, logits, values, _ = self._run_blocks(x, x.shape[1] if self.broad else 0)
-        if self.broad:
-            x = x + self.broad_scale * self._broad_out(logits, values).to(x.dtype)
+        terms = self._broad_terms(x.shape[1])
+        x, _ = self._run_blocks(x, terms)
+        if terms is not None:
+            x = x + self.broad_scale * self._broad_out(terms).to(x.dtype)
         return self.norm(x)
 
     @torch.jit.ignore
@@ -356,8 +325,9 @@ class BViT(nn.Module):
         """Images -> the broad attention's pooled output (B, N+1, D), before ``broad_scale``:
         ``forward_features(x) == norm(x_L + broad_scale * forward_broad(x))``."""
         x = self._embed(x)
-        x, logits, values, _ = self._run_blocks(x, x.shape[1])
-        return self._broad_out(logits, values).to(x.dtype)
+        terms = BroadTerms(x.shape[1], self._broad_group())
+        x, _ = self._run_blocks(x, terms)
+        return self._broad_out(terms).to(x.dtype)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """Tokens (B, N+1, D) -> logits (B, classes), or pooled features (B, D) with pre_logits;
@@ -377,8 +347,9 @@ class BViT(nn.Module):
         """
         if not self.broad or self.global_pool != 'token':
             return self.forward_head(self.forward_features(x))
-        x, logits, values, _ = self._run_blocks(self._embed(x), 1)
-        x = x[:, :1] + self.broad_scale * self._broad_out(logits, values).to(x.dtype)
+        terms = BroadTerms(1, self._broad_group())
+        x, _ = self._run_blocks(self._embed(x), terms)
+        x = x[:, :1] + self.broad_scale * self._broad_out(terms).to(x.dtype)
         return self.forward_head(self.norm(x))
 
     @torch.jit.ignore
@@ -414,8 +385,8 @@ class BViT(nn.Module):
         x = self._embed(x)
         grid_h, grid_w = self._grid_of(height, width)
         depth = last + 1 if stop_early and intermediates_only else -1
-        rows = x.shape[1] if self.broad and not intermediates_only else 0
-        x, logits, values, taken = self._run_blocks(x, rows, take, depth)
+        terms = None if intermediates_only else self._broad_terms(x.shape[1])
+        x, taken = self._run_blocks(x, terms, take, depth)
         if norm:
             taken = [self.norm(t) for t in taken]
         out: List[Any] = []
@@ -426,8 +397,8 @@ class BViT(nn.Module):
             out.append((patches, t[:, :self.num_prefix_tokens]) if return_prefix_tokens else patches)
         if intermediates_only:
             return out
-        if rows:
-            x = x + self.broad_scale * self._broad_out(logits, values).to(x.dtype)
+        if terms is not None:
+            x = x + self.broad_scale * self._broad_out(terms).to(x.dtype)
         return self.norm(x), out
 
     def _grid_of(self, height: int, width: int) -> Tuple[int, int]:
@@ -466,14 +437,11 @@ class BViT(nn.Module):
         """
         grid = self._grid_of(x.shape[-2], x.shape[-1])
         x = self._embed(x)
-        group = self._broad_group()
-        taps = [_MapTap(x.shape[1], i, group) for i in range(len(self.blocks))]
-        for i, (blk, tap) in enumerate(zip(self.blocks, taps)):
-            x = self._checkpoint(i, x, tap) if self._recompute() else blk(x, broad=tap)
+        terms = _MapTerms(x.shape[1], self._broad_group())
+        self._run_blocks(x, terms)
         scale = self.head_dim ** -0.5
-        layers = [attention_probs(tap.q, tap.k, scale) for tap in taps]
-        logits = torch.stack([tap.logits for tap in taps]).sum(0)
-        return AttentionMaps(layers, broad_probs(logits, scale), grid)
+        layers = [attention_probs(q, k, scale) for q, k in terms.qk]
+        return AttentionMaps(layers, broad_probs(terms.logits, scale), grid)
 
 
 class _MapTap(BroadTap):
@@ -482,6 +450,21 @@ class _MapTap(BroadTap):
     def record(self, q: Tensor, k: Tensor, v: Tensor) -> None:
         super().record(q, k, v)
         self.q, self.k = q, k
+
+
+class _MapTerms(BroadTerms):
+    """:class:`~bvit.layers.BroadTerms` that also keep every layer's q, k (``qk``), for ``attention_maps``."""
+
+    def __init__(self, rows: int, group: int) -> None:
+        super().__init__(rows, group)
+        self.qk: List[Tuple[Tensor, Tensor]] = []
+
+    def tap(self, layer: int) -> BroadTap:
+        return _MapTap(self.rows, layer, self.group)
+
+    def add(self, tap: BroadTap) -> None:
+        super().add(tap)
+        self.qk.append((tap.q, tap.k))
 
 
 # Released checkpoints ---------------------------------------------------------------------------
@@ -615,15 +598,17 @@ def resample_pos_embed(
     ``num_rows`` is its own row count).
     """
     used = num_prefix_tokens + old_grid[0] * old_grid[1]
-    if tuple(old_grid) == tuple(new_grid) and num_rows == pos_embed.shape[1]:
+    same = old_grid[0] == new_grid[0] and old_grid[1] == new_grid[1]
+    if same and num_rows is not None and num_rows == pos_embed.shape[1]:
         return pos_embed
     if pos_embed.shape[1] < used:
-        raise ValueError(f'position table has {pos_embed.shape[1]} rows, fewer than the {used} of a {old_grid} grid')
-    if tuple(old_grid) == tuple(new_grid):
+        raise ValueError(f'position table has {pos_embed.shape[1]} rows, fewer than the {used} of a '
+                         f'{old_grid[0]}x{old_grid[1]} grid')
+    if same:
         out = pos_embed[:, :used]
     else:
-        out = resample_abs_pos_embed(
-            pos_embed[:, :used], list(new_grid), list(old_grid), num_prefix_tokens=num_prefix_tokens)
+        out = resample_abs_pos_embed(pos_embed[:, :used], [new_grid[0], new_grid[1]], [old_grid[0], old_grid[1]],
+                                     num_prefix_tokens=num_prefix_tokens)
     if num_rows is not None and num_rows > out.shape[1]:
         out = torch.cat([out, out.new_zeros(1, num_rows - out.shape[1], out.shape[2])], dim=1)
     return out

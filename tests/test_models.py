@@ -255,7 +255,7 @@ def test_attention_maps_properties():
         maps = model.attention_maps(x)
         outs = []
         hooks = [blk.attn.qkv.register_forward_hook(lambda m, a, o: outs.append(o)) for blk in model.blocks]
-        x_last = model._run_blocks(model._embed(x), 0)[0]
+        x_last = model._run_blocks(model._embed(x), None)[0]
         for h in hooks:
             h.remove()
         qs, ks, vs = zip(*(o.reshape(2, -1, 3, 3, 64).permute(2, 0, 3, 1, 4) for o in outs))
@@ -300,10 +300,10 @@ def test_broad_false_twin_and_scale():
         assert torch.equal(twin(x), zero(x))
         assert not torch.allclose(twin(x), model(x))
     # no broad path: the twin never touches the broad attention
-    import bvit.models as mod
+    import bvit.layers as layers
     calls = []
     saved = {}
-    targets = [(mod, 'broad_output')]
+    targets = [(layers, 'broad_logits'), (layers, 'broad_output')]
     for owner, name in targets:
         saved[owner, name] = orig = getattr(owner, name)
         setattr(owner, name, lambda *a, _orig=orig, **k: calls.append(1) or _orig(*a, **k))
