@@ -117,11 +117,12 @@ def test_broken_gzip_is_one_clear_error(tmp_path):
 
 
 def test_model_kwargs_parse_and_refuse_what_flags_set():
+    from bvit.builder import parse_model_kwargs
     args = train_hp.parse_args(['--model-kwargs', 'embed_dim=48', 'num_heads=2', 'mlp_ratio=2.0', 'act=gelu'])
-    assert train_hp.model_kwargs(args) == dict(embed_dim=48, num_heads=2, mlp_ratio=2.0, act='gelu')
+    assert parse_model_kwargs(args.model_kwargs) == dict(embed_dim=48, num_heads=2, mlp_ratio=2.0, act='gelu')
     for bad, text in (('embed_dim', 'KEY=VALUE'), ('img_size=32', '--input-size'), ('broad=False', '--no-broad')):
         with pytest.raises(UsageError, match=text):
-            train_hp.model_kwargs(train_hp.parse_args(['--model-kwargs', bad]))
+            train_hp._check_model_flags(train_hp.parse_args(['--model-kwargs', bad]))
 
 
 def test_config_trains_then_evaluates_its_checkpoint(tmp_path, capsys):
@@ -145,7 +146,13 @@ def test_config_trains_then_evaluates_its_checkpoint(tmp_path, capsys):
     rc = train_hp.cli([str(a) for a in common + ['--eval', '--resume', out / 'checkpoint.pth']])
     text = capsys.readouterr().out
     assert rc == 0 and f'Accuracy of the network on the {N_TEST} test images: {log["test_acc1"]:.1f}%' in text
+    # a model flag given with another value is honoured, with a note (here the shapes still fit: 1 head of 48)
     rc = train_hp.cli([str(a) for a in common + ['--eval', '--resume', out / 'checkpoint.pth',
                                                  '--model-kwargs', 'embed_dim=48', 'num_heads=1', 'head_dim=48']])
+    text = capsys.readouterr().out
+    assert rc == 0 and 'note: ' in text and "evaluating with --model-kwargs embed_dim=48 head_dim=48 num_heads=1" in text
+    # one of another width is refused by the first key that does not fit
+    rc = train_hp.cli([str(a) for a in common + ['--eval', '--resume', out / 'checkpoint.pth',
+                                                 '--model-kwargs', 'embed_dim=32', 'num_heads=2', 'head_dim=16']])
     err = capsys.readouterr().err
-    assert rc == 2 and '--model-kwargs' in err
+    assert rc == 2 and 'does not fit' in err and '\n' not in err.strip()

@@ -1300,18 +1300,16 @@ def test_the_normal_and_the_preempted_ends_keep_the_collective_teardown(monkeypa
 @pytest.mark.parametrize('rank', [0, 1])
 def test_no_rank_exits_with_3_before_rank_0_has_saved_mid_epoch(tmp_path, monkeypatch, rank):
     calls = _stand_in_distributed(monkeypatch)
-    monkeypatch.setattr(train_hp, 'is_main_process', lambda: rank == 0)
-    monkeypatch.setattr(train_hp, 'gather_objects', lambda state: [state, state])
-    monkeypatch.setattr(train_hp, 'make_checkpoint', lambda *a, **k: {})
-    monkeypatch.setattr(train_hp, 'save_checkpoint', lambda obj, path: calls.append('save'))
-    monkeypatch.setattr(train_hp, 'log', lambda *a, **k: None)
+    monkeypatch.setattr(preemption, 'is_main_process', lambda: rank == 0)
+    monkeypatch.setattr(preemption, 'gather_objects', lambda state: [state, state])
+    monkeypatch.setattr(preemption, 'save_checkpoint', lambda obj, path: calls.append('save'))
+    monkeypatch.setattr(preemption, 'log', lambda *a, **k: None)
     args = train_hp.parse_args(TINY + ['--output_dir', str(tmp_path)])
     args.world_size = 2
-    t = train_hp.Training(**{f.name: None for f in dataclasses.fields(train_hp.Training)})
     stop = preemption.StopSignal()
     stop.signum = signal.SIGTERM
     with pytest.raises(preemption.RunStopped):
-        train_hp._save_stopped(args, t, 1, 0.0, {'batches_done': 2, 'batches_total': 4}, stop)
+        preemption.save_and_stop(args, stop, 1, {'batches_done': 2, 'batches_total': 4}, lambda position: {})
     assert calls == (['save', 'barrier'] if rank == 0 else ['barrier'])
 
 
