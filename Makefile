@@ -16,7 +16,7 @@ venv: $(VENV)/.installed
 test: venv
 	$(PY) -m pytest -q tests
 
-# Train BViT-5M on the bundled DIGITS set (CPU, about 75 s on 2 cores), then evaluate the saved
+# Train BViT-5M on the bundled DIGITS set (on the CPU; README gives the time), then evaluate the saved
 # checkpoint on the 357 held-out images: the last line is its top-1 accuracy.
 demo: venv
 	rm -rf $(DEMO_DIR)
