@@ -1,4 +1,4 @@
-"""Every loader of the training script goes through ``bvit.models.checkpoint_filter_fn``:
+"""Every loader of the training script goes through ``bvit.checkpoint.load_checkpoint`` (the family filter):
 ``--eval --resume`` (at the checkpoint's size or another), ``--finetune`` (BViT and other timm
 models), and what it leaves alone (the classifier, training resumes at another size)."""
 from __future__ import annotations
