@@ -143,6 +143,13 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], ignore:
             raise ValueError(f"checkpoint does not fit this {name}: unexpected key '{key}'")
 
 
+def check_backbone(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
+    """:func:`check_state_dict` of every key but the classifier's (its keys, and ``head.*`` for a
+    model built without one): what a family's ``checkpoint_filter_fn`` checks, since timm's
+    ``pretrained=True`` door replaces the classifier when the class count differs."""
+    check_state_dict(model, state_dict, ignore=classifier_keys(model) + ['head.weight', 'head.bias'])
+
+
 def family_filter(model: nn.Module) -> Optional[Callable[..., Dict[str, Tensor]]]:
     """The ``checkpoint_filter_fn(state_dict, model)`` of ``model``'s family: the function of that
     name in the module that defines its class or the nearest base that has one (BViT ->
@@ -190,5 +197,5 @@ def load_checkpoint(model: nn.Module, source: Union[PathLike, Mapping[str, Any]]
 
 __all__ = [
     'CHECKPOINT_SAFE_GLOBALS', 'checkpoint_globals', 'read_checkpoint', 'unwrap_state_dict', 'classifier_keys',
-    'check_state_dict', 'family_filter', 'load_checkpoint',
+    'check_state_dict', 'check_backbone', 'family_filter', 'load_checkpoint',
 ]

@@ -20,7 +20,7 @@ from timm.layers import register_notrace_function, resample_abs_pos_embed, resam
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices  # no public name; timm's own ViT imports it from here
 
-from .checkpoint import check_state_dict, checkpoint_globals, classifier_keys, unwrap_state_dict
+from .checkpoint import check_backbone, checkpoint_globals, unwrap_state_dict
 from .layers import Block, BroadBlocks, BroadTap, BroadTerms, attention_probs, broad_group, broad_probs
 
 _int_or_pair = Union[int, Tuple[int, int]]
@@ -578,7 +578,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dic
             num_prefix_tokens=model.num_prefix_tokens).to(pe.dtype)
     if 'patch_embed.weight' in sd and sd['patch_embed.weight'].shape[1] != model.in_chans:
         _adapt_in_chans(sd, model.in_chans)
-    check_state_dict(model, sd, ignore=classifier_keys(model) + ['head.weight', 'head.bias'])
+    check_backbone(model, sd)
     return sd
 
 

@@ -37,7 +37,7 @@ from timm.layers import Mlp, resample_abs_pos_embed, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 
-from .checkpoint import check_state_dict, checkpoint_globals, classifier_keys, unwrap_state_dict
+from .checkpoint import check_backbone, checkpoint_globals, unwrap_state_dict
 
 _int_or_pair = Union[int, Tuple[int, int]]
 
@@ -413,7 +413,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dic
     if first is not None and out[first].shape[1] != model.in_chans * 49:
         raise ValueError(f'{first} takes {out[first].shape[1]} inputs ({out[first].shape[1] // 49} channels x 7x7), '
                          f'the model {model.in_chans * 49}: build it with in_chans={out[first].shape[1] // 49}')
-    check_state_dict(model, out, ignore=classifier_keys(model) + ['head.weight', 'head.bias'])
+    check_backbone(model, out)
     return out
 
 
