@@ -13,8 +13,9 @@ $(VENV)/.installed: requirements.txt
 
 venv: $(VENV)/.installed
 
+# Two pytest workers (pytest-xdist), one a core: most tests run one torch thread.
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 tests
 
 # Train BViT-5M on the bundled DIGITS set (on the CPU; README gives the time), then evaluate the saved
 # checkpoint on the 357 held-out images: the last line is its top-1 accuracy.
