@@ -1,4 +1,6 @@
-"""torch.hub entry points, as DeiT's: one for every model this repository registers with timm.
+"""torch.hub entry points, as DeiT's: one for every BViT and T2T-ViT model this repository
+registers with timm (the broad variants ``broad_<name>`` of timm's models are timm names:
+``timm.create_model``).
 
     model = torch.hub.load('/path/to/this/clone', 'bvit_5m', source='local')
     model = torch.hub.load('/path/to/this/clone', 'bvit_5m', source='local', weights='BViT-5M.pth')

@@ -55,9 +55,27 @@ merging, or before the final norm for the last stage).
   so no mask is needed. Padding tokens (feature maps not divisible by the window) are masked out
   as keys, and their rows are cropped away.
 * No dropout, no new parameters; the logit scale is d^-0.5 of one head, as in BViT.
+
+What timm saves of a converted model
+------------------------------------
+timm's ``save_for_hf`` writes a model's ``pretrained_cfg['architecture']`` and its construction
+arguments (``model._model_args``, which ``timm.create_model`` records), and
+``timm.create_model('local-dir:...')`` calls that architecture's entrypoint with them. So
+:func:`add_broad_attention`, :func:`set_broad_scale` and :func:`remove_broad_attention` keep both
+describing the model as it now is:
+
+* a model whose class takes ``broad`` in its constructor (BViT, T2T-ViT): ``broad`` and
+  ``broad_scale`` are recorded; its architecture name stays.
+* a timm ViT / DeiT / Swin: ``broad_scale`` (Swin: also ``swin_rel_pos_bias``) is recorded and the
+  architecture becomes its registered broad variant ``broad_<name>`` (:func:`broad_variant`;
+  :mod:`bvit.broad_models`), which rebuilds it with broad attention. A model whose architecture
+  has no broad variant keeps its name with ``broad_scale`` among its arguments, so timm's rebuild
+  from the saved config refuses it (``TypeError: ... unexpected keyword argument 'broad_scale'``)
+  instead of giving back a model without broad attention.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -65,6 +83,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from timm.layers import Attention
+from timm.models import is_model
 from timm.models.swin_transformer import (
     SwinTransformer, SwinTransformerBlock, SwinTransformerStage, WindowAttention, window_partition, window_reverse)
 from timm.models.vision_transformer import VisionTransformer
@@ -408,6 +427,54 @@ def _check_scale(scale: float) -> float:
     return scale
 
 
+# Names and recorded construction arguments ---------------------------------------------------
+
+BROAD_PREFIX = 'broad_'
+_SETTINGS = ('broad', 'broad_scale', 'swin_rel_pos_bias')
+
+
+def broad_variant(arch: str) -> Optional[str]:
+    """``'broad_' + arch`` when timm has that model name registered (:mod:`bvit.broad_models`
+    registers one for timm's ViT, DeiT and Swin models), else None."""
+    name = BROAD_PREFIX + arch
+    return name if is_model(name) else None
+
+
+def split_broad_name(name: str) -> Tuple[str, bool]:
+    """``(plain name, True)`` for a registered broad variant ``broad_<plain name>``, else ``(name, False)``."""
+    plain = name[len(BROAD_PREFIX):]
+    if name.startswith(BROAD_PREFIX) and is_model(name) and is_model(plain):
+        return plain, True
+    return name, False
+
+
+def _record_settings(model: nn.Module) -> None:
+    """Make the construction arguments timm recorded for ``model`` (``_model_args``) and its
+    ``pretrained_cfg['architecture']`` describe its broad attention as it now is, so that
+    timm's ``save_for_hf`` saves what rebuilds it (module docstring, "What timm saves of a
+    converted model")."""
+    on = has_broad_attention(model)
+    takes_broad = 'broad' in inspect.signature(getattr(type(model), '_broad_base', type(model))).parameters
+    args = {k: v for k, v in getattr(model, '_model_args', {}).items() if k not in _SETTINGS}
+    if takes_broad:
+        args['broad'] = on
+    if on or (takes_broad and hasattr(model, 'broad_scale')):
+        args['broad_scale'] = float(model.broad_scale)
+    if on and isinstance(model, BroadSwinTransformer):
+        args['swin_rel_pos_bias'] = bool(model.layers[0].broad_rel_pos_bias)
+    model._model_args = args
+    cfg = getattr(model, 'pretrained_cfg', None)
+    if takes_broad or not isinstance(cfg, dict) or not cfg.get('architecture'):
+        return
+    plain, _ = split_broad_name(cfg['architecture'])
+    name = (broad_variant(plain) or plain) if on else plain
+    if name != cfg['architecture']:
+        renamed = {**cfg, 'architecture': name}
+        if getattr(model, 'default_cfg', None) is cfg:  # timm's alias of the same dict
+            model.default_cfg = renamed
+        model.pretrained_cfg = renamed
+
+
 def _convert_vit(model: nn.Module, scale: float) -> nn.Module:
     base = getattr(type(model), '_broad_base', type(model))
     if base.forward_features is not VisionTransformer.forward_features:
@@ -463,25 +530,29 @@ def add_broad_attention(model: nn.Module, scale: float = 0.4, *, swin_rel_pos_bi
             broad logits (see the module docstring).
 
     Parameters, buffers and state-dict keys are unchanged, so weights load as before and after.
-    Calling it again on a converted model only updates the settings. Raises TypeError for other
-    models, naming what is supported.
+    The settings are recorded where timm's ``save_for_hf`` reads them, and a timm model's
+    architecture becomes its broad variant ``broad_<name>`` (module docstring, "What timm saves
+    of a converted model"). Calling it again on a converted model only updates the settings.
+    Raises TypeError for other models, naming what is supported.
     """
     scale = _check_scale(scale)
     if not isinstance(model, nn.Module):
         raise TypeError(
             f'add_broad_attention expects a torch.nn.Module, got {type(model).__name__}; supported are {SUPPORTED}')
     if isinstance(model, VisionTransformer):
-        return _convert_vit(model, scale)
-    if isinstance(model, SwinTransformer):
+        model = _convert_vit(model, scale)
+    elif isinstance(model, SwinTransformer):
         if type(model) not in (SwinTransformer, BroadSwinTransformer):
             raise _unsupported(model, 'subclasses of SwinTransformer are not supported')
-        return _convert_swin(model, scale, swin_rel_pos_bias)
-    from .models import BViT  # here, so that importing this module does not register the BViT models
-    if isinstance(model, BViT):
+        model = _convert_swin(model, scale, swin_rel_pos_bias)
+    else:
+        from .models import BViT  # here, so that importing this module does not register the BViT models
+        if not isinstance(model, BViT):
+            raise _unsupported(model, 'no supported attention blocks')
         model.broad = True
         model.broad_scale = scale
-        return model
-    raise _unsupported(model, 'no supported attention blocks')
+    _record_settings(model)
+    return model
 
 
 def set_broad_scale(model: nn.Module, scale: float) -> nn.Module:
@@ -489,6 +560,7 @@ def set_broad_scale(model: nn.Module, scale: float) -> nn.Module:
     if not hasattr(model, 'broad_scale'):
         raise TypeError(f'{type(model).__name__} has no broad attention; call add_broad_attention first')
     model.broad_scale = _check_scale(scale)
+    _record_settings(model)
     return model
 
 
@@ -500,7 +572,8 @@ def has_broad_attention(model: nn.Module) -> bool:
 
 
 def remove_broad_attention(model: nn.Module) -> nn.Module:
-    """Undo :func:`add_broad_attention` in place (restore the timm classes); returns the model.
+    """Undo :func:`add_broad_attention` in place (restore the timm classes, the recorded settings
+    and the architecture name); returns the model.
 
     For a BViT, switches its broad attention off (``broad=False``).
     """
@@ -514,14 +587,16 @@ def remove_broad_attention(model: nn.Module) -> nn.Module:
                 m.__dict__.pop('broad_rel_pos_bias', None)
                 m.__dict__.pop('_broad_tap', None)
                 m.__class__ = base
-        return model
-    if hasattr(model, 'broad') and hasattr(model, 'broad_scale'):
+        _record_settings(model)
+    elif hasattr(model, 'broad') and hasattr(model, 'broad_scale'):
         model.broad = False
+        _record_settings(model)
     return model
 
 
 __all__ = [
     'add_broad_attention', 'remove_broad_attention', 'set_broad_scale', 'has_broad_attention',
+    'broad_variant', 'split_broad_name', 'BROAD_PREFIX',
     'BroadAttention', 'BroadWindowAttention', 'BroadVisionTransformer',
     'BroadSwinTransformerStage', 'BroadSwinTransformer', 'SUPPORTED',
 ]

@@ -3,12 +3,15 @@ function that rebuilds it (as timm's ``_builder.py`` builds from a config).
 
 A record is a plain dict with the fields of :data:`RECORD_FIELDS`::
 
-    arch          registered timm name ('bvit_5m', 't2t_vit_14', 'deit_tiny_patch16_224', ...)
+    arch          registered timm name ('bvit_5m', 't2t_vit_14', 'deit_tiny_patch16_224', ...); a broad
+                  variant's name (``broad_deit_tiny_patch16_224``) is its timm model with broad on
     num_classes   classes of the head
     input_size    image side (int) or [h, w]
     patch_size    patch side, or None for the model's default (BViT: 16)
     stem          BViT's stem, 'conv' or 'none' (None: 'conv'); other models: None
-    broad         broad attention on (BViT: its own; other models: bvit.broad.add_broad_attention)
+    broad         broad attention on (BViT, T2T-ViT: their ``broad`` argument; timm's ViT, DeiT,
+                  Swin: their broad variant ``broad_<arch>``, bvit.broad_models; other models:
+                  bvit.broad.add_broad_attention after building)
     broad_scale   weight of the broad attention output
     model_kwargs  further constructor arguments, {name: value}
 
@@ -27,10 +30,10 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 import timm
 from torch import Tensor, nn
 
-from .broad import add_broad_attention
+from .broad import add_broad_attention, broad_variant, has_broad_attention, split_broad_name
 from .checkpoint import PathLike, load_checkpoint, read_checkpoint, unwrap_state_dict
 from .models import MODEL_ARGS, convert_official_state_dict, resolve_arch
-from .t2t import arch_of_state_dict, rename_authors_keys
+from .t2t import T2T_MODEL_ARGS, arch_of_state_dict, rename_authors_keys
 
 RECORD_FIELDS = ('arch', 'num_classes', 'input_size', 'patch_size', 'stem', 'broad', 'broad_scale', 'model_kwargs')
 RECORD_KEY = 'model_record'
@@ -85,13 +88,15 @@ def record_from_args(args: Mapping[str, Any]) -> Dict[str, Any]:
     """The record of a run from ``train_hp.py``'s arguments (``vars(args)``, or the ``args`` dict
     older checkpoints store): ``--arch``, ``nb_classes``, ``--input-size``, ``--patch-size``,
     ``--stem``, ``--no-broad`` (BViT) / ``--broad`` (other models), ``--broad-scale``,
-    ``--model-kwargs``. ValueError for an unknown arch or bad ``--model-kwargs``."""
-    arch = canonical_arch(str(args['arch']))
+    ``--model-kwargs``; a broad variant's name (``--arch broad_deit_tiny_patch16_224``) is recorded
+    as its timm model with broad on. ValueError for an unknown arch or bad ``--model-kwargs``."""
+    arch, named_broad = split_broad_name(canonical_arch(str(args['arch'])))
     size = args.get('input_size', 224)
     if is_bvit(arch):  # the defaults filled in, so that equal models have equal records
         broad, patch, stem = not args.get('no_broad', False), args.get('patch_size') or 16, args.get('stem') or 'conv'
     else:
-        broad, patch, stem = bool(args.get('broad', False)), args.get('patch_size') or None, args.get('stem')
+        broad = bool(args.get('broad', False)) or named_broad
+        patch, stem = args.get('patch_size') or None, args.get('stem')
         stem = None if stem == 'none' else stem  # plain patchify: what other timm ViTs do anyway
     return dict(arch=arch, num_classes=int(args.get('nb_classes') or args.get('num_classes') or 1000),
                 input_size=size if isinstance(size, int) else [int(s) for s in size][-2:],
@@ -149,27 +154,35 @@ def record_of_checkpoint(obj: Any, use_ema: bool = False) -> Dict[str, Any]:
 
 def model_kwargs(record: Mapping[str, Any]) -> Tuple[str, Dict[str, Any]]:
     """(name, ``timm.create_model`` kwargs) of a record: the one map from a record to a
-    constructor (broad attention on a model other than BViT is added after it, see
-    :func:`create_model`). ValueError for a setting the model family does not have."""
-    arch = record['arch']
+    constructor. Broad attention is the ``broad`` argument of BViT and T2T-ViT and the broad
+    variant ``broad_<arch>`` of timm's ViT, DeiT and Swin; on any other model it is added after
+    building (:func:`create_model`). ValueError for a setting the model family does not have."""
+    arch, named_broad = split_broad_name(record['arch'])
+    broad = bool(record['broad']) or named_broad
     kwargs: Dict[str, Any] = dict(num_classes=record['num_classes'], img_size=record['input_size'])
     if is_bvit(arch):
         kwargs.update(patch_size=record['patch_size'] or 16, stem=record['stem'] or 'conv',
-                      broad=bool(record['broad']), broad_scale=float(record['broad_scale']))
+                      broad=broad, broad_scale=float(record['broad_scale']))
     else:
         if record.get('stem') not in (None, 'none'):  # 'none' (plain patchify) is what other timm ViTs do
             raise ValueError(f'stem {record["stem"]!r} applies to BViT models only, not {arch}')
         if record.get('patch_size'):
             kwargs['patch_size'] = record['patch_size']
+        variant = broad_variant(arch) if broad else None
+        if broad and arch in T2T_MODEL_ARGS:
+            kwargs.update(broad=True, broad_scale=float(record['broad_scale']))
+        elif variant is not None:
+            arch = variant
+            kwargs['broad_scale'] = float(record['broad_scale'])
     return arch, {**kwargs, **parse_model_kwargs(record.get('model_kwargs'))}
 
 
 def create_model(record: Mapping[str, Any], **train_kwargs: Any) -> nn.Module:
-    """The network a record describes, built with ``timm.create_model`` (its factory arguments
-    recorded, as timm's hub export needs) plus ``train_kwargs`` (dropout, stochastic depth); broad
-    attention on a model other than BViT by :func:`bvit.broad.add_broad_attention`. A
-    convolutional timm model, which takes no ``img_size``, is built without it. ValueError (one
-    line) when the model cannot be built so."""
+    """The network a record describes, built with ``timm.create_model`` (:func:`model_kwargs`;
+    its factory arguments recorded, as timm's hub export needs) plus ``train_kwargs`` (dropout,
+    stochastic depth); broad attention on a model that has no ``broad`` argument nor broad
+    variant by :func:`bvit.broad.add_broad_attention`. A convolutional timm model, which takes no
+    ``img_size``, is built without it. ValueError (one line) when the model cannot be built so."""
     arch, kwargs = model_kwargs(record)
     kwargs.update(train_kwargs)
     try:
@@ -183,7 +196,7 @@ def create_model(record: Mapping[str, Any], **train_kwargs: Any) -> nn.Module:
         model = timm.create_model(arch, **kwargs)
     except ValueError as e:
         raise ValueError(f'cannot build {arch}: {e}') from None
-    if record['broad'] and not is_bvit(arch):
+    if (record['broad'] or split_broad_name(record['arch'])[1]) and not has_broad_attention(model):
         try:
             model = add_broad_attention(model, scale=float(record['broad_scale']))
         except (TypeError, ValueError) as e:

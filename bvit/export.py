@@ -1,4 +1,5 @@
-"""Export a BViT or T2T-ViT checkpoint as timm shares models (config.json + model.safetensors) and as ONNX.
+"""Export a BViT, T2T-ViT or broad-attention timm checkpoint as timm shares models (config.json +
+model.safetensors) and as ONNX.
 
 Command line::
 
@@ -7,7 +8,10 @@ Command line::
 CHECKPOINT is anything :func:`bvit.checkpoint.load_checkpoint` reads: a checkpoint of train_hp.py
 (the model comes from its record, :mod:`bvit.builder`: arch, classes, input size, patch size,
 stem, broad attention and its scale, further constructor arguments), a released BViT file (bvit_5m or bvit_22m by its width), an
-authors' T2T-ViT file (the model read off its weights), or a bare state dict. OUT_DIR receives::
+authors' T2T-ViT file (the model read off its weights), or a bare state dict. Besides BViT and
+T2T-ViT (broad or not), a timm ViT, DeiT or Swin trained with broad attention (``train_hp.py
+--broad``) is exported as its broad variant ``broad_<name>`` (:mod:`bvit.broad_models`); other
+models, and broad attention on a model without a broad variant, are refused. OUT_DIR receives::
 
     config.json, model.safetensors   timm's hub layout (timm.models.save_for_hf):
                                      timm.create_model('local-dir:OUT_DIR', pretrained=True)
@@ -29,11 +33,12 @@ import shutil
 import sys
 import tempfile
 import warnings
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from .broad import split_broad_name
 from .builder import build_from_checkpoint, is_bvit, model_kwargs, record_of_checkpoint
 from .checkpoint import read_checkpoint
 from .t2t import T2T_MODEL_ARGS
@@ -105,6 +110,12 @@ def timm_reload_logits(folder: str, x: Tensor) -> Tensor:
         return model(x)
 
 
+def _input_size(record: Dict[str, Any]) -> Tuple[int, int]:
+    """(h, w) of the record's ``input_size`` (a side or [h, w])."""
+    size = record['input_size']
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
 def _write(model: nn.Module, record: Dict[str, Any], folder: str, ckpt_args: Dict[str, Any]) -> Dict[str, float]:
     """All three files into ``folder``, then the checks; returns the largest logit differences.
     config.json's ``model_args`` are the constructor arguments of the checkpoint's record
@@ -112,7 +123,7 @@ def _write(model: nn.Module, record: Dict[str, Any], folder: str, ckpt_args: Dic
     from timm.models import save_for_hf
     model.pretrained_cfg = {**model.pretrained_cfg, **_preprocessing(ckpt_args)}
     save_for_hf(model, folder, model_args=model_kwargs(record)[1], safe_serialization=True)
-    c, h, w = model.in_chans, *model.img_size
+    c, (h, w) = model.in_chans, _input_size(record)
     gen = torch.Generator().manual_seed(0)
     export_onnx(model, os.path.join(folder, 'model.onnx'), torch.randn(2, c, h, w, generator=gen))
     x = torch.randn(3, c, h, w, generator=gen)  # another batch size than the export's: the axis is dynamic
@@ -170,12 +181,17 @@ def export(checkpoint: str, out_dir: str, force: bool = False, use_ema: bool = F
         raise ExportError(str(e)) from None
     except ValueError as e:
         raise ExportError(str(e) if str(e).startswith(checkpoint) else f'{checkpoint}: {e}') from None
-    if not is_bvit(record['arch']) and record['arch'] not in T2T_MODEL_ARGS:
-        raise ExportError(f'{checkpoint}: it holds a {record["arch"]} model, not a BViT or T2T-ViT')
-    if record['broad'] and not is_bvit(record['arch']):
-        raise ExportError(f'{checkpoint}: it holds {record["arch"]} with broad attention (train_hp.py --broad), '
-                          'which timm.create_model cannot rebuild from config.json; evaluate it with '
-                          'train_hp.py --eval --resume')
+    try:
+        name = model_kwargs(record)[0]  # what config.json will name: BViT, T2T-ViT or a broad variant
+    except ValueError as e:
+        raise ExportError(f'{checkpoint}: {e}') from None
+    if not (is_bvit(name) or name in T2T_MODEL_ARGS or split_broad_name(name)[1]):
+        if record['broad']:
+            raise ExportError(f'{checkpoint}: it holds {name} with broad attention (train_hp.py --broad), which has '
+                              'no broad variant (bvit.broad_models), so timm.create_model cannot rebuild it from '
+                              'config.json; evaluate it with train_hp.py --eval --resume')
+        raise ExportError(f'{checkpoint}: it holds a {name} model, not a BViT, a T2T-ViT or a broad variant '
+                          '(train_hp.py --broad)')
     try:
         model, record = build_from_checkpoint(obj, use_ema=use_ema)
     except ValueError as e:
@@ -197,7 +213,7 @@ def export(checkpoint: str, out_dir: str, force: bool = False, use_ema: bool = F
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
-    size = 'x'.join(map(str, model.img_size))
+    size = 'x'.join(map(str, _input_size(record)))
     arch = model.pretrained_cfg.get('architecture', type(model).__name__)
     log(f'exported {arch} ({model.num_classes} classes, {model.in_chans}x{size} input) to {out_dir}: '
         f'{", ".join(EXPORT_FILES)}')
@@ -209,8 +225,9 @@ def export(checkpoint: str, out_dir: str, force: bool = False, use_ema: bool = F
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog='python -m bvit.export',
-        description="Export a BViT checkpoint to timm's hub layout (config.json + model.safetensors, "
-                    "loadable with timm.create_model('local-dir:OUT_DIR', pretrained=True)) and to ONNX.")
+        description="Export a BViT, T2T-ViT or broad-attention checkpoint to timm's hub layout "
+                    "(config.json + model.safetensors, loadable with "
+                    "timm.create_model('local-dir:OUT_DIR', pretrained=True)) and to ONNX.")
     p.add_argument('checkpoint', metavar='CHECKPOINT', help="a checkpoint of train_hp.py, a released BViT file, "
                    'or a state dict')
     p.add_argument('out_dir', metavar='OUT_DIR', help='folder to write (new, empty, or a previous export with --force)')

@@ -8,7 +8,9 @@ Importing :mod:`bvit.models` registers ``t2t_vit_7``, ``t2t_vit_10``, ``t2t_vit_
 The model is timm's ``VisionTransformer`` with the tokens-to-token module as its patch embedding
 (:class:`TokensToToken`), the sinusoid table of "Attention is all you need" as a non-trainable
 ``pos_embed`` Parameter, the class token, and timm ``Block`` s with ``timm.layers.Attention``, so
-``bvit.broad.add_broad_attention(model, scale)`` converts it as any timm ViT. Parameter names,
+``bvit.broad.add_broad_attention(model, scale)`` converts it as any timm ViT; the constructor's
+``broad=True, broad_scale=...`` (``timm.create_model('t2t_vit_14', broad=True)``) applies that
+conversion. Parameter names,
 shapes and counts (the Performer's fixed random features and the position table included, as the
 authors count them) are those of the authors' models up to two renames that
 :func:`checkpoint_filter_fn` undoes: their ``tokens_to_token.`` is ``patch_embed.`` here, and a
@@ -37,6 +39,7 @@ from timm.layers import Mlp, resample_abs_pos_embed, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 
+from .broad import add_broad_attention
 from .checkpoint import check_backbone, checkpoint_globals, unwrap_state_dict
 
 _int_or_pair = Union[int, Tuple[int, int]]
@@ -312,6 +315,8 @@ class T2TViT(VisionTransformer):
             attn_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
             dynamic_img_size: bool = False,
+            broad: bool = False,
+            broad_scale: float = 0.4,
             device: Optional[Union[str, torch.device]] = None,
             dtype: Optional[torch.dtype] = None,
     ) -> None:
@@ -332,6 +337,9 @@ class T2TViT(VisionTransformer):
             attn_drop_rate: dropout on the blocks' attention probabilities.
             drop_path_rate: stochastic depth, linearly increasing to this value over the blocks.
             dynamic_img_size: accept any input size, the position table resampled on the fly (timm).
+            broad: add BViT's broad attention over the backbone blocks
+                (:func:`bvit.broad.add_broad_attention`, the same parameters); False: the T2T-ViT.
+            broad_scale: weight of the broad output (0.4, BViT's), with ``broad``.
             device, dtype: where and in which type to create the parameters (timm's factory kwargs).
         """
         super().__init__(
@@ -349,6 +357,8 @@ class T2TViT(VisionTransformer):
                 blk.attn.scale = float(qk_scale)
                 blk.attn.fused_attn = False
         self.init_weights()
+        if broad:
+            add_broad_attention(self, broad_scale)
 
     @property
     def img_size(self) -> Tuple[int, int]:

@@ -178,7 +178,8 @@ def test_non_bvit_checkpoint_is_refused(tmp_path, capsys):
     ckpt = tmp_path / 'vit.pth'
     torch.save({'model': vit.state_dict(), 'args': _train_args('--arch', 'vit_tiny_patch16_224')}, ckpt)
     assert E.main([str(ckpt), str(tmp_path / 'out')]) == 2
-    assert capsys.readouterr().err == f'error: {ckpt}: it holds a vit_tiny_patch16_224 model, not a BViT or T2T-ViT\n'
+    assert capsys.readouterr().err == (f'error: {ckpt}: it holds a vit_tiny_patch16_224 model, not a BViT, a T2T-ViT '
+                                       'or a broad variant (train_hp.py --broad)\n')
     assert not (tmp_path / 'out').exists()
 
 
