@@ -9,11 +9,15 @@ laid out (B, N, H·L·d) with the index running head, layer, channel. Since Q K�
 and pooling is linear, it is computed here layer by layer from two terms that each layer hands
 over as soon as it has run, and one step at the end:
 
-* :func:`broad_logits`: the layer's logits q_l k_lᵀ (B, H, R, N), summed over layers in float32;
+* :func:`broad_logits`: the running sum of the layers' logits q_l k_lᵀ (B, H, R, N);
 * :func:`broad_values`: the layer's values summed over the pooling groups they fall into
-  (B, H, N, w), w ≈ d / g + 1 of a head's columns (a tenth of d for the released models);
+  (B, H, N, w), w ≈ d / g + 1 of a head's columns (a tenth of d for the released models), as a
+  product with :func:`broad_pool`'s 0/1 matrix (times weight / g);
 * :func:`broad_output`: ``softmax(Σ logits · scale) @ values`` of every layer, summed into the
-  groups it falls into, divided by the group size g (:func:`broad_group`).
+  groups it falls into (g: :func:`broad_group`) and added into the tokens given.
+
+Each is a few operations over all heads at once (three a layer in inference), since on a GPU
+every operation is a kernel launch.
 
 These three functions are the definition: :func:`broad_attention` composes them for lists of
 q, k, v. In the models a block's attention hands them over through a :class:`BroadTap`, and one

@@ -472,37 +472,11 @@ def test_inference_keeps_no_layer_inputs_alive():
     assert 0 < peaks[0] - peaks[1] < 1.5 * one_y, peaks
 
 
-def _aten_ops(fn) -> int:
-    """The aten operations one call of ``fn`` dispatches that are not views (each a kernel on a GPU)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.n += not func.is_view
-            return func(*args, **(kwargs or {}))
-
-    with Count():
-        fn()
-    return Count.n
-
-
 def test_broad_head_costs_at_most_4_operations_a_layer_in_inference_and_10_in_training():
     """Broad attention adds few, large operations: counted on bvit_5m as released (conv stem,
     batch 4 at 224) against its broad=False twin, per layer, in inference and in a forward and
     backward pass (docs/benchmarks.md has the counts)."""
-    torch.manual_seed(0)
-    x = torch.randn(4, 3, 224, 224)
-    extra = {}
-    for mode in ('inference', 'training'):
-        counts = []
-        for broad in (True, False):
-            model = M.bvit_5m(broad=broad).train(mode == 'training')
-            if mode == 'inference':
-                with torch.no_grad():
-                    counts.append(_aten_ops(lambda: model(x)))
-            else:
-                counts.append(_aten_ops(lambda: model(x).sum().backward()))
-        extra[mode] = (counts[0] - counts[1]) / len(model.blocks)
-    assert 0 < extra['inference'] <= 4 and 0 < extra['training'] <= 10, extra
+    from bvit.benchmark import broad_ops
+    ops = broad_ops('bvit_5m', {}, 4, 224)
+    extra = {mode: (broad - twin) / 12 for mode, (broad, twin) in ops.items()}
+    assert 0 < extra['infer'] <= 4 and 0 < extra['fwd+bwd'] <= 10, ops
