@@ -27,7 +27,7 @@ A variant of broad attention is a change to the three functions or to :meth:`Bro
 (docs/model.md, "Writing a variant of broad attention").
 """
 
-from typing import List, Optional, Sequence, Tuple, Type
+from typing import List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,24 @@ def broad_group(num_layers: int, num_heads: int, head_dim: int, out_dim: int) ->
             f'broad attention pools {num_heads} heads x {num_layers} layers x {head_dim} channels = {width} '
             f'values to {out_dim}: that needs whole groups of values inside one head (e.g. heads x head_dim = {out_dim})')
     return width // out_dim
+
+
+def broad_layers_of(broad_layers: Union[None, int, Sequence[int]], depth: int) -> List[int]:
+    """The blocks that feed the broad attention, as sorted indices: all ``depth`` for None (as
+    released), the last k for an int k, or the indices of a list (negative ones count from the
+    end). ValueError, naming the choice, for none or an index outside the blocks."""
+    if broad_layers is None:
+        return list(range(depth))
+    if isinstance(broad_layers, int) and not isinstance(broad_layers, bool):
+        if not 1 <= broad_layers <= depth:
+            raise ValueError(f'broad_layers={broad_layers}: the last k layers need 1 <= k <= {depth} (the depth)')
+        return list(range(depth - broad_layers, depth))
+    indices = [int(i) for i in broad_layers]
+    if not indices or any(not -depth <= i < depth for i in indices):
+        raise ValueError(f'broad_layers={list(broad_layers)}: give layer indices in [{-depth}, {depth - 1}] '
+                         f'(at least one), or an int k for the last k layers')
+    chosen = sorted({i % depth for i in indices})
+    return chosen
 
 
 def broad_pool(head_dim: int, group: int, like: Tensor, weight: float = 1.) -> Tensor:
@@ -193,18 +211,26 @@ class BroadTerms:
     its terms: ``logits`` is Σ_l q_l k_lᵀ (B, H, R, N), summed as the blocks run so that one
     layer's q, k live at a time, and ``values`` the layers' broad_values (B, H, N, w_l), pooled with
     ``pool`` (:func:`broad_pool` of the head dim and group size g, made once per call).
-    ``output`` is the pooled broad output (B, R, H·L·d / g) of :func:`broad_output`.
+    ``output`` is the pooled broad output (B, R, H·L·d / g) of :func:`broad_output`. Only the
+    blocks in ``layers`` (sorted indices; all when None) feed it: ``tap`` gives the others None,
+    and the L of the definition is the number of blocks that feed it.
     """
 
-    def __init__(self, rows: int, group: int, head_dim: int, like: Tensor, weight: float = 1.) -> None:
+    def __init__(self, rows: int, group: int, head_dim: int, like: Tensor, weight: float = 1.,
+                 layers: Optional[List[int]] = None) -> None:
         self.rows = rows
         self.group = group
+        self.layers = layers
         self.pool = broad_pool(head_dim, group, like, weight)
         self.logits = torch.jit.annotate(Optional[Tensor], None)
         self.values = torch.jit.annotate(List[Tensor], [])
 
-    def tap(self, layer: int) -> BroadTap:
-        return BroadTap(self.rows, layer, self.pool, self.logits)
+    def tap(self, block: int) -> Optional[BroadTap]:
+        """The tap block ``block`` fills in, or None when it does not feed the broad attention."""
+        layers = self.layers
+        if layers is not None and block not in layers:
+            return None
+        return BroadTap(self.rows, len(self.values), self.pool, self.logits)
 
     def add(self, tap: BroadTap) -> None:
         logits, values = tap.logits, tap.values
@@ -373,5 +399,5 @@ class Block(nn.Module):
 
 
 __all__: List[str] = [
-    'Attention', 'Block', 'BroadTap', 'BroadTerms', 'BroadBlocks', 'broad_group', 'broad_pool', 'broad_logits', 'broad_values', 'broad_output',
+    'Attention', 'Block', 'BroadTap', 'BroadTerms', 'BroadBlocks', 'broad_group', 'broad_layers_of', 'broad_pool', 'broad_logits', 'broad_values', 'broad_output',
     'broad_attention', 'attention_probs', 'broad_probs']
