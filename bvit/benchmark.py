@@ -121,6 +121,44 @@ def _time(fn: Callable[[], None], iters: int) -> float:
     return time.perf_counter() - t0
 
 
+def count_ops(fn: Callable[[], None]) -> int:
+    """The aten operations one call of ``fn`` dispatches that are not views: on a GPU, each is a
+    kernel launch (counted with a ``TorchDispatchMode``, below autograd, so a backward pass counts too)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            self.n += not func.is_view
+            return func(*args, **(kwargs or {}))
+
+    with _Count() as counter:
+        fn()
+    return counter.n
+
+
+def broad_ops(name: str, kwargs: Dict, batch_size: int, img_size: int) -> Dict[str, Tuple[int, int]]:
+    """Operations (``count_ops``) of a BViT and of its broad=False twin: inference (``model(x)``,
+    no grad, eval mode) and a forward and backward pass (``model(x).sum().backward()``, train mode)."""
+    x = torch.randn(batch_size, 3, img_size, img_size)
+    out: Dict[str, Tuple[int, int]] = {}
+    for mode in ('infer', 'fwd+bwd'):
+        counts = []
+        for broad in (True, False):
+            torch.manual_seed(0)
+            model = timm.create_model(name, **{**kwargs, 'broad': broad}).train(mode != 'infer')
+            if mode == 'infer':
+                with torch.no_grad():
+                    counts.append(count_ops(lambda: model(x)))
+            else:
+                counts.append(count_ops(lambda: model(x).sum().backward()))
+        out[mode] = (counts[0], counts[1])
+    return out
+
+
 def peak_memory_mb(fn: Callable[[], None], device: torch.device) -> float:
     """Most tensor memory (MiB) alive during one call of ``fn`` beyond what was alive before.
 
@@ -293,6 +331,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument('--head-share', action='store_true', help="only measure the broad head's share of each "
                         'BViT call in the --modes given: one model, broad attention on and off for alternate '
                         'calls, --repeats pairs')
+    parser.add_argument('--count-ops', action='store_true', help='only count the aten operations (not views) of '
+                        'each BViT and its broad=False twin, inference and a forward and backward pass')
     parser.add_argument('--json', default='', help='also write the results to this JSON file')
     args = parser.parse_args(argv)
     if args.threads:
@@ -310,6 +350,15 @@ def main(argv: Optional[List[str]] = None) -> None:
             if name.startswith('bvit') and kwargs.get('broad', True):
                 share = head_share(name, kwargs, args.batch_size, args.img_size, args.repeats, device, tuple(modes))
                 print(f'{label:34s}' + ''.join(f'  {m} {_quartiles(v)}' for m, v in share.items()))
+        return
+    if args.count_ops:
+        print(f'# aten operations that are not views, BViT / its broad=False twin (+ per layer), '
+              f'batch {args.batch_size} at {args.img_size}x{args.img_size}')
+        for label, name, kwargs in specs:
+            if name.startswith('bvit') and kwargs.get('broad', True):
+                layers = len(timm.create_model(name, **kwargs).blocks)
+                ops = broad_ops(name, kwargs, args.batch_size, args.img_size)
+                print(f'{label:34s}' + ''.join(f'  {m} {a} / {b} (+{(a - b) / layers:.2f})' for m, (a, b) in ops.items()))
         return
     results = []
     for _ in range(args.runs):

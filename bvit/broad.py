@@ -117,10 +117,11 @@ class _QKVTap:
     the module)."""
     _broad_tap: Optional[Any] = None
 
-    def _broad_record(self, q: Tensor, k: Tensor, v: Tensor) -> None:
+    def _broad_record(self, qkv: Tensor) -> None:
+        """Hand on q, k, v stacked, (3, B, H, N, d)."""
         tap = self._broad_tap
         if tap is not None:
-            tap.record(q, k, v)
+            tap.record(qkv)
 
 
 class BroadAttention(_QKVTap, Attention):
@@ -135,9 +136,11 @@ class BroadAttention(_QKVTap, Attention):
         B, N, _ = x.shape
         gate = getattr(self, 'gate', None)
         gate = gate(x).sigmoid() if gate is not None else None
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        self._broad_record(q, k, v)
+        normed = not (isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity))
+        self._broad_record(torch.stack((q, k, v)) if normed else qkv)
         drop = self.attn_drop.p if self.training else 0.
         if self.fused_attn:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop, is_causal=is_causal)
@@ -165,8 +168,9 @@ class BroadWindowAttention(_QKVTap, WindowAttention):
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         Bw, N, _ = x.shape
-        q, k, v = self.qkv(x).reshape(Bw, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        self._broad_record(q, k, v)
+        qkv = self.qkv(x).reshape(Bw, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        self._broad_record(qkv)
+        q, k, v = qkv.unbind(0)
         if self.fused_attn:
             bias = self._get_rel_pos_bias()
             if mask is not None:
@@ -217,8 +221,9 @@ class _StageWindows:
     def __init__(self, tap: BroadTap, block: nn.Module, H: int, W: int) -> None:
         self.tap, self.block, self.H, self.W = tap, block, H, W
 
-    def record(self, q: Tensor, k: Tensor, v: Tensor) -> None:
-        self.tap.record(*(_to_stage_windows(t, self.block, self.H, self.W) for t in (q, k, v)))
+    def record(self, qkv: Tensor) -> None:
+        """q, k, v stacked, (3, B·nW, h, N, d)."""
+        self.tap.record(_to_stage_windows(qkv.flatten(0, 1), self.block, self.H, self.W).unflatten(0, (3, -1)))
 
 
 class _BroadSwinBlock(_BroadBlock):
@@ -263,10 +268,12 @@ class _BroadViTMixin(BroadBlocks):
         x = self.norm_pre(x)
         attn = self.blocks[0].attn
         rows = x.shape[1] if rows is None else rows
-        terms = BroadTerms(rows, broad_group(len(self.blocks), attn.num_heads, attn.head_dim, self.embed_dim))
+        group = broad_group(len(self.blocks), attn.num_heads, attn.head_dim, self.embed_dim)
+        terms = BroadTerms(rows, group, attn.head_dim, x, self.broad_scale)
         x, _ = self._run_blocks(x, terms, attn_mask=attn_mask, is_causal=is_causal)
-        out = terms.output(attn.head_dim, attn.scale, attn_mask, is_causal)
-        return x[:, :rows] + self.broad_scale * out.to(x.dtype)
+        x = x[:, :rows]
+        # added to x rather than into it, so that x's memory layout, and with scale 0 timm's output, stay exactly
+        return x + terms.output(attn.head_dim, attn.scale, torch.zeros_like(x), attn_mask, is_causal).to(x.dtype)
 
     def forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
         """Images -> normed tokens (B, N, D), with the scaled broad output added to every token."""
@@ -359,12 +366,14 @@ class BroadSwinTransformerStage(BroadBlocks, SwinTransformerStage):
             raise RuntimeError(f'broad attention needs one window size per stage, got {sizes}')
         attn = self.blocks[0].attn
         head_dim = attn.qkv.out_features // (3 * attn.num_heads)
-        terms = BroadTerms(window[0] * window[1], broad_group(len(self.blocks), attn.num_heads, head_dim, C))
+        N = window[0] * window[1]
+        terms = BroadTerms(N, broad_group(len(self.blocks), attn.num_heads, head_dim, C), head_dim, x, self.broad_scale)
         x, _ = self._run_blocks(x, terms)
-        out = terms.output(head_dim, attn.scale, self._broad_mask(B, H, W, window, x)).to(x.dtype)
         Hp, Wp = math.ceil(H / window[0]) * window[0], math.ceil(W / window[1]) * window[1]
+        zeros = x.new_zeros(B * (Hp // window[0]) * (Wp // window[1]), N, C)
+        out = terms.output(head_dim, attn.scale, zeros, self._broad_mask(B, H, W, window, x))
         out = window_reverse(out.reshape(-1, window[0], window[1], C), window, Hp, Wp)
-        return x + self.broad_scale * out[:, :H, :W]
+        return x + out[:, :H, :W]
 
     def _broad_mask(self, B: int, H: int, W: int, window: Tuple[int, int], x: Tensor) -> Optional[Tensor]:
         """Additive mask of the broad logits (B·nW, h or 1, N, N), or None: the blocks' summed

@@ -9,11 +9,15 @@ laid out (B, N, H·L·d) with the index running head, layer, channel. Since Q K�
 and pooling is linear, it is computed here layer by layer from two terms that each layer hands
 over as soon as it has run, and one step at the end:
 
-* :func:`broad_logits`: the layer's logits q_l k_lᵀ (B, H, R, N), summed over layers in float32;
+* :func:`broad_logits`: the running sum of the layers' logits q_l k_lᵀ (B, H, R, N);
 * :func:`broad_values`: the layer's values summed over the pooling groups they fall into
-  (B, H, N, w), w ≈ d / g + 1 of a head's columns (a tenth of d for the released models);
+  (B, H, N, w), w ≈ d / g + 1 of a head's columns (a tenth of d for the released models), as a
+  product with :func:`broad_pool`'s 0/1 matrix (times weight / g);
 * :func:`broad_output`: ``softmax(Σ logits · scale) @ values`` of every layer, summed into the
-  groups it falls into, divided by the group size g (:func:`broad_group`).
+  groups it falls into (g: :func:`broad_group`) and added into the tokens given.
+
+Each is a few operations over all heads at once (three a layer in inference), since on a GPU
+every operation is a kernel launch.
 
 These three functions are the definition: :func:`broad_attention` composes them for lists of
 q, k, v. In the models a block's attention hands them over through a :class:`BroadTap`, and one
@@ -23,7 +27,7 @@ A variant of broad attention is a change to the three functions or to :meth:`Bro
 (docs/model.md, "Writing a variant of broad attention").
 """
 
-from typing import List, Optional, Sequence, Tuple, Type
+from typing import List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn.functional as F
@@ -48,54 +52,92 @@ def broad_group(num_layers: int, num_heads: int, head_dim: int, out_dim: int) ->
     return width // out_dim
 
 
-@register_notrace_function
-def broad_logits(q: Tensor, k: Tensor) -> Tensor:
-    """One layer's share of the broad logits, q kᵀ in float32 (or float64): (B, H, R, d), (B, H, N, d) -> (B, H, R, N).
+def broad_layers_of(broad_layers: Union[None, int, Sequence[int]], depth: int) -> List[int]:
+    """The blocks that feed the broad attention, as sorted indices: all ``depth`` for None (as
+    released), the last k for an int k, or the indices of a list (negative ones count from the
+    end). ValueError, naming the choice, for none or an index outside the blocks."""
+    if broad_layers is None:
+        return list(range(depth))
+    if isinstance(broad_layers, int) and not isinstance(broad_layers, bool):
+        if not 1 <= broad_layers <= depth:
+            raise ValueError(f'broad_layers={broad_layers}: the last k layers need 1 <= k <= {depth} (the depth)')
+        return list(range(depth - broad_layers, depth))
+    indices = [int(i) for i in broad_layers]
+    if not indices or any(not -depth <= i < depth for i in indices):
+        raise ValueError(f'broad_layers={list(broad_layers)}: give layer indices in [{-depth}, {depth - 1}] '
+                         f'(at least one), or an int k for the last k layers')
+    chosen = sorted({i % depth for i in indices})
+    return chosen
 
-    Computed head by head, so that each product reads k in the layout the qkv projection left it
-    in (one product over a (B·H) batch would copy k first); ``unbind`` rather than indexing, so
-    that the backward pass assembles each of q's and k's gradients in one piece.
+
+def broad_pool(head_dim: int, group: int, like: Tensor, weight: float = 1.) -> Tensor:
+    """The pooling as a product: Z (w·g, w) in ``like``'s dtype and device, Z[i, c] = weight / g when
+    i // g == c, w = ⌈(2g - 2 + d) / g⌉. A layer whose d channels start at o = (l·d) mod g of a
+    group has them averaged into its w_l = ⌈(o + d) / g⌉ groups, times ``weight``, by
+    v @ Z[o:o + d, :w_l]. ``weight`` is the scale the model adds the broad output with."""
+    w = (2 * group + head_dim - 2) // group
+    eye = torch.eye(w, dtype=like.dtype, device=like.device)
+    return (eye[:, None].expand(w, group, w) * (weight / group)).view(w * group, w)
+
+
+@register_notrace_function
+def broad_logits(total: Optional[Tensor], q: Tensor, k: Tensor) -> Tensor:
+    """The broad logits summed up to this layer: total + q kᵀ, (B, H, R, N) (total None before the
+    first layer); q: (B, H, R, d), k: (B, H, N, d).
+
+    One product over the B·H heads, the sum in the same call (``baddbmm``); it reads q and k
+    without a copy when (B, H) is one axis in memory (:meth:`BroadTap.record` hands them so).
     """
-    logits = torch.stack([qh @ kh.transpose(-2, -1) for qh, kh in zip(q.unbind(1), k.unbind(1))], 1)
-    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+    B, H, R, d = q.shape
+    qb, kt = q.reshape(B * H, R, d), k.reshape(B * H, -1, d).transpose(1, 2)
+    logits = torch.bmm(qb, kt) if total is None else torch.baddbmm(total.view(B * H, R, -1), qb, kt)
+    return logits.view(B, H, R, -1)
 
 
 @register_notrace_function
-def broad_values(v: Tensor, layer: int, group: int) -> Tensor:
+def broad_values(v: Tensor, layer: int, pool: Tensor) -> Tensor:
     """One layer's values summed over the pooling groups they fall into: (B, H, N, d) -> (B, H, N, w).
 
     Layer l's channels j are the values l·d + j of a head's (layer, channel) axis, so they fall
-    into the w groups from ⌊l·d / g⌋ on; the first and last may be shared with the layers beside it.
+    into the w groups from ⌊l·d / g⌋ on (the first and last may be shared with the layers beside
+    it). One product over the B·H heads with :func:`broad_pool`'s Z.
     """
-    d = v.shape[-1]
+    B, H, N, d = v.shape
+    group = pool.shape[0] // pool.shape[1]
     offset = (layer * d) % group
     w = (offset + d + group - 1) // group
-    return F.pad(v, (offset, w * group - offset - d)).unflatten(-1, (w, group)).sum(-1)
+    sums = torch.bmm(v.reshape(B * H, N, d), pool[offset:offset + d, :w].expand(B * H, d, w))
+    return sums.view(B, H, N, w)
 
 
 @register_notrace_function
-def broad_output(logits: Tensor, values: List[Tensor], head_dim: int, group: int, scale: float,
+def broad_output(logits: Tensor, values: List[Tensor], head_dim: int, group: int, scale: float, into: Tensor,
                  attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
-    """The pooled broad output from the layers' terms.
+    """``into`` plus the pooled broad output of the layers' terms.
 
     Args:
-        logits: (B, H, R, N), Σ_l q_l k_lᵀ.
-        values: L tensors (B, H, N, w_l), each layer's :func:`broad_values`.
+        logits: (B, H, R, N), Σ_l q_l k_lᵀ (:func:`broad_logits`).
+        values: L tensors (B, H, N, w_l), each layer's :func:`broad_values` (weight / g folded in).
         head_dim: d; group: the pooling group size g (:func:`broad_group`).
         scale: the logit scale (d^-0.5 of one layer's head in BViT).
+        into: (B, R, H·L·d / g), or (B, H·L·d / g) when R = 1: what the output is added to.
         attn_mask, is_causal: applied to the scaled logits (:func:`broad_probs`).
     Returns:
-        (B, R, H·L·d / g) (float32 outside autocast): ``softmax(logits·scale) @ v_l`` for every
-        layer, summed into the groups it falls into in its head, averaged over g, heads concatenated.
+        ``into`` + ``softmax(logits·scale) @ v_l`` for every layer, summed into the groups it falls
+        into in its head (times weight / g: the average, weighted), heads concatenated. One product
+        over the layers' groups side by side; ``scatter_add`` sums each group's columns into it.
     """
-    attn = broad_probs(logits, scale, attn_mask, is_causal)
+    B, H, R, N = logits.shape
+    attn = broad_probs(logits, scale, attn_mask, is_causal).flatten(0, 1)
+    sums = torch.bmm(attn, torch.cat(values, -1).flatten(0, 1))                          # (B·H, R, Σ w_l)
     cols = len(values) * head_dim // group
-    out = attn.new_zeros(0)
-    for i, vals in enumerate(values):
-        first = i * head_dim // group
-        o = F.pad(attn @ vals.to(attn.dtype), (first, cols - first - vals.shape[-1]))       # (B, H, R, cols)
-        out = o if i == 0 else out + o
-    return out.transpose(1, 2).flatten(2) / group
+    index: List[int] = []
+    for h in range(H):
+        for i, vals in enumerate(values):
+            first = h * cols + i * head_dim // group
+            index += list(range(first, first + vals.shape[-1]))
+    sums = sums.view(B, H, R, -1).transpose(1, 2).reshape(into.shape[:-1] + (len(index),))
+    return into.scatter_add(-1, torch.tensor(index, device=into.device).expand(sums.shape), sums.to(into.dtype))
 
 
 # They loop or slice by shape: symbolic tracing (torch.fx, torchvision's and timm's feature
@@ -128,67 +170,82 @@ def broad_attention(
     H, d = q[0].shape[1], q[0].shape[-1]
     scale = d ** -0.5 if scale is None else scale
     group = broad_group(len(q), H, v[0].shape[-1], out_dim)
-    logits = broad_logits(q[0], k[0])
-    for i in range(1, len(q)):
-        logits = logits + broad_logits(q[i], k[i])
-    values = [broad_values(v[i], i, group) for i in range(len(v))]
-    return broad_output(logits, values, v[0].shape[-1], group, scale, attn_mask, is_causal).to(q[0].dtype)
+    pool = broad_pool(v[0].shape[-1], group, v[0])
+    logits: Optional[Tensor] = None
+    for qi, ki in zip(q, k):
+        logits = broad_logits(logits, qi, ki)
+    values = [broad_values(v[i], i, pool) for i in range(len(v))]
+    assert logits is not None, 'broad attention needs at least one layer'
+    into = q[0].new_zeros(q[0].shape[0], q[0].shape[2], out_dim)
+    return broad_output(logits, values, v[0].shape[-1], group, scale, into, attn_mask, is_causal).to(q[0].dtype)
 
 
 class BroadTap:
     """What one block's attention hands on to the broad attention (filled in by :class:`Attention`).
 
     Made by :meth:`BroadTerms.tap` for block ``layer`` and passed as ``block(x, broad=tap)``; after
-    the call ``logits`` is the layer's :func:`broad_logits` for the query rows [0, ``rows``) and
-    ``values`` its :func:`broad_values` for pooling groups of ``group``.
+    the call ``logits`` is :func:`broad_logits` of the blocks so far (``total``, the sum before this
+    one, plus this layer's) for the query rows [0, ``rows``), and ``values`` its :func:`broad_values`.
     """
 
-    def __init__(self, rows: int, layer: int, group: int) -> None:
+    def __init__(self, rows: int, layer: int, pool: Tensor, total: Optional[Tensor]) -> None:
         self.rows = rows
         self.layer = layer
-        self.group = group
+        self.pool = pool
+        self.total = total
         self.logits = torch.jit.annotate(Optional[Tensor], None)
         self.values = torch.jit.annotate(Optional[Tensor], None)
 
-    def record(self, q: Tensor, k: Tensor, v: Tensor) -> None:
-        """Take the layer's terms from its q, k, v (B, H, N, d)."""
-        self.logits = broad_logits(q[:, :, :self.rows], k)
-        self.values = broad_values(v, self.layer, self.group)
+    def record(self, qkv: Tensor) -> None:
+        """Take the layer's terms from its q, k, v stacked, (3, B, H, N, d). One copy makes them
+        contiguous, so that each product reads its (B·H)-batched operands as views."""
+        q, k, v = qkv.contiguous().unbind(0)
+        self.logits = broad_logits(self.total, q[:, :, :self.rows], k)
+        self.values = broad_values(v, self.layer, self.pool)
 
 
 class BroadTerms:
     """The broad terms of the blocks run so far, collected by :meth:`BroadBlocks._run_blocks`.
 
     ``tap(layer)`` makes the :class:`BroadTap` block ``layer`` fills in; ``add(tap)`` then takes
-    its terms: ``logits`` is Σ_l broad_logits (B, H, R, N), summed as the blocks run so that one
-    layer's logits live at a time, and ``values`` the layers' broad_values (B, H, N, w_l).
-    ``output`` is the pooled broad output (B, R, H·L·d / g) of :func:`broad_output`.
+    its terms: ``logits`` is Σ_l q_l k_lᵀ (B, H, R, N), summed as the blocks run so that one
+    layer's q, k live at a time, and ``values`` the layers' broad_values (B, H, N, w_l), pooled with
+    ``pool`` (:func:`broad_pool` of the head dim and group size g, made once per call).
+    ``output`` is the pooled broad output (B, R, H·L·d / g) of :func:`broad_output`. Only the
+    blocks in ``layers`` (sorted indices; all when None) feed it: ``tap`` gives the others None,
+    and the L of the definition is the number of blocks that feed it.
     """
 
-    def __init__(self, rows: int, group: int) -> None:
+    def __init__(self, rows: int, group: int, head_dim: int, like: Tensor, weight: float = 1.,
+                 layers: Optional[List[int]] = None) -> None:
         self.rows = rows
         self.group = group
+        self.layers = layers
+        self.pool = broad_pool(head_dim, group, like, weight)
         self.logits = torch.jit.annotate(Optional[Tensor], None)
         self.values = torch.jit.annotate(List[Tensor], [])
 
-    def tap(self, layer: int) -> BroadTap:
-        return BroadTap(self.rows, layer, self.group)
+    def tap(self, block: int) -> Optional[BroadTap]:
+        """The tap block ``block`` fills in, or None when it does not feed the broad attention."""
+        layers = self.layers
+        if layers is not None and block not in layers:
+            return None
+        return BroadTap(self.rows, len(self.values), self.pool, self.logits)
 
     def add(self, tap: BroadTap) -> None:
         logits, values = tap.logits, tap.values
         if logits is None or values is None:
             raise RuntimeError(f'block {tap.layer} did not call its attention; broad attention expects one call per block')
-        total = self.logits
-        self.logits = logits if total is None else total + logits
+        self.logits = logits
         self.values.append(values)
 
-    def output(self, head_dim: int, scale: float, attn_mask: Optional[Tensor] = None,
+    def output(self, head_dim: int, scale: float, into: Tensor, attn_mask: Optional[Tensor] = None,
                is_causal: bool = False) -> Tensor:
-        """:func:`broad_output` of the terms collected (head dim d, logit ``scale``, mask as there)."""
+        """``into`` + :func:`broad_output` of the terms collected (head dim d, logit ``scale``, mask as there)."""
         logits = self.logits
         if logits is None:
             raise RuntimeError('broad attention needs at least one block')
-        return broad_output(logits, self.values, head_dim, self.group, scale, attn_mask, is_causal)
+        return broad_output(logits, self.values, head_dim, self.group, scale, into, attn_mask, is_causal)
 
 
 class BroadBlocks:
@@ -294,11 +351,12 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: Tensor, broad: Optional[BroadTap] = None) -> Tensor:
-        """x: (B, N, D) -> (B, N, D); its q, k, v (B, H, N, d) go to ``broad`` when given."""
+        """x: (B, N, D) -> (B, N, D); its q, k, v, stacked (3, B, H, N, d), go to ``broad`` when given."""
         B, N, _ = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if broad is not None:
-            broad.record(q, k, v)
+            broad.record(qkv)
+        q, k, v = qkv.unbind(0)
         if self.fused_attn:
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.)
         else:
@@ -341,5 +399,5 @@ class Block(nn.Module):
 
 
 __all__: List[str] = [
-    'Attention', 'Block', 'BroadTap', 'BroadTerms', 'BroadBlocks', 'broad_group', 'broad_logits', 'broad_values', 'broad_output',
+    'Attention', 'Block', 'BroadTap', 'BroadTerms', 'BroadBlocks', 'broad_group', 'broad_layers_of', 'broad_pool', 'broad_logits', 'broad_values', 'broad_output',
     'broad_attention', 'attention_probs', 'broad_probs']

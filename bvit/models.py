@@ -9,7 +9,7 @@ output, scaled by 0.4 and pooled to the embedding width, added to every token of
 
 import math
 import re
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.fx
@@ -21,7 +21,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices  # no public name; timm's own ViT imports it from here
 
 from .checkpoint import check_backbone, checkpoint_globals, unwrap_state_dict
-from .layers import Block, BroadBlocks, BroadTap, BroadTerms, attention_probs, broad_group, broad_probs
+from .layers import Block, BroadBlocks, BroadTap, BroadTerms, attention_probs, broad_group, broad_layers_of, broad_probs
 
 _int_or_pair = Union[int, Tuple[int, int]]
 
@@ -139,6 +139,7 @@ class BViT(BroadBlocks, nn.Module):
             stem: str = 'conv',
             broad: bool = True,
             broad_scale: float = 0.4,
+            broad_layers: Union[None, int, Sequence[int]] = None,
             drop_rate: float = 0.,
             attn_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
@@ -160,6 +161,8 @@ class BViT(BroadBlocks, nn.Module):
                 patches) or 'none' (plain patchify, 14x14 patches at 224).
             broad: add broad attention; False gives the same network and parameters without it.
             broad_scale: weight of the broad output (0.4 as released).
+            broad_layers: the blocks that feed the broad attention: None for all (as released),
+                an int k for the last k, or a list of block indices (:func:`bvit.layers.broad_layers_of`).
             drop_rate: dropout after the position embedding, in attention/MLP outputs and before the head.
             attn_drop_rate: dropout on attention probabilities of the blocks.
             drop_path_rate: stochastic depth, linearly increasing to this value over the blocks.
@@ -184,6 +187,7 @@ class BViT(BroadBlocks, nn.Module):
         self.stem_type = stem
         self.broad = broad
         self.broad_scale = broad_scale
+        self.broad_layers = broad_layers_of(broad_layers, depth)
         self.dynamic_img_size = dynamic_img_size
         self.dynamic_img_pad = dynamic_img_pad
         self.grad_checkpointing = False
@@ -301,23 +305,25 @@ class BViT(BroadBlocks, nn.Module):
         return self.pos_drop(x + pos)
 
     def _broad_group(self) -> int:
-        return broad_group(len(self.blocks), self.num_heads, self.head_dim, self.embed_dim)
+        return broad_group(len(self.broad_layers), self.num_heads, self.head_dim, self.embed_dim)
 
-    def _broad_terms(self, rows: int) -> Optional[BroadTerms]:
-        """What collects the broad terms of the query rows [0, rows) (None when broad attention is off)."""
-        return BroadTerms(rows, self._broad_group()) if self.broad else None
+    def _broad_terms(self, rows: int, like: Tensor, weight: float) -> Optional[BroadTerms]:
+        """What collects the broad terms of the query rows [0, rows), to be added with ``weight``
+        (None when broad attention is off)."""
+        return BroadTerms(rows, self._broad_group(), self.head_dim, like, weight, self.broad_layers) if self.broad else None
 
-    def _broad_out(self, terms: BroadTerms) -> Tensor:
-        """The pooled broad output (B, R, D) of the blocks' terms (:func:`bvit.layers.broad_output`)."""
-        return terms.output(self.head_dim, self.head_dim ** -0.5)
+    def _add_broad(self, terms: BroadTerms, into: Tensor) -> Tensor:
+        """``into`` (B, R, D) or (B, D) plus the weighted broad output of the blocks' terms
+        (:func:`bvit.layers.broad_output`)."""
+        return terms.output(self.head_dim, self.head_dim ** -0.5, into)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Images (B, C, H, W) -> normed tokens (B, N+1, D), broad output added on every token."""
         x = self._embed(x)
-        terms = self._broad_terms(x.shape[1])
+        terms = self._broad_terms(x.shape[1], x, self.broad_scale)
         x, _ = self._run_blocks(x, terms)
         if terms is not None:
-            x = x + self.broad_scale * self._broad_out(terms).to(x.dtype)
+            x = self._add_broad(terms, x)
         return self.norm(x)
 
     @torch.jit.ignore
@@ -325,9 +331,9 @@ class BViT(BroadBlocks, nn.Module):
         """Images -> the broad attention's pooled output (B, N+1, D), before ``broad_scale``:
         ``forward_features(x) == norm(x_L + broad_scale * forward_broad(x))``."""
         x = self._embed(x)
-        terms = BroadTerms(x.shape[1], self._broad_group())
+        terms = BroadTerms(x.shape[1], self._broad_group(), self.head_dim, x, 1., self.broad_layers)
         x, _ = self._run_blocks(x, terms)
-        return self._broad_out(terms).to(x.dtype)
+        return self._add_broad(terms, torch.zeros_like(x))
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """Tokens (B, N+1, D) -> logits (B, classes), or pooled features (B, D) with pre_logits;
@@ -336,6 +342,10 @@ class BViT(BroadBlocks, nn.Module):
             x = x[:, self.num_prefix_tokens:].mean(1)
         elif self.global_pool == 'token':
             x = x[:, 0]
+        return self._head(x, pre_logits)
+
+    def _head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Pooled features (..., D) -> logits (..., classes), or the features with pre_logits."""
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
@@ -347,10 +357,10 @@ class BViT(BroadBlocks, nn.Module):
         """
         if not self.broad or self.global_pool != 'token':
             return self.forward_head(self.forward_features(x))
-        terms = BroadTerms(1, self._broad_group())
-        x, _ = self._run_blocks(self._embed(x), terms)
-        x = x[:, :1] + self.broad_scale * self._broad_out(terms).to(x.dtype)
-        return self.forward_head(self.norm(x))
+        x = self._embed(x)
+        terms = BroadTerms(1, self._broad_group(), self.head_dim, x, self.broad_scale, self.broad_layers)
+        x, _ = self._run_blocks(x, terms)
+        return self._head(self.norm(self._add_broad(terms, x[:, 0])))
 
     @torch.jit.ignore
     def forward_intermediates(
@@ -385,7 +395,7 @@ class BViT(BroadBlocks, nn.Module):
         x = self._embed(x)
         grid_h, grid_w = self._grid_of(height, width)
         depth = last + 1 if stop_early and intermediates_only else -1
-        terms = None if intermediates_only else self._broad_terms(x.shape[1])
+        terms = None if intermediates_only else self._broad_terms(x.shape[1], x, self.broad_scale)
         x, taken = self._run_blocks(x, terms, take, depth)
         if norm:
             taken = [self.norm(t) for t in taken]
@@ -398,7 +408,7 @@ class BViT(BroadBlocks, nn.Module):
         if intermediates_only:
             return out
         if terms is not None:
-            x = x + self.broad_scale * self._broad_out(terms).to(x.dtype)
+            x = self._add_broad(terms, x)
         return self.norm(x), out
 
     def _grid_of(self, height: int, width: int) -> Tuple[int, int]:
@@ -437,7 +447,7 @@ class BViT(BroadBlocks, nn.Module):
         """
         grid = self._grid_of(x.shape[-2], x.shape[-1])
         x = self._embed(x)
-        terms = _MapTerms(x.shape[1], self._broad_group())
+        terms = _MapTerms(x.shape[1], self._broad_group(), self.head_dim, x, self.broad_layers)
         self._run_blocks(x, terms)
         scale = self.head_dim ** -0.5
         layers = [attention_probs(q, k, scale) for q, k in terms.qk]
@@ -445,25 +455,33 @@ class BViT(BroadBlocks, nn.Module):
 
 
 class _MapTap(BroadTap):
-    """A :class:`~bvit.layers.BroadTap` that also keeps the layer's q, k, for ``attention_maps``."""
+    """A :class:`~bvit.layers.BroadTap` that also keeps the layer's q, k, for ``attention_maps``
+    (every block's; only a block that ``fed`` the broad attention records its terms)."""
 
-    def record(self, q: Tensor, k: Tensor, v: Tensor) -> None:
-        super().record(q, k, v)
-        self.q, self.k = q, k
+    def __init__(self, rows: int, layer: int, pool: Tensor, total: Optional[Tensor], fed: bool) -> None:
+        super().__init__(rows, layer, pool, total)
+        self.fed = fed
+
+    def record(self, qkv: Tensor) -> None:
+        if self.fed:
+            super().record(qkv)
+        self.q, self.k = qkv[0], qkv[1]
 
 
 class _MapTerms(BroadTerms):
-    """:class:`~bvit.layers.BroadTerms` that also keep every layer's q, k (``qk``), for ``attention_maps``."""
+    """:class:`~bvit.layers.BroadTerms` that also keep every block's q, k (``qk``), for ``attention_maps``."""
 
-    def __init__(self, rows: int, group: int) -> None:
-        super().__init__(rows, group)
+    def __init__(self, rows: int, group: int, head_dim: int, like: Tensor, layers: List[int]) -> None:
+        super().__init__(rows, group, head_dim, like, 1., layers)
         self.qk: List[Tuple[Tensor, Tensor]] = []
 
-    def tap(self, layer: int) -> BroadTap:
-        return _MapTap(self.rows, layer, self.group)
+    def tap(self, block: int) -> BroadTap:
+        fed = self.layers is None or block in self.layers
+        return _MapTap(self.rows, len(self.values), self.pool, self.logits, fed)
 
     def add(self, tap: BroadTap) -> None:
-        super().add(tap)
+        if tap.fed:
+            super().add(tap)
         self.qk.append((tap.q, tap.k))
 
 

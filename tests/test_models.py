@@ -470,3 +470,42 @@ def test_inference_keeps_no_layer_inputs_alive():
         peaks.append(peak_memory_mb(step, torch.device('cpu')))
     one_y = 4 * 197 * 192 * 4 / 2 ** 20
     assert 0 < peaks[0] - peaks[1] < 1.5 * one_y, peaks
+
+
+def test_broad_head_costs_at_most_4_operations_a_layer_in_inference_and_10_in_training():
+    """Broad attention adds few, large operations: counted on bvit_5m as released (conv stem,
+    batch 4 at 224) against its broad=False twin, per layer, in inference and in a forward and
+    backward pass (docs/benchmarks.md has the counts)."""
+    from bvit.benchmark import broad_ops
+    ops = broad_ops('bvit_5m', {}, 4, 224)
+    extra = {mode: (broad - twin) / 12 for mode, (broad, twin) in ops.items()}
+    assert 0 < extra['infer'] <= 4 and 0 < extra['fwd+bwd'] <= 10, ops
+
+
+@pytest.mark.parametrize('broad_layers', [None, 3, [0, 5, -1], [2]])
+def test_broad_layers_is_the_definition_on_those_layers(broad_layers):
+    """broad_layers picks the blocks that feed the broad attention (None: all, as released; k: the
+    last k; a list: those indices): the output is broad_attention on those blocks' q, k, v."""
+    torch.manual_seed(0)
+    model = M.bvit_5m(stem='none', img_size=32, patch_size=8, num_classes=3, broad_layers=broad_layers).eval()
+    chosen = {'None': list(range(12)), '3': [9, 10, 11], '[0, 5, -1]': [0, 5, 11], '[2]': [2]}[str(broad_layers)]
+    assert model.broad_layers == chosen
+    x = torch.randn(2, 3, 32, 32)
+    qkv = []
+    hooks = [b.attn.qkv.register_forward_hook(lambda mod, i, o: qkv.append(o)) for b in model.blocks]
+    with torch.no_grad():
+        got = model.forward_broad(x)
+    for h in hooks:
+        h.remove()
+    parts = [o.reshape(2, got.shape[1], 3, model.num_heads, model.head_dim).permute(2, 0, 3, 1, 4) for o in qkv]
+    want = broad_attention(*([parts[i][j] for i in chosen] for j in range(3)), model.embed_dim)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        assert torch.allclose(model(x), model.forward_head(features), atol=1e-5)
+
+
+@pytest.mark.parametrize('bad', [0, 13, [12], [], [-13]])
+def test_broad_layers_outside_the_blocks_are_refused(bad):
+    with pytest.raises(ValueError, match='broad_layers='):
+        M.bvit_5m(stem='none', img_size=32, patch_size=8, broad_layers=bad)

@@ -140,7 +140,7 @@ def _amp_models():
     from bvit.broad import add_broad_attention
     torch.manual_seed(0)
     # BViT (its own blocks; in train mode model(x) computes only the class token's broad row) and
-    # a timm ViT converted by add_broad_attention: both sum the broad logits in float32 under autocast
+    # a timm ViT converted by add_broad_attention: both run their broad attention under autocast
     yield 'bvit', timm.create_model('bvit_5m', num_classes=10, img_size=16, patch_size=4, stem='conv'), 16
     yield 'vit+broad', add_broad_attention(timm.create_model(
         'vit_tiny_patch16_224', depth=2, img_size=32, patch_size=8, num_classes=10), scale=0.4), 32
