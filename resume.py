@@ -63,7 +63,8 @@ def atomic_save(obj: Any, path: str) -> None:
 # from the data set, not a flag).
 RECORD_FLAGS: Dict[str, Tuple[str, ...]] = {
     'arch': ('arch',), 'input_size': ('input_size',), 'patch_size': ('patch_size',), 'stem': ('stem',),
-    'broad': ('no_broad', 'broad'), 'broad_scale': ('broad_scale',), 'model_kwargs': ('model_kwargs',),
+    'broad': ('no_broad', 'broad'), 'broad_scale': ('broad_scale',), 'broad_layers': ('broad_layers',),
+    'model_kwargs': ('model_kwargs',),
 }
 
 
@@ -111,6 +112,8 @@ def _set_from_record(args: Any, field: str, value: Any, arch: str) -> None:
             args.no_broad, args.broad = False, bool(value)
     elif field == 'model_kwargs':
         args.model_kwargs = [f'{k}={v!r}' for k, v in value.items()]
+    elif field == 'broad_layers':
+        args.broad_layers = value if not isinstance(value, list) else ','.join(map(str, value)) + ','
     elif field == 'input_size' and not isinstance(value, int):
         h, w = value
         if h != w:

@@ -24,7 +24,7 @@ from timm.utils import NativeScaler, random_seed
 from torch import nn
 from torch.utils.data import DataLoader
 
-from bvit.builder import canonical_arch, create_model, is_bvit, parse_model_kwargs, record_from_args
+from bvit.builder import canonical_arch, create_model, is_bvit, parse_broad_layers, parse_model_kwargs, record_from_args
 from bvit.checkpoint import load_checkpoint
 from config import parse_with_config
 from datasets import DATASETS, INAT_CATEGORIES, build_datasets, canonical_data_set, collate_skipping_unreadable
@@ -89,6 +89,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--broad', action='store_true',
                    help='add broad attention to a non-BViT timm ViT/Swin model (bvit.broad.add_broad_attention)')
     g.add_argument('--broad-scale', default=0.4, type=float, help='weight of the broad attention output')
+    g.add_argument('--broad-layers', default=None, metavar='K|I,J,..',
+                   help='blocks that feed the broad attention: K the last K, I,J,.. those indices (3, for block 3 '
+                        'alone); default all (as released). Swin: per stage (docs/backbones.md)')
     g.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
                    help="more arguments of the model's constructor, e.g. embed_dim=64 num_heads=2 head_dim=32 "
                         '(a narrower BViT or timm ViT); values are Python literals')
@@ -310,7 +313,8 @@ def _check_flags(args: argparse.Namespace) -> None:
 
 # constructor arguments that a flag of this script sets, refused in --model-kwargs
 _FLAG_KWARGS = {'num_classes': '--data-set', 'img_size': '--input-size', 'patch_size': '--patch-size',
-                'stem': '--stem', 'broad': '--no-broad', 'broad_scale': '--broad-scale', 'drop_rate': '--drop',
+                'stem': '--stem', 'broad': '--no-broad', 'broad_scale': '--broad-scale', 'broad_layers': '--broad-layers',
+                'drop_rate': '--drop',
                 'drop_path_rate': '--drop-path', 'in_chans': '(3 channels, fixed)', 'pretrained': '--finetune'}
 
 
@@ -334,8 +338,11 @@ def _check_model_flags(args: argparse.Namespace) -> None:
             raise UsageError(f'--model-kwargs: {key} is set by {_FLAG_KWARGS[key]}, not here')
     try:
         parse_model_kwargs(args.model_kwargs)
+        parse_broad_layers(args.broad_layers)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if args.broad_layers is not None and (args.no_broad or not (is_bvit(arch) or args.broad or arch.startswith('broad_'))):
+        raise UsageError('--broad-layers needs broad attention (a BViT without --no-broad, --broad, or a broad_ model)')
 
 
 def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:

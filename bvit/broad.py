@@ -77,7 +77,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -88,7 +88,7 @@ from timm.models.swin_transformer import (
     SwinTransformer, SwinTransformerBlock, SwinTransformerStage, WindowAttention, window_partition, window_reverse)
 from timm.models.vision_transformer import VisionTransformer
 
-from .layers import BroadBlocks, BroadTap, BroadTerms, broad_group
+from .layers import BroadBlocks, BroadTap, BroadTerms, broad_group, broad_layers_of
 
 try:  # timm >= 1.0.15 builds additive masks for the non-fused path with these
     from timm.layers import maybe_add_mask, resolve_self_attn_mask
@@ -256,6 +256,7 @@ def _swap_block(block: nn.Module, mixin: type) -> None:
 class _BroadViTMixin(BroadBlocks):
     """Overrides ``forward_features`` / ``forward`` of a timm VisionTransformer (subclass)."""
     broad_scale: float
+    broad_layers: Union[None, int, List[int]] = None
     _broad_base: type
 
     def _broad_tokens(self, x: Tensor, rows: Optional[int], attn_mask: Optional[Tensor] = None,
@@ -268,8 +269,9 @@ class _BroadViTMixin(BroadBlocks):
         x = self.norm_pre(x)
         attn = self.blocks[0].attn
         rows = x.shape[1] if rows is None else rows
-        group = broad_group(len(self.blocks), attn.num_heads, attn.head_dim, self.embed_dim)
-        terms = BroadTerms(rows, group, attn.head_dim, x, self.broad_scale)
+        layers = broad_layers_of(self.broad_layers, len(self.blocks))
+        group = broad_group(len(layers), attn.num_heads, attn.head_dim, self.embed_dim)
+        terms = BroadTerms(rows, group, attn.head_dim, x, self.broad_scale, layers)
         x, _ = self._run_blocks(x, terms, attn_mask=attn_mask, is_causal=is_causal)
         x = x[:, :rows]
         # added to x rather than into it, so that x's memory layout, and with scale 0 timm's output, stay exactly
@@ -351,11 +353,20 @@ def _padding_key_mask(
     return mask[:, None, None, :]
 
 
+def _stage_layers(broad_layers: Union[None, int, List[int]], depth: int) -> List[int]:
+    """A Swin stage's blocks that feed its broad attention: an int k is the stage's last
+    min(k, depth) blocks; a list gives block indices within every stage."""
+    if isinstance(broad_layers, int) and not isinstance(broad_layers, bool):
+        broad_layers = min(broad_layers, depth)
+    return broad_layers_of(broad_layers, depth)
+
+
 class BroadSwinTransformerStage(BroadBlocks, SwinTransformerStage):
     """Swin stage whose output gets the scaled broad attention over its blocks (see module doc)."""
     _broad_base = SwinTransformerStage
     broad_scale: float = 0.4
     broad_rel_pos_bias: bool = True
+    broad_layers: Union[None, int, List[int]] = None
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.downsample(x)
@@ -367,7 +378,8 @@ class BroadSwinTransformerStage(BroadBlocks, SwinTransformerStage):
         attn = self.blocks[0].attn
         head_dim = attn.qkv.out_features // (3 * attn.num_heads)
         N = window[0] * window[1]
-        terms = BroadTerms(N, broad_group(len(self.blocks), attn.num_heads, head_dim, C), head_dim, x, self.broad_scale)
+        layers = _stage_layers(self.broad_layers, len(self.blocks))
+        terms = BroadTerms(N, broad_group(len(layers), attn.num_heads, head_dim, C), head_dim, x, self.broad_scale, layers)
         x, _ = self._run_blocks(x, terms)
         Hp, Wp = math.ceil(H / window[0]) * window[0], math.ceil(W / window[1]) * window[1]
         zeros = x.new_zeros(B * (Hp // window[0]) * (Wp // window[1]), N, C)
@@ -439,7 +451,7 @@ def _check_scale(scale: float) -> float:
 # Names and recorded construction arguments ---------------------------------------------------
 
 BROAD_PREFIX = 'broad_'
-_SETTINGS = ('broad', 'broad_scale', 'swin_rel_pos_bias')
+_SETTINGS = ('broad', 'broad_scale', 'broad_layers', 'swin_rel_pos_bias')
 
 
 def broad_variant(arch: str) -> Optional[str]:
@@ -471,6 +483,9 @@ def _record_settings(model: nn.Module) -> None:
         args['broad_scale'] = float(model.broad_scale)
     if on and isinstance(model, BroadSwinTransformer):
         args['swin_rel_pos_bias'] = bool(model.layers[0].broad_rel_pos_bias)
+    layers = model.layers[0].broad_layers if isinstance(model, BroadSwinTransformer) else getattr(model, 'broad_layers', None)
+    if on and layers is not None:
+        args['broad_layers'] = layers if isinstance(layers, int) else list(layers)
     model._model_args = args
     cfg = getattr(model, 'pretrained_cfg', None)
     if takes_broad or not isinstance(cfg, dict) or not cfg.get('architecture'):
@@ -527,7 +542,8 @@ def _convert_swin(model: nn.Module, scale: float, rel_pos_bias: bool) -> nn.Modu
     return model
 
 
-def add_broad_attention(model: nn.Module, scale: float = 0.4, *, swin_rel_pos_bias: bool = True) -> nn.Module:
+def add_broad_attention(model: nn.Module, scale: float = 0.4, *, swin_rel_pos_bias: bool = True,
+                        broad_layers: Union[None, int, Sequence[int]] = None) -> nn.Module:
     """Add BViT's parameter-free broad attention to a timm model, in place; returns the model.
 
     Args:
@@ -537,6 +553,9 @@ def add_broad_attention(model: nn.Module, scale: float = 0.4, *, swin_rel_pos_bi
             original model's output exactly.
         swin_rel_pos_bias: Swin only: include the blocks' summed relative position bias in the
             broad logits (see the module docstring).
+        broad_layers: the blocks that feed the broad attention (:func:`bvit.layers.broad_layers_of`):
+            None for all, an int k for the last k, a list of block indices. For a Swin, per stage:
+            k is each stage's last min(k, depth) blocks, a list the same indices in every stage.
 
     Parameters, buffers and state-dict keys are unchanged, so weights load as before and after.
     The settings are recorded where timm's ``save_for_hf`` reads them, and a timm model's
@@ -548,16 +567,24 @@ def add_broad_attention(model: nn.Module, scale: float = 0.4, *, swin_rel_pos_bi
     if not isinstance(model, nn.Module):
         raise TypeError(
             f'add_broad_attention expects a torch.nn.Module, got {type(model).__name__}; supported are {SUPPORTED}')
+    layers = None if broad_layers is None else broad_layers if isinstance(broad_layers, int) else [int(i) for i in broad_layers]
     if isinstance(model, VisionTransformer):
+        broad_layers_of(layers, len(model.blocks))  # ValueError now for layers outside the blocks
         model = _convert_vit(model, scale)
+        model.broad_layers = layers
     elif isinstance(model, SwinTransformer):
         if type(model) not in (SwinTransformer, BroadSwinTransformer):
             raise _unsupported(model, 'subclasses of SwinTransformer are not supported')
+        for stage in model.layers:
+            _stage_layers(layers, len(stage.blocks))
         model = _convert_swin(model, scale, swin_rel_pos_bias)
+        for stage in model.layers:
+            stage.broad_layers = layers
     else:
         from .models import BViT  # here, so that importing this module does not register the BViT models
         if not isinstance(model, BViT):
             raise _unsupported(model, 'no supported attention blocks')
+        model.broad_layers = broad_layers_of(layers, len(model.blocks))
         model.broad = True
         model.broad_scale = scale
     _record_settings(model)
@@ -594,6 +621,7 @@ def remove_broad_attention(model: nn.Module) -> nn.Module:
             if base is not None:
                 m.__dict__.pop('broad_scale', None)
                 m.__dict__.pop('broad_rel_pos_bias', None)
+                m.__dict__.pop('broad_layers', None)
                 m.__dict__.pop('_broad_tap', None)
                 m.__class__ = base
         _record_settings(model)

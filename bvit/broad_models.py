@@ -22,7 +22,7 @@ broad output, so the plain model gives the same features.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Union
 
 from torch import nn
 from timm.models import (
@@ -51,10 +51,11 @@ __all__: List[str] = ['TIMM_MODULES', 'NOT_CONVERTIBLE', 'create_broad']
 
 
 def create_broad(base: str, pretrained: bool = False, broad_scale: float = 0.4,
-                 swin_rel_pos_bias: Optional[bool] = None, **kwargs: Any) -> nn.Module:
+                 swin_rel_pos_bias: Optional[bool] = None, broad_layers: Union[None, int, List[int]] = None,
+                 **kwargs: Any) -> nn.Module:
     """The entrypoint of ``broad_<base>``: timm's ``base`` entrypoint with ``pretrained`` and
-    ``kwargs``, then :func:`bvit.broad.add_broad_attention` (``broad_scale``; for a Swin,
-    ``swin_rel_pos_bias``, default True). ValueError for ``features_only`` and for
+    ``kwargs``, then :func:`bvit.broad.add_broad_attention` (``broad_scale``, ``broad_layers``;
+    for a Swin, ``swin_rel_pos_bias``, default True). ValueError for ``features_only`` and for
     ``swin_rel_pos_bias`` on a model that is not a Swin."""
     name = BROAD_PREFIX + base
     if kwargs.get('features_only'):
@@ -63,8 +64,8 @@ def create_broad(base: str, pretrained: bool = False, broad_scale: float = 0.4,
     if swin_rel_pos_bias is not None and base not in _SWIN:
         raise ValueError(f'{name}: swin_rel_pos_bias applies to Swin models only')
     model = model_entrypoint(base)(pretrained=pretrained, **kwargs)
-    return add_broad_attention(model, broad_scale, swin_rel_pos_bias=True if swin_rel_pos_bias is None else
-                               swin_rel_pos_bias)
+    return add_broad_attention(model, broad_scale, broad_layers=broad_layers,
+                               swin_rel_pos_bias=True if swin_rel_pos_bias is None else swin_rel_pos_bias)
 
 
 def _entrypoint(base: str) -> Callable[..., nn.Module]:

@@ -13,6 +13,8 @@ A record is a plain dict with the fields of :data:`RECORD_FIELDS`::
                   Swin: their broad variant ``broad_<arch>``, bvit.broad_models; other models:
                   bvit.broad.add_broad_attention after building)
     broad_scale   weight of the broad attention output
+    broad_layers  the blocks that feed it: None (all), k (the last k) or a list of block indices;
+                  a record written before it existed reads as None
     model_kwargs  further constructor arguments, {name: value}
 
 ``train_hp.py`` writes it as ``checkpoint['model_record']`` (:func:`record_from_args` of its flags);
@@ -35,12 +37,13 @@ from .checkpoint import PathLike, load_checkpoint, read_checkpoint, unwrap_state
 from .models import MODEL_ARGS, convert_official_state_dict, resolve_arch
 from .t2t import T2T_MODEL_ARGS, arch_of_state_dict, rename_authors_keys
 
-RECORD_FIELDS = ('arch', 'num_classes', 'input_size', 'patch_size', 'stem', 'broad', 'broad_scale', 'model_kwargs')
+RECORD_FIELDS = ('arch', 'num_classes', 'input_size', 'patch_size', 'stem', 'broad', 'broad_scale', 'broad_layers',
+                 'model_kwargs')
 RECORD_KEY = 'model_record'
 
 # constructor arguments that have a field of their own (train_hp.py refuses them in --model-kwargs)
 _FIELD_KWARGS = {'num_classes': 'num_classes', 'img_size': 'input_size', 'patch_size': 'patch_size',
-                 'stem': 'stem', 'broad': 'broad', 'broad_scale': 'broad_scale'}
+                 'stem': 'stem', 'broad': 'broad', 'broad_scale': 'broad_scale', 'broad_layers': 'broad_layers'}
 # released widths -> registered names (a released file stores no arch)
 _ARCH_BY_WIDTH = {192: 'bvit_5m', 384: 'bvit_22m'}
 
@@ -84,11 +87,29 @@ def parse_model_kwargs(items: Union[None, Mapping[str, Any], Sequence[str]]) -> 
     return dict(pairs)
 
 
+def parse_broad_layers(value: Any) -> Union[None, int, list]:
+    """``--broad-layers`` as a record holds it: None, an int k (the last k blocks) or a list of
+    block indices. From the command line '4' is the last 4 and '0,5,11' (or '3,': one block) the
+    indices. ValueError for anything else."""
+    if value is None or isinstance(value, (int, list)) and not isinstance(value, bool):
+        return value
+    if isinstance(value, tuple):
+        return list(value)
+    text = str(value).strip()
+    try:
+        if ',' in text:
+            return [int(i) for i in text.split(',') if i.strip()]
+        return int(text)
+    except ValueError:
+        raise ValueError(f'--broad-layers {value!r}: give k (the last k blocks) or block indices with commas '
+                         '(0,5,11; 3, for block 3 alone)') from None
+
+
 def record_from_args(args: Mapping[str, Any]) -> Dict[str, Any]:
     """The record of a run from ``train_hp.py``'s arguments (``vars(args)``, or the ``args`` dict
     older checkpoints store): ``--arch``, ``nb_classes``, ``--input-size``, ``--patch-size``,
     ``--stem``, ``--no-broad`` (BViT) / ``--broad`` (other models), ``--broad-scale``,
-    ``--model-kwargs``; a broad variant's name (``--arch broad_deit_tiny_patch16_224``) is recorded
+    ``--broad-layers``, ``--model-kwargs``; a broad variant's name (``--arch broad_deit_tiny_patch16_224``) is recorded
     as its timm model with broad on. ValueError for an unknown arch or bad ``--model-kwargs``."""
     arch, named_broad = split_broad_name(canonical_arch(str(args['arch'])))
     size = args.get('input_size', 224)
@@ -101,6 +122,7 @@ def record_from_args(args: Mapping[str, Any]) -> Dict[str, Any]:
     return dict(arch=arch, num_classes=int(args.get('nb_classes') or args.get('num_classes') or 1000),
                 input_size=size if isinstance(size, int) else [int(s) for s in size][-2:],
                 patch_size=patch, stem=stem, broad=broad, broad_scale=float(args.get('broad_scale', 0.4)),
+                broad_layers=parse_broad_layers(args.get('broad_layers')),
                 model_kwargs=parse_model_kwargs(args.get('model_kwargs')))
 
 
@@ -110,7 +132,7 @@ def _record_from_weights(sd: Mapping[str, Tensor]) -> Dict[str, Any]:
     patch size, stem, and the input size its position table was sized for."""
     head = sd.get('head.weight')
     record: Dict[str, Any] = dict(num_classes=int(head.shape[0]) if head is not None else 0, patch_size=None,
-                                  stem=None, broad=False, broad_scale=0.4, model_kwargs={})
+                                  stem=None, broad=False, broad_scale=0.4, broad_layers=None, model_kwargs={})
     rows = sd['pos_embed'].shape[1] - 1 if 'pos_embed' in sd else 0
     side = math.isqrt(rows)
     t2t_arch = arch_of_state_dict(sd)
@@ -140,7 +162,7 @@ def record_of_checkpoint(obj: Any, use_ema: bool = False) -> Dict[str, Any]:
     its ``model_record``; for ``train_hp.py`` files written before it, their ``args``; for files
     with neither, read off the weights. ValueError when none of these names a model."""
     if isinstance(obj, Mapping) and isinstance(obj.get(RECORD_KEY), Mapping):
-        record = dict(obj[RECORD_KEY])
+        record = {'broad_layers': None, **obj[RECORD_KEY]}
         missing = [f for f in RECORD_FIELDS if f not in record]
         if missing:
             raise ValueError(f'its {RECORD_KEY} lacks {", ".join(missing)}')
@@ -160,9 +182,10 @@ def model_kwargs(record: Mapping[str, Any]) -> Tuple[str, Dict[str, Any]]:
     arch, named_broad = split_broad_name(record['arch'])
     broad = bool(record['broad']) or named_broad
     kwargs: Dict[str, Any] = dict(num_classes=record['num_classes'], img_size=record['input_size'])
+    layers = record.get('broad_layers')
     if is_bvit(arch):
         kwargs.update(patch_size=record['patch_size'] or 16, stem=record['stem'] or 'conv',
-                      broad=broad, broad_scale=float(record['broad_scale']))
+                      broad=broad, broad_scale=float(record['broad_scale']), broad_layers=layers)
     else:
         if record.get('stem') not in (None, 'none'):  # 'none' (plain patchify) is what other timm ViTs do
             raise ValueError(f'stem {record["stem"]!r} applies to BViT models only, not {arch}')
@@ -170,10 +193,10 @@ def model_kwargs(record: Mapping[str, Any]) -> Tuple[str, Dict[str, Any]]:
             kwargs['patch_size'] = record['patch_size']
         variant = broad_variant(arch) if broad else None
         if broad and arch in T2T_MODEL_ARGS:
-            kwargs.update(broad=True, broad_scale=float(record['broad_scale']))
+            kwargs.update(broad=True, broad_scale=float(record['broad_scale']), broad_layers=layers)
         elif variant is not None:
             arch = variant
-            kwargs['broad_scale'] = float(record['broad_scale'])
+            kwargs.update(broad_scale=float(record['broad_scale']), broad_layers=layers)
     return arch, {**kwargs, **parse_model_kwargs(record.get('model_kwargs'))}
 
 
@@ -198,7 +221,7 @@ def create_model(record: Mapping[str, Any], **train_kwargs: Any) -> nn.Module:
         raise ValueError(f'cannot build {arch}: {e}') from None
     if (record['broad'] or split_broad_name(record['arch'])[1]) and not has_broad_attention(model):
         try:
-            model = add_broad_attention(model, scale=float(record['broad_scale']))
+            model = add_broad_attention(model, scale=float(record['broad_scale']), broad_layers=record.get('broad_layers'))
         except (TypeError, ValueError) as e:
             raise ValueError(f'broad attention on {arch}: {e}') from None
     return model
@@ -233,6 +256,6 @@ def build_from_checkpoint(source: Union[PathLike, Mapping[str, Any]], use_ema: b
 
 
 __all__ = [
-    'RECORD_FIELDS', 'RECORD_KEY', 'canonical_arch', 'is_bvit', 'parse_model_kwargs', 'record_from_args',
+    'RECORD_FIELDS', 'RECORD_KEY', 'canonical_arch', 'is_bvit', 'parse_broad_layers', 'parse_model_kwargs', 'record_from_args',
     'record_of_checkpoint', 'model_kwargs', 'create_model', 'build_from_checkpoint',
 ]

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import re
 from functools import partial
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -317,6 +317,7 @@ class T2TViT(VisionTransformer):
             dynamic_img_size: bool = False,
             broad: bool = False,
             broad_scale: float = 0.4,
+            broad_layers: Union[None, int, Sequence[int]] = None,
             device: Optional[Union[str, torch.device]] = None,
             dtype: Optional[torch.dtype] = None,
     ) -> None:
@@ -340,6 +341,8 @@ class T2TViT(VisionTransformer):
             broad: add BViT's broad attention over the backbone blocks
                 (:func:`bvit.broad.add_broad_attention`, the same parameters); False: the T2T-ViT.
             broad_scale: weight of the broad output (0.4, BViT's), with ``broad``.
+            broad_layers: the blocks that feed it, with ``broad``: None for all, k for the last k,
+                or a list of block indices (:func:`bvit.layers.broad_layers_of`).
             device, dtype: where and in which type to create the parameters (timm's factory kwargs).
         """
         super().__init__(
@@ -358,7 +361,7 @@ class T2TViT(VisionTransformer):
                 blk.attn.fused_attn = False
         self.init_weights()
         if broad:
-            add_broad_attention(self, broad_scale)
+            add_broad_attention(self, broad_scale, broad_layers=broad_layers)
 
     @property
     def img_size(self) -> Tuple[int, int]:

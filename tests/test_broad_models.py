@@ -339,3 +339,67 @@ def test_timm_train_and_validate_calls_on_a_tiny_folder(argv, tmp_path):
     want_top1, want = _validate(model, val_loader)
     assert logits.shape == (12, 3) and top1 == want_top1 and torch.equal(logits, want)
     _plain_twin_differs(model, next(iter(val_loader))[0], want[:4])
+
+
+# broad_layers --------------------------------------------------------------------------------
+
+def _qkv_and_last(model, x):
+    """Each block's qkv projection output and the last block's output, from one forward pass."""
+    qkv, last = [], []
+    hooks = [b.attn.qkv.register_forward_hook(lambda m, i, o: qkv.append(o)) for b in model.blocks]
+    hooks.append(model.blocks[-1].register_forward_hook(lambda m, i, o: last.append(o)))
+    with torch.no_grad():
+        out = model.forward_features(x)
+    for h in hooks:
+        h.remove()
+    return out, qkv, last[0]
+
+
+@pytest.mark.parametrize('name, broad_layers, chosen', [
+    ('broad_deit_tiny_patch16_224', 2, [2, 3]),
+    ('broad_deit_tiny_patch16_224', [0, -1], [0, 3]),
+    ('t2t_vit_7', [1], [1]),
+])
+def test_broad_layers_of_a_broad_model_is_the_definition_on_those_blocks(name, broad_layers, chosen):
+    """A broad model's forward_features is norm(x_L + scale * broad_attention of the chosen
+    blocks' q, k, v), and the choice survives save_for_hf -> local-dir."""
+    from bvit.layers import broad_attention
+    kwargs = dict(depth=4, img_size=32, patch_size=8, num_classes=3) if 'deit' in name else dict(img_size=32, num_classes=3, broad=True)
+    model = _seeded(name, broad_layers=broad_layers, broad_scale=0.5, **kwargs)
+    x = _images(32)
+    out, qkv, last = _qkv_and_last(model, x)
+    attn = model.blocks[0].attn
+    parts = [o.reshape(2, last.shape[1], 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4) for o in qkv]
+    broad = broad_attention(*([parts[i][j] for i in chosen] for j in range(3)), model.embed_dim, scale=attn.scale)
+    torch.testing.assert_close(out, model.norm(last + 0.5 * broad), rtol=0, atol=1e-5)
+
+
+def test_broad_layers_survive_save_for_hf_and_the_record(tmp_path):
+    model = _seeded('broad_deit_tiny_patch16_224', broad_layers=[1, 2], depth=4, img_size=32, patch_size=8,
+                    num_classes=3)
+    x = _images(32)
+    want = _logits(model, x)
+    save_for_hf(model, tmp_path / 'hf')
+    again = timm.create_model(f'local-dir:{tmp_path / "hf"}', pretrained=True)
+    assert again.broad_layers == [1, 2]
+    torch.testing.assert_close(_logits(again, x), want, rtol=0, atol=1e-6)
+    assert not torch.allclose(_logits(_seeded('broad_deit_tiny_patch16_224', depth=4, img_size=32, patch_size=8,
+                                              num_classes=3), x), want, atol=1e-4)
+    record = B.record_from_args(dict(arch='bvit_5m', nb_classes=3, input_size=32, patch_size=8, broad_layers='0,5,'))
+    assert record['broad_layers'] == [0, 5]
+    assert B.create_model(record).broad_layers == [0, 5]
+    assert B.create_model({**record, 'broad_layers': 3}).broad_layers == [9, 10, 11]
+
+
+def test_broad_layers_per_swin_stage():
+    """For a Swin, k is each stage's last min(k, depth) blocks; a list, the same indices in every stage."""
+    model = _seeded('broad_swin_tiny_patch4_window7_224', broad_layers=1, **SWIN)
+    x = _images(64)
+    one = _logits(model, x)
+    assert [s.broad_layers for s in model.layers] == [1] * 4
+    from bvit.broad import _stage_layers
+    assert _stage_layers(3, 2) == [0, 1] and _stage_layers(1, 6) == [5] and _stage_layers([0], 2) == [0]
+    every = _logits(_seeded('broad_swin_tiny_patch4_window7_224', **SWIN), x)
+    assert not torch.allclose(one, every, atol=1e-5)
+    with pytest.raises(ValueError, match='broad_layers='):
+        _seeded('broad_swin_tiny_patch4_window7_224', broad_layers=[3], **SWIN)
