@@ -72,6 +72,8 @@ def _describe(field: str, value: Any) -> str:
     """A record field's value as the flag that sets it: ``--input-size 32``, ``no broad attention``."""
     if field == 'broad':
         return 'broad attention' if value else 'no broad attention'
+    if field == 'broad_layers' and value is None:
+        return 'every block feeding the broad attention'
     if field == 'model_kwargs':
         return '--model-kwargs ' + (' '.join(f'{k}={v!r}' for k, v in sorted(value.items())) or '(none)')
     return f'--{field.replace("_", "-")} {value}'

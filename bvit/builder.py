@@ -185,7 +185,7 @@ def model_kwargs(record: Mapping[str, Any]) -> Tuple[str, Dict[str, Any]]:
     layers = record.get('broad_layers')
     if is_bvit(arch):
         kwargs.update(patch_size=record['patch_size'] or 16, stem=record['stem'] or 'conv',
-                      broad=broad, broad_scale=float(record['broad_scale']), broad_layers=layers)
+                      broad=broad, broad_scale=float(record['broad_scale']))
     else:
         if record.get('stem') not in (None, 'none'):  # 'none' (plain patchify) is what other timm ViTs do
             raise ValueError(f'stem {record["stem"]!r} applies to BViT models only, not {arch}')
@@ -193,10 +193,12 @@ def model_kwargs(record: Mapping[str, Any]) -> Tuple[str, Dict[str, Any]]:
             kwargs['patch_size'] = record['patch_size']
         variant = broad_variant(arch) if broad else None
         if broad and arch in T2T_MODEL_ARGS:
-            kwargs.update(broad=True, broad_scale=float(record['broad_scale']), broad_layers=layers)
+            kwargs.update(broad=True, broad_scale=float(record['broad_scale']))
         elif variant is not None:
             arch = variant
-            kwargs.update(broad_scale=float(record['broad_scale']), broad_layers=layers)
+            kwargs['broad_scale'] = float(record['broad_scale'])
+    if layers is not None and 'broad_scale' in kwargs:  # the models with a broad argument or name
+        kwargs['broad_layers'] = layers
     return arch, {**kwargs, **parse_model_kwargs(record.get('model_kwargs'))}
 
 
