@@ -76,22 +76,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--unscale-lr', action='store_true', help='use --lr as given instead of lr x total batch / 512')
 
     g = p.add_argument_group('model')
-    g.add_argument('--arch', '--model', dest='arch', default='BViT-5', metavar='NAME',
-                   help='model: a BViT name (BViT-5, BViT-22; also BViT_5, BViT-21, BViT_21, bvit_5m, bvit_22m) or any '
-                        'timm model name')
+    g.add_argument('--arch', '--model', dest='arch', default='BViT-5', metavar='NAME', help='model: a BViT name '
+                   '(BViT-5, BViT-22; also BViT_5, BViT-21, BViT_21, bvit_5m, bvit_22m) or any timm model name')
     g.add_argument('--input-size', default=224, type=int, help='image size (square)')
-    g.add_argument('--patch-size', default=None, type=int,
-                   help='patch size (BViT default 16; passed to timm models that take patch_size)')
-    g.add_argument('--stem', default=None, choices=['conv', 'none'],
-                   help="BViT stem: 'conv' (7x7 stride-2 conv, as released; the default) or 'none'")
-    g.add_argument('--no-broad', action='store_true',
-                   help="BViT without broad attention (broad=False twin, same parameters), for baselines")
-    g.add_argument('--broad', action='store_true',
-                   help='add broad attention to a non-BViT timm ViT/Swin model (bvit.broad.add_broad_attention)')
+    g.add_argument('--patch-size', default=None, type=int, help='patch size (BViT: 16; timm models that take one)')
+    g.add_argument('--stem', default=None, choices=['conv', 'none'], help="BViT stem: 'conv' (as released) or 'none'")
+    g.add_argument('--no-broad', action='store_true', help='BViT without broad attention (its broad=False twin)')
+    g.add_argument('--broad', action='store_true', help='broad attention on a timm ViT / DeiT / Swin or a T2T-ViT')
     g.add_argument('--broad-scale', default=0.4, type=float, help='weight of the broad attention output')
-    g.add_argument('--broad-layers', default=None, metavar='K|I,J,..',
-                   help='blocks that feed the broad attention: K the last K, I,J,.. those indices (3, for block 3 '
-                        'alone); default all (as released). Swin: per stage (docs/backbones.md)')
+    g.add_argument('--broad-layers', default=None, metavar='K|I,J,..', help='blocks feeding the broad attention: K '
+                   "the last K, I,J,.. those ('3,': block 3); default all. Swin: per stage (docs/backbones.md)")
     g.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
                    help="more arguments of the model's constructor, e.g. embed_dim=64 num_heads=2 head_dim=32 "
                         '(a narrower BViT or timm ViT); values are Python literals')
@@ -100,8 +94,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--model-ema', action='store_true', help='keep an exponential moving average of the weights')
     g.add_argument('--no-model-ema', action='store_false', dest='model_ema', help='no weight EMA')
     g.add_argument('--model-ema-decay', default=0.99996, type=float, help='EMA decay per step')
-    g.add_argument('--model-ema-force-cpu', action='store_true',
-                   help='keep the EMA on the CPU (not evaluated during training when the model is on a GPU)')
+    g.add_argument('--model-ema-force-cpu', action='store_true', help='keep the EMA on the CPU (then not evaluated)')
     p.set_defaults(model_ema=True)
 
     g = p.add_argument_group('optimizer')
