@@ -100,14 +100,13 @@ def broad_values(v: Tensor, layer: int, pool: Tensor) -> Tensor:
 
     Layer l's channels j are the values l·d + j of a head's (layer, channel) axis, so they fall
     into the w groups from ⌊l·d / g⌋ on (the first and last may be shared with the layers beside
-    it). One product over the B·H heads with :func:`broad_pool`'s Z.
+    it). One product of all heads' and tokens' rows with :func:`broad_pool`'s Z.
     """
     B, H, N, d = v.shape
     group = pool.shape[0] // pool.shape[1]
     offset = (layer * d) % group
     w = (offset + d + group - 1) // group
-    sums = torch.bmm(v.reshape(B * H, N, d), pool[offset:offset + d, :w].expand(B * H, d, w))
-    return sums.view(B, H, N, w)
+    return torch.mm(v.reshape(B * H * N, d), pool[offset:offset + d, :w]).view(B, H, N, w)
 
 
 @register_notrace_function
