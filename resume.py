@@ -114,8 +114,6 @@ def _set_from_record(args: Any, field: str, value: Any, arch: str) -> None:
             args.no_broad, args.broad = False, bool(value)
     elif field == 'model_kwargs':
         args.model_kwargs = [f'{k}={v!r}' for k, v in value.items()]
-    elif field == 'broad_layers':
-        args.broad_layers = value if not isinstance(value, list) else ','.join(map(str, value)) + ','
     elif field == 'input_size' and not isinstance(value, int):
         h, w = value
         if h != w:

@@ -66,15 +66,15 @@ def broad_layers_of(broad_layers: Union[None, int, Sequence[int]], depth: int) -
     if not indices or any(not -depth <= i < depth for i in indices):
         raise ValueError(f'broad_layers={list(broad_layers)}: give layer indices in [{-depth}, {depth - 1}] '
                          f'(at least one), or an int k for the last k layers')
-    chosen = sorted({i % depth for i in indices})
-    return chosen
+    return sorted({i % depth for i in indices})
 
 
 def broad_pool(head_dim: int, group: int, like: Tensor, weight: float = 1.) -> Tensor:
     """The pooling as a product: Z (w·g, w) in ``like``'s dtype and device, Z[i, c] = weight / g when
     i // g == c, w = ⌈(g - 1 + d) / g⌉ (the most groups a layer can touch). A layer whose d
     channels start at o = (l·d) mod g of a group has them averaged into its w_l = ⌈(o + d) / g⌉
-    groups, times ``weight``, by v @ Z[o:o + d, :w_l]. ``weight`` is the scale the model adds the broad output with."""
+    groups, times ``weight``, by v @ Z[o:o + d, :w_l]. ``weight`` is the scale the model adds the
+    broad output with."""
     w = (2 * group + head_dim - 2) // group
     eye = torch.eye(w, dtype=like.dtype, device=like.device)
     return (eye[:, None].expand(w, group, w) * (weight / group)).view(w * group, w)
