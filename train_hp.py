@@ -40,7 +40,7 @@ from resume import (
 from utils import (
     NonFiniteLossError, UsageError, all_reduce_sum, append_log_line, cleanup_distributed, environment_info,
     exit_without_teardown, format_seconds, get_rank, init_distributed, is_dist, is_main_process, log,
-    resolve_device, write_line,
+    prepare_output_dir, resolve_device, write_line,
 )
 
 SCHEDULES = ('cosine', 'tanh', 'step', 'multistep', 'poly', 'constant', 'wsd', 'rsqrt', 'none')
@@ -202,10 +202,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='train on a fixed random subset of N training images (quick runs and tests)')
     g.add_argument('--val-subset', default=None, type=int, metavar='N',
                    help='evaluate on a fixed random subset of N validation images')
-    g.add_argument('--pipeline', default='fast', choices=pipeline.PIPELINES,
-                   help="training input pipeline: 'fast' (decode, crop, flip and the RandAugment draws in the "
-                        "workers on uint8; RandAugment, normalisation and erasing on the device) or 'deit' "
-                        "(timm's create_transform, all in the workers); docs/training.md")
+    g.add_argument('--pipeline', default='fast', choices=pipeline.PIPELINES, help="training input: 'deit' "
+                   "(timm's transform, all in the workers) or 'fast' (part on the device: docs/training.md)")
     g.add_argument('--num_workers', default=10, type=int, help='data loader worker processes per process')
     g.add_argument('--max-bad-images', default=100, type=int, metavar='N',
                    help='unreadable images (missing, truncated, not images) are skipped with a warning naming the '
@@ -234,8 +232,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="on CUDA, keep float32 matmuls and convolutions in full float32 (by default they use "
                         "TF32, and cuDNN benchmark is on, as in timm's train.py)")
     g.add_argument('--benchmark-data', default=0, type=int, metavar='N',
-                   help='only time the training loader for N images (no model) and its device steps apart; the '
-                        "last line is 'data: <X> images/s per core ...'")
+                   help='only time the training loader for N images, no model (device steps apart)')
     g.add_argument('--deterministic', action='store_true',
                    help='deterministic kernels, cuDNN benchmark off (slower on GPUs)')
     g.add_argument('--resume', default='', help='continue from this checkpoint.pth, also one written mid-epoch '
@@ -296,8 +293,9 @@ def _check_flags(args: argparse.Namespace) -> None:
     for flag, value in (('--train-subset', args.train_subset), ('--val-subset', args.val_subset)):
         if value is not None and value < 1:
             raise UsageError(f'{flag} must be at least 1, got {value}')
-    if args.pipeline == 'fast' and not args.eval and pipeline.unsupported(args):
-        raise UsageError(pipeline.unsupported(args))
+    why = pipeline.unsupported(args) if args.pipeline == 'fast' and not args.eval else None
+    if why or args.benchmark_data < 0 or (args.benchmark_data and args.eval):
+        raise UsageError(why or '--benchmark-data N (N >= 1) times the training loader, without --eval')
     if args.eval_ema and not args.eval:
         raise UsageError('--eval-ema goes with --eval')
     if args.torchcompile_mode and not args.torchcompile:
@@ -444,19 +442,6 @@ def build_mixup(args: argparse.Namespace, nb_classes: int) -> Optional[Callable]
                  label_smoothing=args.smoothing, num_classes=nb_classes)
 
 
-def _prepare_output_dir(args: argparse.Namespace) -> None:
-    """Create ``--output_dir``; one holding a checkpoint.pth is refused unless it is ``--resume``'s."""
-    if not args.output_dir:
-        return
-    existing = os.path.join(args.output_dir, 'checkpoint.pth')
-    if os.path.exists(existing) and not (args.resume and os.path.exists(args.resume)
-                                         and os.path.samefile(existing, args.resume)):
-        raise UsageError(f'{args.output_dir} already holds a checkpoint.pth; continue it with --resume {existing}, '
-                         'or choose another --output_dir')
-    if is_main_process():
-        os.makedirs(args.output_dir, exist_ok=True)
-
-
 @dataclass
 class Training:
     """What the epoch loop trains, evaluates and saves (built by :func:`main`)."""
@@ -582,7 +567,7 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         where = f', iteration {position["batches_done"] + 1}' if position else ''
         log(f'resumed from {args.resume}: continuing at epoch {start_epoch}{where}')
 
-    _prepare_output_dir(args)
+    prepare_output_dir(args.output_dir, args.resume)
 
     log(f'training epochs {start_epoch}..{args.epochs - 1}, lr {lr:.3g} (total batch {args.batch_size * args.world_size})')
     t = Training(model=model, model_without_ddp=model_without_ddp,
