@@ -236,3 +236,18 @@ def test_benchmark_data_prints_the_loader_rate_last(tmp_path, capsys, which):
     assert 'no workers' in lines[-1] and '20 images of 32 px' in lines[-1]
     assert lines[-2].startswith('device steps (')
     assert float(lines[-1].split()[1]) > 0
+
+
+def test_the_scripts_write_a_folder_a_grid_and_a_step_table(tmp_path, capsys):
+    from scripts import augment_grid, photo_folder, pipeline_steps
+    assert photo_folder.main([str(tmp_path / 'photos'), '--images', '6', '--classes', '2']) == 0
+    files = sorted((tmp_path / 'photos').rglob('*.jpg'))
+    assert len(files) == 6 + 2 and Image.open(files[0]).size[0] >= 300
+    assert photo_folder.main([str(tmp_path / 'photos')]) == 2  # never into a folder with files
+    assert 'not an empty folder' in capsys.readouterr().err
+    augment_grid.draw(str(tmp_path / 'grid.png'), per_row=2, size=32)
+    assert Image.open(tmp_path / 'grid.png').size[0] > 100
+    steps = pipeline_steps.measure(str(tmp_path / 'photos'), images=6, size=32)
+    assert {'decode (PIL)', 'RandAugment', 'Normalize'} <= set(steps['deit'])
+    assert {'decode (torchvision)', 'RandAugment draw', 'device steps (on the CPU)'} <= set(steps['fast'])
+    assert all(v >= 0 for side in steps.values() for k, v in side.items() if k != 'crop, resize, flip')
