@@ -271,12 +271,14 @@ class ShardDataset(Dataset):
 def _split_samples(src: str) -> Tuple[List[str], Dict[str, List[Tuple[str, int]]]]:
     """(classes, split -> [(path, class index)]) of the ImageFolder pair under ``src``, in
     torchvision's ImageFolder order (sorted classes, sorted files, its image extensions)."""
+    for split in SPLITS:
+        if not os.path.isdir(os.path.join(src, split)):
+            raise UsageError(f'{os.path.join(src, split)} not found; expected SRC/train/<class>/<image> and '
+                             'SRC/val/<class>/<image>')
     classes: Optional[List[str]] = None
     samples = {}
     for split in SPLITS:
         folder = os.path.join(src, split)
-        if not os.path.isdir(folder):
-            raise UsageError(f'{folder} not found; expected SRC/train/<class>/<image> and SRC/val/<class>/<image>')
         try:
             found, class_to_idx = find_classes(folder)
             samples[split] = make_dataset(folder, class_to_idx, extensions=IMG_EXTENSIONS)
