@@ -11,9 +11,10 @@ files::
 
 A split's entry holds ``name``, ``num_samples``, ``filenames`` (the shard paths, relative to the
 root) and ``shard_lengths`` (samples per shard). A sample is two tar members with one key:
-``<key>.<ext>``, the image file's bytes as they were (the extension lower-cased), and
-``<key>.cls``, the class index in ASCII. The key is the sample's index in the ImageFolder it came
-from (8 digits), so :meth:`ShardDataset.key` maps a sample back to ``ImageFolder[key]``.
+``<key>.<ext>``, the image file's bytes as they were (the extension lower-cased, ``jpeg`` as
+``jpg``: :func:`member_ext`), and ``<key>.cls``, the class index in ASCII. The key is the sample's
+index in the ImageFolder it came from (8 digits), so :meth:`ShardDataset.key` maps a sample back
+to ``ImageFolder[key]``.
 
 :class:`ShardDataset` is map-style: the member offsets are read once from the tar headers, then a
 sample is one seek and one read in its shard. Each process, loader workers included, opens its
@@ -292,6 +293,13 @@ def _split_samples(src: str) -> Tuple[List[str], Dict[str, List[Tuple[str, int]]
     return classes, samples
 
 
+def member_ext(path: str) -> str:
+    """The extension of an image's member: the file's, lower-cased, and ``jpeg`` written ``jpg``
+    (ImageNet's ``.JPEG``), the key timm's webdataset reader looks for by default (``jpg;png;webp``)."""
+    ext = os.path.splitext(path)[1].lower().lstrip('.')
+    return 'jpg' if ext == 'jpeg' else ext
+
+
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     ti = tarfile.TarInfo(name)
     ti.size, ti.mtime, ti.mode = len(data), 0, 0o444  # fixed metadata: the same input gives the same bytes
@@ -345,7 +353,7 @@ def write_shards(src: str, dst: str, shard_size: int, shuffle_seed: Optional[int
                         with open(path, 'rb') as img:
                             data = img.read()
                         key = f'{i:0{width}d}'
-                        _add(tar, f'{key}{os.path.splitext(path)[1].lower()}', data)
+                        _add(tar, f'{key}.{member_ext(path)}', data)
                         _add(tar, f'{key}.cls', str(target).encode('ascii'))
 
             _write_atomic(os.path.join(dst, rel), write)
@@ -362,4 +370,5 @@ def write_shards(src: str, dst: str, shard_size: int, shuffle_seed: Optional[int
     return info
 
 
-__all__ = ['INFO', 'MAX_OPEN_SHARDS', 'ShardDataset', 'index_shard', 'pil_loader', 'read_info', 'write_shards']
+__all__ = ['INFO', 'MAX_OPEN_SHARDS', 'ShardDataset', 'index_shard', 'member_ext', 'pil_loader', 'read_info',
+           'write_shards']
