@@ -207,7 +207,7 @@ class ShardDataset(Dataset):
             targets += t
             shard += [s] * len(n)
         # numpy arrays, not lists of Python objects: a forked loader worker shares them unchanged
-        self._names = np.array(names, dtype=np.bytes_) if names else np.zeros(0, dtype='S1')
+        self._names = np.array([n.encode('utf-8', 'surrogateescape') for n in names] or [b''], dtype=np.bytes_)
         self._shard = np.array(shard, dtype=np.int32)
         self._offset = np.array(offsets, dtype=np.int64)
         self._size = np.array(sizes, dtype=np.int64)
@@ -220,11 +220,14 @@ class ShardDataset(Dataset):
 
     def member(self, index: int) -> str:
         """``<shard path>:<image member name>`` of sample ``index`` (what warnings name)."""
-        return f'{self.paths[self._shard[index]]}:{self._names[index].decode()}'
+        return f'{self.paths[self._shard[index]]}:{self._name(index)}'
 
     def key(self, index: int) -> str:
         """The key of sample ``index`` (for make_shards' shards: its ImageFolder index, 8 digits)."""
-        return _MEMBER.match(self._names[index].decode()).group(1)  # type: ignore[union-attr]
+        return _MEMBER.match(self._name(index)).group(1)  # type: ignore[union-attr]
+
+    def _name(self, index: int) -> str:
+        return self._names[index].decode('utf-8', 'surrogateescape')
 
     def _file(self, shard: int) -> BinaryIO:
         if self._pid != os.getpid():  # a new loader worker: handles of its own, not its parent's

@@ -33,7 +33,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                             'DST/val, plus DST/_info.json (classes, sample and shard counts).')
     p.add_argument('src', metavar='SRC', help='folder holding train/<class>/<image> and val/<class>/<image>')
     p.add_argument('dst', metavar='DST', help='output folder: must not exist, or be empty (never overwritten)')
-    p.add_argument('--shard-size', type=int, default=1024, metavar='N', help='samples per shard (the last has the rest)')
+    p.add_argument('--shard-size', type=int, default=1024, metavar='N',
+                   help='samples per shard (the last has the rest)')
     p.add_argument('--seed', type=int, default=0,
                    help='seed of the shuffle of the training samples before they are cut into shards (each shard '
                         'mixes the classes); validation keeps ImageFolder order')

@@ -181,7 +181,8 @@ def test_shards_give_the_samples_of_the_image_folder(written):
     assert [sizes[i][0] for i in range(3)] == [Path(p).stat().st_size for p, _ in folder.samples[:3]]
 
     # --train-subset still picks a fixed subset; the class lists of both splits are the shards'
-    train, val, n = datasets.build_datasets(_args('--data-set', 'SHARDS', '--data-path', str(dst), '--train-subset', '10'))
+    args = _args('--data-set', 'SHARDS', '--data-path', str(dst), '--train-subset', '10')
+    train, val, n = datasets.build_datasets(args)
     assert (len(train), len(val), n) == (10, 12, 3)
 
 
@@ -240,22 +241,28 @@ def test_broken_shards_give_one_line_naming_the_shard(written, tmp_path, capsys)
     cases = {
         'no .cls': ({'0.png': png, '0.cls': b'1', '1.png': png}, 'sample 1 has no .cls member (has png)'),
         'no image': ({'0.png': png, '0.cls': b'1', '1.txt': b'x', '1.cls': b'0'}, 'sample 1 has no image member'),
-        'bad class': ({'0.png': png, '0.cls': b'1', '1.png': png, '1.cls': b'3'}, "sample 1 has class '3', not an index "
-                                                                               'below 3'),
+        'bad class': ({'0.png': png, '0.cls': b'1', '1.png': png, '1.cls': b'3'},
+                      "sample 1 has class '3', not an index below 3"),
         'one sample': ({'0.png': png, '0.cls': b'1'}, '1 samples, but _info.json lists 2'),
     }
     for case, (members, want) in cases.items():
         _tar(shard, members)
         with pytest.raises(UsageError, match=re.escape(want)):
             shards.ShardDataset(str(tmp_path), 'val')
-    _tar(shard, {'0.png': png, '0.cls': b'1', '1.png': png, '1.cls': b'2'})
+    _tar(shard, {'0.png': png, '0.cls': b'1', 'ü/1.png': png, 'ü/1.cls': b'2'})  # a pax header: read by tarfile
     good = shard.read_bytes()
-    assert [shards.ShardDataset(str(tmp_path), 'val')[i][1] for i in range(2)] == [1, 2]
+    ds = shards.ShardDataset(str(tmp_path), 'val')
+    assert [ds[i][1] for i in range(2)] == [1, 2] and ds.member(1) == f'{shard}:ü/1.png' and ds.key(1) == 'ü/1'
+    ds.close()
+    second = 512 + -(-len(png) // 512) * 512  # the second member's header: after the first's, and its padded data
     header = bytearray(good)
-    header[512 + -(-len(png) // 512) * 512 + 130] = ord('x')  # a digit of the second member's size
-    for case, data in {'truncated': good[:1000], 'bad header': bytes(header), 'not a tar': b'GIF89a' + bytes(2000)}.items():
+    header[second + 130] = ord('x')  # a digit of its size
+    for data, reason in ((good[:1000], f'unexpected end of data: the last member needs {second - 1000} more bytes'),
+                         (bytes(header), f'invalid header at byte {second}'),
+                         (b'GIF89a' + bytes(2000), 'bad header checksum at byte 0')):
         shard.write_bytes(data)
-        with pytest.raises(UsageError, match=rf'^{shard}: not a readable tar file \((ReadError|UsageError)'):
+        with pytest.raises(UsageError, match=rf'^{re.escape(str(shard))}: not a readable tar file \(ReadError: '
+                                             rf'{re.escape(reason)}\); write the shards again'):
             shards.ShardDataset(str(tmp_path), 'val')
 
     # through train_hp.py: exit 2, one line (here: a folder that holds no _info.json)
@@ -327,7 +334,8 @@ def test_training_from_shards_stopped_mid_epoch_resumes_to_the_uninterrupted_wei
     ra, rb = read_log(straight / 'log.txt'), read_log(cut / 'log.txt')
     assert [r['epoch'] for r in rb] == [0, 1]
     assert rb[1]['train_loss'] == pytest.approx(ra[1]['train_loss'], abs=1e-6)
-    assert rb[1]['test_acc1'] == ra[1]['test_acc1'] and rb[1]['test_loss'] == pytest.approx(ra[1]['test_loss'], abs=1e-6)
+    assert rb[1]['test_acc1'] == ra[1]['test_acc1']
+    assert rb[1]['test_loss'] == pytest.approx(ra[1]['test_loss'], abs=1e-6)
 
 
 class _Killed(Exception):
