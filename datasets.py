@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image
@@ -21,6 +21,7 @@ from torch.utils.data import Dataset, Subset
 from torchvision import datasets as tv_datasets
 from torchvision import transforms
 
+import pipeline
 from bvit.data import DigitsDataset, eval_transform
 from utils import UsageError
 
@@ -68,11 +69,18 @@ def collate_skipping_unreadable(batch: Sequence[Any]) -> Tuple[Any, Any, List[Un
     return images, targets, bad
 
 
-class _ImageFolder(tv_datasets.ImageFolder):
-    """torchvision's ImageFolder, returning an :class:`UnreadableImage` for a file it cannot read."""
+def _read_rgb(path: str) -> Image.Image:
+    with Image.open(path) as img:
+        return img.convert('RGB')
 
-    def __init__(self, root: str, split: str, transform: Any) -> None:
-        super().__init__(root, transform=transform)
+
+class _ImageFolder(tv_datasets.ImageFolder):
+    """torchvision's ImageFolder, returning an :class:`UnreadableImage` for a file it cannot read.
+    ``loader``: path -> image (PIL's, torchvision's default; ``pipeline.read_bytes`` under
+    ``--pipeline fast``, whose transform decodes)."""
+
+    def __init__(self, root: str, split: str, transform: Any, loader: Optional[Callable[[str], Any]] = None) -> None:
+        super().__init__(root, transform=transform, **({'loader': loader} if loader is not None else {}))
         self.split = split
 
     def __getitem__(self, index: int) -> Any:
@@ -134,14 +142,17 @@ def _three_augment(args: Any) -> transforms.Compose:
 
 
 def build_transform(is_train: bool, args: Any) -> Any:
-    """Training: timm's ``create_transform`` (random-resized crop, flip, RandAugment, random
-    erasing as set by the flags) or 3-Augment with ``--ThreeAugment``. Evaluation:
+    """Training: with ``--pipeline fast``, the workers' part of it (``pipeline.WorkerTransform``);
+    with ``--pipeline deit``, timm's ``create_transform`` (random-resized crop, flip, RandAugment,
+    random erasing as set by the flags) or 3-Augment with ``--ThreeAugment``. Evaluation:
     :func:`bvit.data.eval_transform` (``--eval-crop-ratio``)."""
     if is_train:
+        _fix_timm_posterize()
+        if args.pipeline == 'fast':
+            return pipeline.worker_transform(args)
         if args.ThreeAugment:
             return _three_augment(args)
         from timm.data import create_transform
-        _fix_timm_posterize()
         aa = args.aa if args.aa and str(args.aa).lower() not in ('', 'none') else None
         return create_transform(
             input_size=args.input_size, is_training=True, scale=tuple(args.scale), ratio=tuple(args.ratio),
@@ -262,9 +273,10 @@ class INatDataset(Dataset):
     """
 
     def __init__(self, root: str, train: bool, year: int, category: str = 'name',
-                 transform: Optional[Any] = None) -> None:
+                 transform: Optional[Any] = None, loader: Optional[Callable[[str], Any]] = None) -> None:
         self.root = root
         self.transform = transform
+        self.loader = loader or _read_rgb
         split = 'train' if train else 'val'
         self.split = split
         records = self._read(os.path.join(root, f'{split}{year}.json'))
@@ -319,11 +331,11 @@ class INatDataset(Dataset):
     def __getitem__(self, index: int) -> Tuple[Any, int]:
         path, target = self.samples[index]
         try:
-            img = Image.open(path).convert('RGB')
+            img = self.loader(path)
+            if self.transform is not None:
+                img = self.transform(img)
         except READ_ERRORS as e:  # also a file listed in the json but missing
             return _unreadable(path, self.split, e)
-        if self.transform is not None:
-            img = self.transform(img)
         return img, target
 
 
@@ -336,21 +348,26 @@ class FakeImages(tv_datasets.FakeData):
     (the validation images come from other seeds). With ``signal`` > 0 a fixed pattern of its
     class, ``signal`` times a unit-variance tensor, is added to each transformed image, so that a
     model can learn (random labels alone cannot be learnt: the loss would stay at ln(classes));
-    it costs one addition per image. ``FakeData`` seeds torch's generators for every image (and
+    it costs one addition per image. Under ``--pipeline fast`` (a uint8 image and its drawn
+    operations) it is added before normalisation, scaled by ``255 * std``, and clipped to uint8. ``FakeData`` seeds torch's generators for every image (and
     restores the CPU one only): on a GPU, use loader workers (``--num_workers`` > 0), as usual."""
 
     def __init__(self, size: int, input_size: int, num_classes: int, train: bool, transform: Any,
-                 signal: float) -> None:
+                 signal: float, std: Sequence[float] = (1., 1., 1.)) -> None:
         super().__init__(size=size, image_size=(3, input_size, input_size), num_classes=num_classes,
                          transform=transform, random_offset=0 if train else 10 ** 9)
         self.classes = [str(c) for c in range(num_classes)]
         self.signal = float(signal)
         g = torch.Generator().manual_seed(12345)
         self.patterns = torch.randn(num_classes, 3, input_size, input_size, generator=g) if signal else None
+        self.std255 = 255 * torch.tensor(std).view(3, 1, 1)
 
     def __getitem__(self, index: int) -> Tuple[Any, int]:
         img, target = super().__getitem__(index)
         target = int(target)
+        if self.patterns is not None and isinstance(img, tuple):  # --pipeline fast: (uint8 image, ops)
+            x = img[0].float() + self.signal * self.std255 * self.patterns[target]
+            return (x.round_().clamp_(0, 255).to(torch.uint8), img[1]), target
         if self.patterns is not None and isinstance(img, torch.Tensor) and img.shape == self.patterns.shape[1:]:
             img = img + self.signal * self.patterns[target]
         return img, target
@@ -395,12 +412,13 @@ def _layout(data_set: str) -> str:
     return ''
 
 
-def _image_folder(root: str, split: str, transform: Any) -> tv_datasets.ImageFolder:
+def _image_folder(root: str, split: str, transform: Any, loader: Optional[Callable[[str], Any]]
+                  ) -> tv_datasets.ImageFolder:
     folder = os.path.join(root, split)
     if not os.path.isdir(folder):
         raise UsageError(f'{folder} not found; {FOLDER_LAYOUT}')
     try:
-        return _ImageFolder(folder, split, transform)
+        return _ImageFolder(folder, split, transform, loader)
     except (FileNotFoundError, RuntimeError) as e:
         raise UsageError(f'{folder}: {str(e).strip().splitlines()[0]}; {FOLDER_LAYOUT}') from None
 
@@ -442,17 +460,19 @@ def build_dataset(is_train: bool, args: Any, transform: Optional[Any] = None) ->
     if transform is None:
         transform = build_transform(is_train, args)
     name = args.data_set
+    # --pipeline fast: files are read as bytes, decoded by its worker transform
+    loader = pipeline.read_bytes if is_train and args.pipeline == 'fast' else None
     if name == 'DIGITS':
         ds: Dataset = DigitsDataset(train=is_train, transform=transform)
     elif name == 'FASHION_MNIST':
         ds = _fashion_mnist(args, is_train, transform)
     elif name == 'FAKE':
         ds = FakeImages(args.fake_size if is_train else args.fake_val_size, args.input_size, args.fake_classes,
-                        is_train, transform, args.fake_signal)
+                        is_train, transform, args.fake_signal, args.std)
     else:
         root = _check_data_path(args)
         if name in ('IMNET', 'FOLDER'):
-            ds = _image_folder(root, 'train' if is_train else 'val', transform)
+            ds = _image_folder(root, 'train' if is_train else 'val', transform, loader)
         elif name in ('CIFAR10', 'CIFAR100'):
             ds = _cifar(args, is_train, transform)
         elif name == 'SHARDS':
@@ -460,7 +480,7 @@ def build_dataset(is_train: bool, args: Any, transform: Optional[Any] = None) ->
             ds = ShardDataset(root, 'train' if is_train else 'val', transform)
         else:
             ds = INatDataset(root, train=is_train, year=2019 if name == 'INAT19' else 2018,
-                             category=args.inat_category, transform=transform)
+                             category=args.inat_category, transform=transform, loader=loader)
     n = args.train_subset if is_train else args.val_subset
     ds = _subset(ds, n, seed=1 if is_train else 2)
     return ds, len(ds.classes)  # type: ignore[attr-defined]

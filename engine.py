@@ -117,8 +117,12 @@ def train_one_epoch(
         stop: Optional[StopSignal] = None,
         resume: Optional[Dict[str, Any]] = None,
         bad_images: Optional[UnreadableImages] = None,
+        to_device: Optional[Callable[[Any], torch.Tensor]] = None,
 ) -> Dict[str, Any]:
     """Train ``model`` for one pass over ``data_loader``.
+
+    ``to_device``: the loader's images -> the model's input on ``device`` (``--pipeline fast``:
+    ``pipeline.DeviceAugment``, its device steps); None: ``images.to(device)``.
 
     ``criterion(images, outputs, targets)`` is a :class:`losses.DistillationLoss`-style loss.
     The learning rate is whatever the caller's scheduler set before the epoch; it is reported
@@ -155,7 +159,7 @@ def train_one_epoch(
         skipped += n_bad
         if images is None:
             raise UsageError(f'every image of training batch {i + 1} of epoch {epoch} was unreadable (see the warnings)')
-        images = images.to(device, non_blocking=True)
+        images = to_device(images) if to_device is not None else images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         if mixup_fn is not None and images.shape[0] % 2:  # mixup pairs images: an image skipped, one more left out
             images, targets = images[:-1], targets[:-1]

@@ -30,6 +30,7 @@ from config import parse_with_config
 from datasets import DATASETS, INAT_CATEGORIES, build_datasets, canonical_data_set, collate_skipping_unreadable
 from engine import Evaluator, autocast_context, precision, setup_determinism, setup_tf32, train_one_epoch
 from losses import DistillationLoss, build_base_criterion
+import pipeline
 from samplers import RepeatAugSampler, ShardSampler
 from preemption import STOP_EXIT_STATUS, RunStopped, StopSignal, epoch_seed, ignore_stop_signals, save_and_stop, stop_run
 from resume import (
@@ -39,7 +40,7 @@ from resume import (
 from utils import (
     NonFiniteLossError, UsageError, all_reduce_sum, append_log_line, cleanup_distributed, environment_info,
     exit_without_teardown, format_seconds, get_rank, init_distributed, is_dist, is_main_process, log,
-    resolve_device, write_line,
+    prepare_output_dir, resolve_device, write_line,
 )
 
 SCHEDULES = ('cosine', 'tanh', 'step', 'multistep', 'poly', 'constant', 'wsd', 'rsqrt', 'none')
@@ -201,6 +202,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='train on a fixed random subset of N training images (quick runs and tests)')
     g.add_argument('--val-subset', default=None, type=int, metavar='N',
                    help='evaluate on a fixed random subset of N validation images')
+    g.add_argument('--pipeline', default='fast', choices=pipeline.PIPELINES, help="training input: 'deit' "
+                   "(timm's transform, all in the workers) or 'fast' (part on the device: docs/training.md)")
     g.add_argument('--num_workers', default=10, type=int, help='data loader worker processes per process')
     g.add_argument('--max-bad-images', default=100, type=int, metavar='N',
                    help='unreadable images (missing, truncated, not images) are skipped with a warning naming the '
@@ -228,6 +231,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--no-tf32', action='store_false', dest='tf32',
                    help="on CUDA, keep float32 matmuls and convolutions in full float32 (by default they use "
                         "TF32, and cuDNN benchmark is on, as in timm's train.py)")
+    g.add_argument('--benchmark-data', default=0, type=int, metavar='N',
+                   help='only time the training loader for N images, no model (device steps apart)')
     g.add_argument('--deterministic', action='store_true',
                    help='deterministic kernels, cuDNN benchmark off (slower on GPUs)')
     g.add_argument('--resume', default='', help='continue from this checkpoint.pth, also one written mid-epoch '
@@ -288,6 +293,9 @@ def _check_flags(args: argparse.Namespace) -> None:
     for flag, value in (('--train-subset', args.train_subset), ('--val-subset', args.val_subset)):
         if value is not None and value < 1:
             raise UsageError(f'{flag} must be at least 1, got {value}')
+    why = pipeline.unsupported(args) if args.pipeline == 'fast' and not args.eval else None
+    if why or args.benchmark_data < 0 or (args.benchmark_data and args.eval):
+        raise UsageError(why or '--benchmark-data N (N >= 1) times the training loader, without --eval')
     if args.eval_ema and not args.eval:
         raise UsageError('--eval-ema goes with --eval')
     if args.torchcompile_mode and not args.torchcompile:
@@ -434,19 +442,6 @@ def build_mixup(args: argparse.Namespace, nb_classes: int) -> Optional[Callable]
                  label_smoothing=args.smoothing, num_classes=nb_classes)
 
 
-def _prepare_output_dir(args: argparse.Namespace) -> None:
-    """Create ``--output_dir``; one holding a checkpoint.pth is refused unless it is ``--resume``'s."""
-    if not args.output_dir:
-        return
-    existing = os.path.join(args.output_dir, 'checkpoint.pth')
-    if os.path.exists(existing) and not (args.resume and os.path.exists(args.resume)
-                                         and os.path.samefile(existing, args.resume)):
-        raise UsageError(f'{args.output_dir} already holds a checkpoint.pth; continue it with --resume {existing}, '
-                         'or choose another --output_dir')
-    if is_main_process():
-        os.makedirs(args.output_dir, exist_ok=True)
-
-
 @dataclass
 class Training:
     """What the epoch loop trains, evaluates and saves (built by :func:`main`)."""
@@ -463,6 +458,7 @@ class Training:
     amp_dtype: Optional[torch.dtype]
     sampler_train: RepeatAugSampler
     loader_train: DataLoader
+    to_device: Optional[Callable[[Any], torch.Tensor]]  # the pipeline's device steps (None: .to(device))
     evaluator: Evaluator
 
     def checkpoint(self, epoch: int, max_accuracy: float, args: argparse.Namespace,
@@ -498,6 +494,16 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
 
     dataset_train, dataset_val, nb_classes = build_datasets(args, need_train=not args.eval)
     args.nb_classes = nb_classes
+    if dataset_train is not None:
+        sampler_train = RepeatAugSampler(dataset_train, args.world_size, args.rank, shuffle=True, seed=args.seed,
+                                         num_repeats=3 if args.repeated_aug else 1)
+        if len(sampler_train) < args.batch_size:
+            raise UsageError(f'{len(sampler_train)} training images per process, fewer than one batch of '
+                             f'{args.batch_size}; lower --batch-size')
+        loader_train = _loader(dataset_train, sampler_train, args.batch_size, args, device, drop_last=True)
+        to_device = pipeline.device_augment(args, device) if args.pipeline == 'fast' else None
+        if args.benchmark_data:
+            return pipeline.benchmark_loader(loader_train, sampler_train, args.benchmark_data, to_device, device, args)
     reduce_eval = bool(args.dist_eval and args.world_size > 1)
     sampler_val = (ShardSampler(dataset_val, args.world_size, args.rank) if reduce_eval
                    else torch.utils.data.SequentialSampler(dataset_val))
@@ -561,20 +567,14 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         where = f', iteration {position["batches_done"] + 1}' if position else ''
         log(f'resumed from {args.resume}: continuing at epoch {start_epoch}{where}')
 
-    sampler_train = RepeatAugSampler(dataset_train, args.world_size, args.rank, shuffle=True, seed=args.seed,
-                                     num_repeats=3 if args.repeated_aug else 1)
-    if len(sampler_train) < args.batch_size:
-        raise UsageError(f'{len(sampler_train)} training images per process, fewer than one batch of '
-                         f'{args.batch_size}; lower --batch-size')
-    loader_train = _loader(dataset_train, sampler_train, args.batch_size, args, device, drop_last=True)
-    _prepare_output_dir(args)
+    prepare_output_dir(args.output_dir, args.resume)
 
     log(f'training epochs {start_epoch}..{args.epochs - 1}, lr {lr:.3g} (total batch {args.batch_size * args.world_size})')
     t = Training(model=model, model_without_ddp=model_without_ddp,
                  eval_model=compile_model(model_without_ddp, args) if args.torchcompile else model_without_ddp,
                  model_ema=model_ema, optimizer=optimizer, scheduler=scheduler, scaler=scaler, criterion=criterion,
                  mixup_fn=mixup_fn, amp_dtype=amp_dtype, sampler_train=sampler_train, loader_train=loader_train,
-                 evaluator=evaluator)
+                 to_device=to_device, evaluator=evaluator)
     stop = StopSignal().install()
     try:
         return train_epochs(args, device, t, start_epoch, max_accuracy, position, stop)
@@ -605,7 +605,7 @@ def train_epochs(args: argparse.Namespace, device: torch.device, t: Training, st
             t.model, t.criterion, t.loader_train, t.optimizer, device, epoch, scaler=t.scaler,
             autocast=autocast_context(device, t.amp_dtype), clip_grad=args.clip_grad, model_ema=t.model_ema,
             mixup_fn=t.mixup_fn, set_training_mode=args.train_mode, print_freq=args.print_freq,
-            num_epochs=args.epochs, stop=stop, resume=resume, bad_images=bad_images)
+            num_epochs=args.epochs, stop=stop, resume=resume, bad_images=bad_images, to_device=t.to_device)
         if train_stats['stopped'] is not None:
             save_and_stop(args, stop, epoch, train_stats['stopped'],
                           lambda position: t.checkpoint(epoch - 1, max_accuracy, args, position=position))

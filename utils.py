@@ -343,6 +343,20 @@ def args_to_dict(args: Any) -> Dict[str, Any]:
     return {k: plain(v) for k, v in sorted(vars(args).items())}
 
 
+def prepare_output_dir(output_dir: str, resume: Optional[str]) -> None:
+    """Create ``--output_dir`` (on the main process); one holding a checkpoint.pth is refused unless
+    it is ``--resume``'s."""
+    if not output_dir:
+        return
+    existing = os.path.join(output_dir, 'checkpoint.pth')
+    if os.path.exists(existing) and not (resume and os.path.exists(resume)
+                                         and os.path.samefile(existing, resume)):
+        raise UsageError(f'{output_dir} already holds a checkpoint.pth; continue it with --resume {existing}, '
+                         'or choose another --output_dir')
+    if is_main_process():
+        os.makedirs(output_dir, exist_ok=True)
+
+
 def append_log_line(output_dir: str, stats: Mapping[str, Any]) -> None:
     """One JSON line per epoch in ``<output_dir>/log.txt`` (rank 0)."""
     if is_main_process() and output_dir:

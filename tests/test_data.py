@@ -44,7 +44,12 @@ def test_digits_is_bundled_split_fixed_and_upsampled_to_three_channels():
     x, y = val[0]
     assert x.shape == (3, 24, 24) and x.dtype == torch.float32 and 0 <= y < 10
     assert torch.allclose(x[0] * 0.229 + 0.485, x[1] * 0.224 + 0.456, atol=1e-5)  # gray copied to RGB
-    assert train[0][0].shape == (3, 24, 24)
+    (image, ops), _ = train[0]  # --pipeline fast: uint8, RandAugment's draws (none: --aa none)
+    assert image.shape == (3, 24, 24) and image.dtype == torch.uint8 and ops.shape == (0, 3)
+    assert torch.equal(image[0], image[1])
+    deit, _, _ = datasets.build_datasets(make_args('--data-set', 'DIGITS', '--input-size', '24', '--aa', 'none',
+                                                   '--reprob', '0', '--pipeline', 'deit'))
+    assert deit[0][0].shape == (3, 24, 24) and deit[0][0].dtype == torch.float32
 
 
 def test_digits_needs_no_data_path_and_subsets_are_fixed():
@@ -187,7 +192,7 @@ def test_eval_transform_is_resize_and_center_crop():
 
 def test_paper_augmentation_runs_with_this_pillow():
     """rand-m9-mstd0.5-inc1 can ask for posterize with 0 bits, which Pillow 13 refuses."""
-    t = datasets.build_transform(True, make_args('--input-size', '16'))
+    t = datasets.build_transform(True, make_args('--input-size', '16', '--pipeline', 'deit'))
     from timm.data import auto_augment
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8))
     black = auto_augment.NAME_TO_OP['PosterizeIncreasing'](img, 0)
@@ -196,8 +201,11 @@ def test_paper_augmentation_runs_with_this_pillow():
     torch.manual_seed(0)
     for _ in range(40):
         assert t(img).shape == (3, 16, 16)
-    three = datasets.build_transform(True, make_args('--input-size', '16', '--ThreeAugment', '--src'))
+    three = datasets.build_transform(True, make_args('--input-size', '16', '--ThreeAugment', '--src', '--pipeline', 'deit'))
     assert three(img).shape == (3, 16, 16)
+    fast = datasets.build_transform(True, make_args('--input-size', '16'))
+    drawn = [fast(img)[1] for _ in range(40)]
+    assert all(d.shape == (2, 3) for d in drawn) and any((d[:, 0] >= 0).any() for d in drawn)
 
 
 # Samplers -----------------------------------------------------------------------------------------
@@ -286,7 +294,7 @@ def test_unreadable_or_missing_images_become_records_left_out_of_the_batch(tmp_p
     assert isinstance(record, datasets.UnreadableImage)
     assert (record.path, record.split) == (str(missing), 'train') and record.reason.startswith('FileNotFoundError')
     images, targets, bad = datasets.collate_skipping_unreadable([train[i] for i in range(4)])
-    assert images.shape == (3, 3, 16, 16) and targets.tolist() == [0, 2, 2] and bad == [record]
+    assert images[0].shape == (3, 3, 16, 16) and targets.tolist() == [0, 2, 2] and bad == [record]  # (uint8, ops)
     assert datasets.collate_skipping_unreadable([record]) == (None, None, [record])
 
     folder = tmp_path / 'folder'
