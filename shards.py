@@ -33,6 +33,7 @@ from collections import OrderedDict
 from typing import Any, BinaryIO, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
@@ -53,6 +54,12 @@ def pil_loader(data: bytes) -> Image.Image:
     """An image file's bytes -> an RGB PIL image, as torchvision's ImageFolder reads a file."""
     img = Image.open(io.BytesIO(data))
     return img.convert('RGB')
+
+
+def bytes_tensor(data: bytes) -> torch.Tensor:
+    """An image file's bytes as a uint8 tensor, undecoded: the loader of ``--pipeline fast``,
+    whose worker transform decodes (as ``pipeline.read_bytes`` for the image folders)."""
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
 # Reading ------------------------------------------------------------------------------------------
@@ -373,5 +380,5 @@ def write_shards(src: str, dst: str, shard_size: int, shuffle_seed: Optional[int
     return info
 
 
-__all__ = ['INFO', 'MAX_OPEN_SHARDS', 'ShardDataset', 'index_shard', 'member_ext', 'pil_loader', 'read_info',
-           'write_shards']
+__all__ = ['INFO', 'MAX_OPEN_SHARDS', 'ShardDataset', 'bytes_tensor', 'index_shard', 'member_ext', 'pil_loader',
+           'read_info', 'write_shards']

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import pickle
+import random
 import re
 import signal
 import tarfile
@@ -155,7 +156,7 @@ def test_make_shards_refuses_on_one_line_and_never_overwrites(written, tmp_path,
 # Reading ------------------------------------------------------------------------------------------
 
 def _args(*argv: str):
-    return train_hp.parse_args(['--input-size', '16', *argv])
+    return train_hp.parse_args(['--input-size', '16', '--pipeline', 'deit', *argv])
 
 
 def test_shards_give_the_samples_of_the_image_folder(written):
@@ -179,6 +180,22 @@ def test_shards_give_the_samples_of_the_image_folder(written):
     # a loader of one's own, the shape of torchvision's ImageFolder(loader=...)
     sizes = shards.ShardDataset(str(dst), 'val', loader=lambda b: len(b))
     assert [sizes[i][0] for i in range(3)] == [Path(p).stat().st_size for p, _ in folder.samples[:3]]
+
+    # --pipeline fast: the undecoded bytes as a uint8 tensor go to its worker transform, as the folder's do
+    fast = ['--pipeline', 'fast', '--aa', 'rand-m9-mstd0.5-inc1']
+    ds, _ = datasets.build_dataset(True, _args('--data-set', 'SHARDS', '--data-path', str(dst), *fast))
+    folder, _ = datasets.build_dataset(True, _args('--data-set', 'FOLDER', '--data-path', str(src), *fast))
+    assert ds.loader is shards.bytes_tensor
+    for i in range(0, len(ds), 5):
+        got, want = [], []
+        for data, out in ((ds, got), (folder, want)):
+            random.seed(i)  # the same draws of crop, flip and RandAugment (Python, NumPy, torch) for both
+            np.random.seed(i)
+            torch.manual_seed(i)
+            out.append(data[i if data is ds else int(ds.key(i))])
+        (image, ops), label = got[0]
+        assert image.dtype == torch.uint8 and image.shape == (3, 16, 16) and label == want[0][1]
+        assert torch.equal(image, want[0][0][0]) and torch.equal(ops, want[0][0][1])
 
     # --train-subset still picks a fixed subset; the class lists of both splits are the shards'
     args = _args('--data-set', 'SHARDS', '--data-path', str(dst), '--train-subset', '10')
