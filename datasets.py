@@ -3,9 +3,11 @@
 ``--data-set``: IMNET (ImageFolder ``train/`` + ``val/``, 1000 classes), CIFAR10 / CIFAR100 (the
 python-version folders ``cifar-10-batches-py`` / ``cifar-100-python``; ``CIFAR`` is CIFAR100, as
 in DeiT), INAT / INAT19 (iNaturalist 2018 / 2019 json layout), FOLDER (any ImageFolder pair, class
-count from the folders), DIGITS (scikit-learn's bundled 8x8 digits, no download: ``bvit.data``), FASHION_MNIST
-(the four IDX files of Fashion-MNIST, gzip or not, read by torchvision's FashionMNIST class) and
-FAKE (torchvision's FakeData: random images, for throughput and smoke runs without a data set).
+count from the folders), SHARDS (an ImageFolder pair as WebDataset-style tar shards, written by
+``scripts/make_shards.py``, each image read by its offset: ``shards.py``), DIGITS (scikit-learn's
+bundled 8x8 digits, no download: ``bvit.data``), FASHION_MNIST (the four IDX files of
+Fashion-MNIST, gzip or not, read by torchvision's FashionMNIST class) and FAKE (torchvision's
+FakeData: random images, for throughput and smoke runs without a data set).
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ import pipeline
 from bvit.data import DigitsDataset, eval_transform
 from utils import UsageError
 
-DATASETS = ('IMNET', 'CIFAR10', 'CIFAR100', 'CIFAR', 'INAT', 'INAT19', 'FOLDER', 'DIGITS', 'FASHION_MNIST', 'FAKE')
+DATASETS = ('IMNET', 'CIFAR10', 'CIFAR100', 'CIFAR', 'INAT', 'INAT19', 'FOLDER', 'SHARDS', 'DIGITS', 'FASHION_MNIST',
+            'FAKE')
 INAT_CATEGORIES = ('kingdom', 'phylum', 'class', 'order', 'supercategory', 'family', 'genus', 'name')
 
 FOLDER_LAYOUT = ('expected <data-path>/train/<class>/<image> and <data-path>/val/<class>/<image>, '
@@ -403,6 +406,9 @@ def _layout(data_set: str) -> str:
     if data_set in ('INAT', 'INAT19'):
         year = 2019 if data_set == 'INAT19' else 2018
         return f'expected <data-path>/train{year}.json, val{year}.json and the image folders they name'
+    if data_set == 'SHARDS':
+        from shards import LAYOUT
+        return LAYOUT
     return ''
 
 
@@ -469,6 +475,10 @@ def build_dataset(is_train: bool, args: Any, transform: Optional[Any] = None) ->
             ds = _image_folder(root, 'train' if is_train else 'val', transform, loader)
         elif name in ('CIFAR10', 'CIFAR100'):
             ds = _cifar(args, is_train, transform)
+        elif name == 'SHARDS':
+            import shards  # shards.py imports this module
+            ds = shards.ShardDataset(root, 'train' if is_train else 'val', transform,
+                                     shards.bytes_tensor if loader is not None else shards.pil_loader)
         else:
             ds = INatDataset(root, train=is_train, year=2019 if name == 'INAT19' else 2018,
                              category=args.inat_category, transform=transform, loader=loader)
