@@ -478,7 +478,7 @@ def build_dataset(is_train: bool, args: Any, transform: Optional[Any] = None) ->
         elif name == 'SHARDS':
             import shards  # shards.py imports this module
             ds = shards.ShardDataset(root, 'train' if is_train else 'val', transform,
-                                     shards.bytes_tensor if loader is not None else shards.pil_loader)
+                                     pipeline.bytes_tensor if loader is not None else shards.pil_loader)
         else:
             ds = INatDataset(root, train=is_train, year=2019 if name == 'INAT19' else 2018,
                              category=args.inat_category, transform=transform, loader=loader)

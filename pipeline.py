@@ -57,10 +57,16 @@ class UnsupportedAugmentation(ValueError):
 
 # Workers ------------------------------------------------------------------------------------------
 
+def bytes_tensor(data: bytes) -> torch.Tensor:
+    """An image file's bytes as a uint8 tensor, undecoded (the shards' loader under ``--pipeline
+    fast``; :class:`WorkerTransform` decodes)."""
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
 def read_bytes(path: str) -> torch.Tensor:
     """A file's bytes as a uint8 tensor (the image folders' loader under ``--pipeline fast``)."""
     with open(path, 'rb') as f:
-        return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+        return bytes_tensor(f.read())
 
 
 def decode(data: Any) -> torch.Tensor:

@@ -56,12 +56,6 @@ def pil_loader(data: bytes) -> Image.Image:
     return img.convert('RGB')
 
 
-def bytes_tensor(data: bytes) -> torch.Tensor:
-    """An image file's bytes as a uint8 tensor, undecoded: the loader of ``--pipeline fast``,
-    whose worker transform decodes (as ``pipeline.read_bytes`` for the image folders)."""
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
-
-
 # Reading ------------------------------------------------------------------------------------------
 
 def read_info(root: str) -> Dict[str, Any]:
@@ -380,5 +374,5 @@ def write_shards(src: str, dst: str, shard_size: int, shuffle_seed: Optional[int
     return info
 
 
-__all__ = ['INFO', 'MAX_OPEN_SHARDS', 'ShardDataset', 'bytes_tensor', 'index_shard', 'member_ext', 'pil_loader',
+__all__ = ['INFO', 'MAX_OPEN_SHARDS', 'ShardDataset', 'index_shard', 'member_ext', 'pil_loader',
            'read_info', 'write_shards']

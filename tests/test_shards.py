@@ -23,6 +23,7 @@ from PIL import Image
 from train_helpers import REPO, TINY, read_log, run_cli
 
 import datasets
+import pipeline
 import shards
 import train_hp
 from bvit.data import eval_transform
@@ -185,7 +186,7 @@ def test_shards_give_the_samples_of_the_image_folder(written):
     fast = ['--pipeline', 'fast', '--aa', 'rand-m9-mstd0.5-inc1']
     ds, _ = datasets.build_dataset(True, _args('--data-set', 'SHARDS', '--data-path', str(dst), *fast))
     folder, _ = datasets.build_dataset(True, _args('--data-set', 'FOLDER', '--data-path', str(src), *fast))
-    assert ds.loader is shards.bytes_tensor
+    assert ds.loader is pipeline.bytes_tensor
     for i in range(0, len(ds), 5):
         got, want = [], []
         for data, out in ((ds, got), (folder, want)):
