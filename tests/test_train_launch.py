@@ -77,8 +77,9 @@ def test_two_process_run_one_checkpoint_ranks_agree_and_dist_eval_is_exact(tmp_p
 # Preemption: SIGTERM / SIGINT, exact resume -------------------------------------------------------
 
 # 10 steps per epoch, a progress line after every step
+# RandAugment and erasing on: --pipeline fast draws them in the training process and on the device
 PREEMPT = TINY + ['--batch-size', '16', '--train-subset', '160', '--print-freq', '1', '--epochs', '2',
-                  '--deterministic']
+                  '--deterministic', '--aa', 'rand-m9-mstd0.5-inc1', '--reprob', '0.25']
 
 
 def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
