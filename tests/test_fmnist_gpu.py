@@ -105,3 +105,14 @@ def test_missing_data_is_one_line(tmp_path, capsys):
     from utils import UsageError
     with pytest.raises(UsageError, match='make fmnist-data'):
         fmnist_gpu.load_fmnist(str(tmp_path), torch.device('cpu'))
+
+
+def test_budget_guard_stops_after_epoch_2_with_the_measured_pace(tmp_path, capsys):
+    data = write_learnable_fmnist(tmp_path / 'f', 128, 16)
+    with pytest.raises(SystemExit, match=r'^error: projected \d+ s > --budget-s 0.001 \(\d+ training img/s over '
+                                         r'the 4 runs, epoch 2 took [\d.]+ s\); about \d+ epochs would fit$'):
+        fmnist_gpu.main(['--out', str(tmp_path / 'out'), '--fmnist', str(data), '--device', 'cpu', '--seeds', '2',
+                         '--epochs', '4', '--batch-size', '64', '--embed-dim', '16', '--depth', '1', '--heads', '2',
+                         '--head-dim', '8', '--budget-s', '0.001'])
+    epochs = [line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith('epoch ')]
+    assert epochs == ['1/4', '2/4'] and not (tmp_path / 'out' / 'fmnist.json').exists()
