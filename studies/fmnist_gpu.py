@@ -360,8 +360,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     record = train(args)
+    path = os.path.join(args.out, 'fmnist.json')
+    with open(path, 'w') as f:  # the runs first: a failure below leaves them on disk
+        json.dump(record, f, indent=1)
     record['summary'] = summary(record)
-    with open(os.path.join(args.out, 'fmnist.json'), 'w') as f:
+    with open(path, 'w') as f:
         json.dump(record, f, indent=1)
     table = markdown(record)
     with open(os.path.join(args.out, 'fmnist.md'), 'w') as f:

@@ -101,7 +101,7 @@ def test_eval_epochs_first_every_5th_and_last_5():
     assert fmnist_gpu.eval_epochs(2) == [1, 2]
 
 
-def test_missing_data_is_one_line(tmp_path, capsys):
+def test_missing_data_is_one_line(tmp_path):
     from utils import UsageError
     with pytest.raises(UsageError, match='make fmnist-data'):
         fmnist_gpu.load_fmnist(str(tmp_path), torch.device('cpu'))
