@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_DIR := output/demo
 
-.PHONY: venv test demo floors
+.PHONY: venv test demo floors fmnist-data
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,3 +28,12 @@ demo: venv
 # torch, torchvision and timm (CPU wheels only): see scripts/test_floors.sh and docs/installing.md.
 floors:
 	PYTHON=$(PYTHON) scripts/test_floors.sh
+
+# The four Fashion-MNIST files (Debian's dataset-fashion-mnist, or FMNIST_SRC=...) copied into
+# data/fashion-mnist/ (git-ignored, 30 MB), the folder a GPU run carries for studies/fmnist_gpu.py
+# (scripts/gpu_check.sh --only fmnist).
+FMNIST_SRC ?= /usr/share/datasets/fashion-mnist
+fmnist-data:
+	mkdir -p data/fashion-mnist
+	cp $(FMNIST_SRC)/train-images-idx3-ubyte.gz $(FMNIST_SRC)/train-labels-idx1-ubyte.gz \
+	   $(FMNIST_SRC)/t10k-images-idx3-ubyte.gz $(FMNIST_SRC)/t10k-labels-idx1-ubyte.gz data/fashion-mnist/

@@ -5,6 +5,7 @@
     python -m bvit.benchmark --suite full           # the cost table of docs/benchmarks.md (adds 22M, both stems, DeiT-S)
     python -m bvit.benchmark --malloc retain        # glibc keeps freed memory: no page faults once warm
     python -m bvit.benchmark --head-share           # one BViT, broad attention on / off for alternate calls
+    python -m bvit.benchmark --device cuda --compile  # bf16 autocast, batch 256, torch.compile (inductor)
 
 Every model gets random weights. Two ways of timing, both side by side in one process so that
 the machine's drifts hit all models alike:
@@ -24,10 +25,18 @@ allocator, whether a call maps its memory afresh depends on what ran before it i
 ``--malloc retain`` takes that out (docs/benchmarks.md, "Page faults and the allocator", says by
 how much it moved the models measured there). Inference is ``model(x)`` under ``torch.inference_mode()`` in eval
 mode; a training step is forward, cross entropy, backward and an AdamW step in train mode.
+
+On CUDA (``--device cuda``) the defaults are a batch of 256, bf16 autocast (``--amp bf16``; the
+forward and the loss under ``torch.autocast``, as train_hp.py's ``--amp``) and TF32 float32
+matmuls and convolutions (as engine.setup_tf32 sets them for training; ``--no-tf32``); every
+timed span starts and ends with ``torch.cuda.synchronize``. ``--compile`` times each model
+through ``torch.compile`` (``--compile-backend``, default inductor; compilation happens in the
+untimed ``--warmup`` calls); the table's first line states the precision and eager or compiled.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import ctypes.util
 import json
@@ -37,7 +46,7 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import timm
@@ -75,21 +84,30 @@ SUITES: Dict[str, List[Spec]] = {
 }
 
 
-def _inference(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+def _autocast(device: torch.device, amp_dtype: Optional[torch.dtype]) -> Any:
+    """``torch.autocast`` in ``amp_dtype`` on ``device`` (a no-op context for None: float32)."""
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+def _inference(model: nn.Module, x: torch.Tensor, amp_dtype: Optional[torch.dtype] = None) -> Callable[[], None]:
     def step() -> None:
-        with torch.inference_mode():
+        with torch.inference_mode(), _autocast(x.device, amp_dtype):
             model(x)
     return step
 
 
-def _training(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+def _training(model: nn.Module, x: torch.Tensor, amp_dtype: Optional[torch.dtype] = None) -> Callable[[], None]:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     target = torch.randint(0, 1000, (x.shape[0],), generator=torch.Generator().manual_seed(0)).to(x.device)
     loss_fn = nn.CrossEntropyLoss()
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        loss_fn(model(x), target).backward()
+        with _autocast(x.device, amp_dtype):
+            loss = loss_fn(model(x), target)
+        loss.backward()
         opt.step()
     return step
 
@@ -114,10 +132,13 @@ def _minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
 
 
-def _time(fn: Callable[[], None], iters: int) -> float:
+def _time(fn: Callable[[], None], iters: int, device: torch.device = torch.device('cpu')) -> float:
+    """Seconds of ``iters`` calls of ``fn``, the device's queue empty at the start and the end."""
+    _sync(device)
     t0 = time.perf_counter()
     for _ in range(iters):
         fn()
+    _sync(device)
     return time.perf_counter() - t0
 
 
@@ -193,13 +214,18 @@ def peak_memory_mb(fn: Callable[[], None], device: torch.device) -> float:
     return peak / 2 ** 20
 
 
-def _build(specs: List[Spec], modes: List[str], x: torch.Tensor) -> Dict[Tuple[str, str], Callable[[], None]]:
+def _build(specs: List[Spec], modes: List[str], x: torch.Tensor, amp_dtype: Optional[torch.dtype] = None,
+           compile_backend: Optional[str] = None) -> Dict[Tuple[str, str], Callable[[], None]]:
+    """One step function per model label and mode, each with a model of its own (through
+    ``torch.compile(backend=compile_backend)`` unless that is None)."""
     steps: Dict[Tuple[str, str], Callable[[], None]] = {}
     for label, name, kwargs in specs:
         for mode in modes:
-            model = timm.create_model(name, **kwargs).to(x.device)
+            model = timm.create_model(name, img_size=x.shape[-1], **kwargs).to(x.device)
             model.train(mode == 'train')
-            steps[label, mode] = (_training if mode == 'train' else _inference)(model, x)
+            if compile_backend is not None:
+                model = torch.compile(model, backend=compile_backend)
+            steps[label, mode] = (_training if mode == 'train' else _inference)(model, x, amp_dtype)
     return steps
 
 
@@ -210,15 +236,17 @@ def _sync(device: torch.device) -> None:
 
 def run(specs: List[Spec], batch_size: int, img_size: int, repeats: int, iters: int,
         warmup: int, modes: List[str], alternate: bool = False, memory: bool = False,
-        device: torch.device = torch.device('cpu')) -> Dict[str, Dict[str, float]]:
+        device: torch.device = torch.device('cpu'), amp_dtype: Optional[torch.dtype] = None,
+        compile_backend: Optional[str] = None) -> Dict[str, Dict[str, float]]:
     """Images/s per model label and mode ('infer', 'train'): medians over ``repeats``; '<mode>
     faults', the median minor page faults of one call; with ``memory`` also '<mode> MiB', the
-    peak memory of one call."""
+    peak memory of one call. ``amp_dtype``: autocast dtype (None: float32); ``compile_backend``:
+    each model through ``torch.compile`` with that backend (None: eager)."""
     torch.manual_seed(0)
     x = torch.randn(batch_size, 3, img_size, img_size, device=device)
-    steps = _build(specs, modes, x)
+    steps = _build(specs, modes, x, amp_dtype, compile_backend)
     for fn in steps.values():
-        _time(fn, warmup)
+        _time(fn, warmup, device)
     samples: Dict[Tuple[str, str], List[float]] = {key: [] for key in steps}
     faults: Dict[Tuple[str, str], List[float]] = {key: [] for key in steps}
     for r in range(repeats):
@@ -235,7 +263,7 @@ def run(specs: List[Spec], batch_size: int, img_size: int, repeats: int, iters: 
         else:
             for key, fn in steps.items():
                 f0 = _minor_faults()
-                spent[key] = _time(fn, iters)
+                spent[key] = _time(fn, iters, device)
                 faults[key].append((_minor_faults() - f0) / iters)
         for key in steps:
             samples[key].append(batch_size * iters / spent[key])
@@ -308,10 +336,16 @@ def _spread(values: List[float]) -> str:
     return f'{statistics.median(values):7.3f} [{min(values):.3f}-{max(values):.3f}]'
 
 
+def _device_name(device: torch.device) -> str:
+    """'cpu', or 'cuda (<the GPU's name>)'."""
+    return f'cuda ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else device.type
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--suite', choices=sorted(SUITES), default='default', help='which models to compare')
-    parser.add_argument('--batch-size', type=int, default=32, help='images per step')
+    parser.add_argument('--batch-size', type=int, default=None, help='images per step (default: 256 on CUDA, 32 '
+                        'on the CPU)')
     parser.add_argument('--img-size', type=int, default=224, help='input resolution')
     parser.add_argument('--repeats', type=int, default=7, help='repeats per run; medians are reported')
     parser.add_argument('--iters', type=int, default=2, help='steps timed per model per repeat')
@@ -324,6 +358,14 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument('--modes', default='infer,train', help="comma list of 'infer' and 'train'")
     parser.add_argument('--threads', type=int, default=0, help='torch threads (0: leave the default)')
     parser.add_argument('--device', default='cpu', help="'cpu' or 'cuda'")
+    parser.add_argument('--amp', choices=['none', 'bf16'], default=None, help='autocast dtype of the forward and '
+                        "the loss (default: bf16 on CUDA, none (float32) on the CPU)")
+    parser.add_argument('--no-tf32', action='store_true', help='CUDA: float32 matmuls and convolutions in full '
+                        'float32 (default: TF32, as train_hp.py sets them)')
+    parser.add_argument('--compile', action='store_true', help='time every model through torch.compile '
+                        '(compiled in the untimed --warmup calls; default: eager)')
+    parser.add_argument('--compile-backend', default='inductor', help="torch.compile's backend with --compile "
+                        "(inductor; on the CPU 'aot_eager' or 'eager' check the mechanism without a C compiler)")
     parser.add_argument('--malloc', choices=['default', 'retain'], default='default',
                         help="'retain': glibc keeps freed memory (no heap trimming, no separate mappings for large "
                         "blocks), so calls reuse memory instead of faulting it in afresh (see retain_freed_memory); "
@@ -335,13 +377,25 @@ def main(argv: Optional[List[str]] = None) -> None:
                         'each BViT and its broad=False twin, inference and a forward and backward pass')
     parser.add_argument('--json', default='', help='also write the results to this JSON file')
     args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if args.batch_size is None:
+        args.batch_size = 256 if device.type == 'cuda' else 32
+    if args.amp is None:
+        args.amp = 'bf16' if device.type == 'cuda' else 'none'
+    amp_dtype = torch.bfloat16 if args.amp == 'bf16' else None
+    if args.compile and args.warmup < 1:
+        parser.error('--compile needs --warmup 1 or more (the compilation is not timed)')
+    if device.type == 'cuda':  # as engine.setup_tf32 does for training (bvit does not import the training scripts)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not args.no_tf32
+    tf32 = ', TF32' if device.type == 'cuda' and not args.no_tf32 else ''
+    precision = (f'{args.amp} autocast' if amp_dtype is not None else 'float32') + tf32
+    compiled = f'torch.compile({args.compile_backend})' if args.compile else 'eager'
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.malloc == 'retain':
         retain_freed_memory()
     modes = [m for m in args.modes.split(',') if m]
     specs = SUITES[args.suite]
-    device = torch.device(args.device)
     if args.head_share:
         print(f'# broad head share of each call (1 - t(broad off) / t(broad on), same model, adjacent calls): '
               f'median [quartiles] of {args.repeats} pairs, batch {args.batch_size} at {args.img_size}x{args.img_size}, '
@@ -363,12 +417,14 @@ def main(argv: Optional[List[str]] = None) -> None:
     results = []
     for _ in range(args.runs):
         results.append(run(specs, args.batch_size, args.img_size, args.repeats, args.iters, args.warmup, modes,
-                           alternate=args.alternate, memory=not args.no_memory, device=device))
+                           alternate=args.alternate, memory=not args.no_memory, device=device, amp_dtype=amp_dtype,
+                           compile_backend=args.compile_backend if args.compile else None))
     rel = [ratios(res, specs, modes) for res in results]
 
     how = 'one call at a time, alternating' if args.alternate else f'{args.iters} calls per model, interleaved'
     print(f'# torch {torch.__version__}, timm {timm.__version__}, {platform.processor() or platform.machine()}, '
-          f'{torch.get_num_threads()} threads, {args.device}, batch {args.batch_size} at {args.img_size}x{args.img_size}; '
+          f'{torch.get_num_threads()} threads, {_device_name(device)}, {precision}, {compiled}, '
+          f'batch {args.batch_size} at {args.img_size}x{args.img_size}; '
           f'{how}; median of {args.repeats} repeats x {args.iters} steps per run, {args.runs} run(s): '
           f'ratios are median [min-max] over runs; malloc {args.malloc}; faults: minor page faults per call')
     header = f"{'model':34s}" + ''.join(f'{m + " img/s":>12s}{"x DeiT":>20s}{"x twin":>20s}' for m in modes)
@@ -388,7 +444,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(row)
     if args.json:
         with open(args.json, 'w') as f:
-            json.dump({'args': vars(args), 'torch': torch.__version__, 'runs': results, 'ratios': rel}, f, indent=1)
+            json.dump({'args': vars(args), 'torch': torch.__version__, 'device': _device_name(device),
+                       'precision': precision, 'compiled': compiled, 'runs': results, 'ratios': rel}, f, indent=1)
 
 
 if __name__ == '__main__':

@@ -7,17 +7,51 @@
 #
 # On FAKE data (torchvision's FakeData with a learnable class pattern, no data set needed), with
 # torchrun --nproc_per_node N (N: the CUDA devices; 2 with --cpu):
-#   bf16      bvit_5m, bf16 autocast, batch 256 per GPU, 300 steps (--cpu: 8): loss finite, falling
-#   fp16      the same in fp16 autocast with the gradient scaler
-#   ema-eval  the in-run evaluation of the EMA equals --eval --eval-ema of the saved checkpoint,
-#             in a fresh single process
-#   compile   --torchcompile (inductor; --cpu: aot_eager), 2 epochs: finite loss, epoch times
-#   resume    SIGTERM to torchrun in the last epoch of the bf16 run's command, then --resume: the
-#             weights of the uninterrupted bf16 run (largest difference printed; <= 1e-5 passes)
-#   speed     images/s of bvit_5m and deit_tiny_patch16_224 training at batch 256 per GPU (bf16,
-#             the whole train_hp.py epoch, data loading included)
-# and prints one table. Exit status 0 when every check passed, 1 otherwise, 2 for bad usage.
+#   bf16        bvit_5m, bf16 autocast, batch 256 per GPU, 300 steps (--cpu: 8): loss finite, falling
+#   fp16        the same in fp16 autocast with the gradient scaler
+#   ema-eval    the in-run evaluation of the EMA equals --eval --eval-ema of the saved checkpoint,
+#               in a fresh single process
+#   compile     --torchcompile (inductor; --cpu: aot_eager), 2 epochs: finite loss, epoch times
+#   resume      SIGTERM to torchrun in the last epoch of the bf16 run's command, then --resume: the
+#               weights of the uninterrupted bf16 run (largest difference printed; <= 1e-5 passes)
+#   speed       images/s of bvit_5m and deit_tiny_patch16_224 training at batch 256 per GPU (bf16,
+#               the whole train_hp.py epoch, data loading included)
+# In one process on the first device (no data loading):
+#   model-speed python -m bvit.benchmark, the default suite (bvit_5m without the stem, its
+#               broad=False twin, deit_tiny_patch16_224) at 224, bf16 autocast, TF32, batch 256,
+#               inference and training step, eager then torch.compile (inductor; --cpu: batch 2 at
+#               32, backend eager): ok when both runs end and every img/s is finite; prints bvit_5m's
+#               img/s and its ratios to the twin and to DeiT. Output: DIR/model-speed/
+#   fmnist      python -m studies.fmnist_gpu: Fashion-MNIST, all 60,000 training images, the
+#               BViT-5M token geometry (50 tokens, D=192, 12 layers), 8 seeds x (BViT, twin), 30
+#               epochs, bf16, data and augmentation on the GPU (--cpu: 2 seeds, 2 epochs, 512
+#               images, D=16, 2 layers): ok when it ends, every number is finite and every run's
+#               training loss fell; prints the EMA top-1 of both, the paired difference with its
+#               95% t-interval and how many runs converged. Output: DIR/fmnist/ (fmnist.json,
+#               fmnist.md). Data: --fmnist $FMNIST (default data/fashion-mnist, `make fmnist-data`;
+#               --cpu falls back to /usr/share/datasets/fashion-mnist); $FMNIST_ARGS is appended
+#               to its command (e.g. FMNIST_ARGS=--compile).
+# and prints one table (each row also goes to DIR/summary.txt as soon as it is known). Exit status
+# 0 when every check passed, 1 otherwise, 2 for bad usage.
 # Every run's output is in DIR (default: a new folder under /tmp), which must be new or empty.
+#
+# Time on one H200 (none of it measured yet: estimates, and the caps that hold them):
+#   bf16, fp16 ~1 min each; ema-eval, speed under 1 min each; resume ~1.5 min; compile ~2 min
+#   (inductor's compilation of bvit_5m assumed ~1 min): about 6 min together.
+#   model-speed: eager ~0.5 min; compiled: 6 graphs (3 models x inference, training), assumed
+#   0.5-1 min of inductor each; the whole row is cut at MODEL_SPEED_S (default 180) seconds.
+#   fmnist: 16 runs x 30 epochs x 58 steps x 1024 images = 28.5M training images x 1.67 GFLOP
+#   (3x the 0.556 GFLOP forward of bvit.flops.count_flops at 28x28) = 47.6 PFLOP, plus 11
+#   evaluations x 32 models x 10,000 images x 0.556 GFLOP = 2.0 PFLOP: 49.5 PFLOP. Assumed
+#   100-150 TFLOP/s achieved (10-15% of the H200's dense bf16 peak; a 192-wide model with 50
+#   tokens spends much of its time in memory-bound element-wise kernels): 330-500 s. Its own
+#   guard stops it after epoch 2 when the measured pace projects more than FMNIST_BUDGET_S
+#   (default 450) seconds (the row then fails with the measured img/s), and the row is cut at
+#   FMNIST_BUDGET_S + 60 s.
+# Two commands of at most 9 minutes each (the device tool's limit):
+#   scripts/gpu_check.sh --out gpu1 --only bf16,ema-eval,fp16,compile,resume,speed,model-speed
+#   make fmnist-data   # before, on the machine that sends the tree: data/fashion-mnist is carried
+#   scripts/gpu_check.sh --out gpu2 --only fmnist,pipeline
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -29,7 +63,7 @@ while [ $# -gt 0 ]; do
         --cpu) MODE=cpu ;;
         --out) OUT=${2:?--out needs a folder}; shift ;;
         --only) ONLY=",${2:?--only needs a list, e.g. bf16,resume},"; shift ;;
-        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,/^[^#]/{/^#/p}' "$0"; exit 0 ;;
         *) echo "error: unknown argument $1 (usage: scripts/gpu_check.sh [--cpu] [--out DIR] [--only LIST])" >&2; exit 2 ;;
     esac
     shift
@@ -52,6 +86,13 @@ if [ "$MODE" = cpu ]; then
     EPOCHS=2                      # 12 steps per epoch: a SIGTERM at the last epoch's first line lands inside it
     COMPILE=aot_eager
     export OMP_NUM_THREADS=1
+    MS_ARGS=(--device cpu --batch-size 2 --img-size 32 --repeats 1 --iters 1 --warmup 1 --threads 1 --no-memory)
+    MS_BACKEND=eager              # the mechanism without a C compiler, in seconds
+    MODEL_SPEED_S=${MODEL_SPEED_S:-300}
+    FM_ARGS=(--device cpu --seeds 2 --epochs 2 --train-size 512 --test-size 256 --batch-size 64 --embed-dim 16
+             --depth 2 --heads 2 --head-dim 8 --threads 1)
+    FMNIST_BUDGET_S=${FMNIST_BUDGET_S:-240}
+    if [ -z "${FMNIST:-}" ] && [ ! -d data/fashion-mnist ]; then FMNIST=/usr/share/datasets/fashion-mnist; fi
 else
     N=$("$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
     if [ "${N:-0}" -lt 1 ]; then
@@ -62,16 +103,24 @@ else
     COMMON+=(--input-size 224 --num_workers 8 --print-freq 20 --fake-size $((BATCH * N * 100)) --fake-val-size 1024)
     EPOCHS=3                      # 100 steps per epoch
     COMPILE=inductor
+    MS_ARGS=(--device cuda --batch-size "$BATCH" --repeats 5 --iters 10 --warmup 3)
+    MS_BACKEND=inductor
+    MODEL_SPEED_S=${MODEL_SPEED_S:-180}
+    FMNIST_BUDGET_S=${FMNIST_BUDGET_S:-450}
+    FM_ARGS=(--device cuda --budget-s "$FMNIST_BUDGET_S")
 fi
+FMNIST=${FMNIST:-data/fashion-mnist}
 LAUNCH=("$PY" -m torch.distributed.run --standalone --nproc_per_node "$N")
 BVIT=(--arch BViT-5 --batch-size "$BATCH" "${COMMON[@]}")
 ROWS=()
 FAILED=0
 row() {  # row NAME STATUS WHAT
-    ROWS+=("$(printf '%-9s %-4s %s' "$1" "$2" "$3")")
+    ROWS+=("$(printf '%-11s %-4s %s' "$1" "$2" "$3")")
+    printf '%s\n' "${ROWS[-1]}" >>"$OUT/summary.txt"
     [ "$2" = ok ] || FAILED=1
 }
 seconds() { echo $(( $(date +%s) - $1 )); }
+ended() { [ "$1" = 124 ] && echo "cut at $2 s" || echo "exit $1"; }  # ended STATUS LIMIT: why a timed run stopped
 want() { [ -z "$ONLY" ] || [[ "$ONLY" == *",$1,"* ]]; }  # want NAME: is the check asked for
 
 # check.py: the numbers of the runs, read back from their log.txt and checkpoints
@@ -109,6 +158,36 @@ elif kind == 'resume':
     diff = max((a[k][n].float() - b[k][n].float()).abs().max().item() for k in ('model', 'model_ema') for n in a[k])
     print(('ok' if diff <= 1e-5 and b['position'] is None else 'FAIL'),
           f'stopped at epoch {sys.argv[4]}, iteration {sys.argv[5]}; resumed weights vs uninterrupted: largest difference {diff:.3g}')
+elif kind == 'model-speed':  # bvit.benchmark's JSON of the eager and the compiled run
+    parts, ok = [], True
+    for path in sys.argv[2:]:
+        d = json.load(open(path))
+        res, rel = d['runs'][0], d['ratios'][0]
+        label = next(k for k in res if k.startswith('bvit') and 'broad=False' not in k)
+        cells = []
+        for m in ('infer', 'train'):
+            v, twin, deit = res[label][m], rel[label][f'{m} x twin'], rel[label][f'{m} x DeiT']
+            ok &= all(math.isfinite(x) and x > 0 for x in (v, twin, deit))
+            ok &= all(math.isfinite(r[m]) for r in res.values())
+            mib = res[label].get(f'{m} MiB')
+            cells.append(f'{m} {v:.0f} img/s x{twin:.2f} twin x{deit:.2f} DeiT' + (f' {mib:.0f} MiB' if mib else ''))
+        parts.append(d['compiled'] + ': ' + ', '.join(cells))
+    print(('ok' if ok and len(parts) == 2 else 'FAIL'), f'bvit_5m(stem=none) ' + '; '.join(parts) +
+          f'; {d["precision"]}, batch {d["args"]["batch_size"]} at {d["args"]["img_size"]}')
+elif kind == 'fmnist':  # studies/fmnist_gpu.py's record
+    d = json.load(open(sys.argv[2]))
+    runs, s = d['results'], d['summary']
+    numbers = [v for r in runs for v in r['curve'] + r['raw_curve'] + r['train_loss']]
+    fell = all(r['train_loss'][-1] < r['train_loss'][0] for r in runs)
+    ok = all(math.isfinite(v) for v in numbers) and fell and len(runs) >= 4
+    by = {b: [r['acc1'] for r in runs if r['meta']['broad'] == b] for b in (True, False)}
+    mean = lambda v: sum(v) / len(v)
+    p = s['paired']
+    ci = f'[{p["ci"][0]:+.2f}, {p["ci"][1]:+.2f}]' if p['ci'] else '-'
+    print(('ok' if ok else 'FAIL'), f'{len(runs) // 2} seeds x 2, {d["args"]["epochs"]} epochs: EMA top-1 BViT '
+          f'{mean(by[True]):.2f}, twin {mean(by[False]):.2f}; BViT - twin {mean(p["diffs"]):+.2f} {ci} (95% t); '
+          f'converged {s["converged"]}/{s["runs"]}; ' + ('' if fell else 'a training loss did not fall; ') +
+          f'{d["train_img_per_s"]:.0f} img/s, {d["wall_s"]:.0f} s')
 elif kind == 'speed':
     bvit, deit = (rows(d)[-1]['train_images_per_sec'] for d in sys.argv[2:4])
     print('ok', f'bvit_5m {bvit:.0f} img/s, deit_tiny {deit:.0f} img/s ({bvit / deit:.2f}x) at batch {sys.argv[4]} '
@@ -205,8 +284,42 @@ else
     row speed FAIL "exit $? (see $OUT/speed-*.log)"
 fi
 
+if want model-speed; then
+    mkdir -p "$OUT/model-speed"
+    ms_start=$(date +%s)
+    if run model-speed-eager timeout "$MODEL_SPEED_S" "$PY" -m bvit.benchmark "${MS_ARGS[@]}" --amp bf16 \
+            --json "$OUT/model-speed/eager.json"; then
+        left=$(( MODEL_SPEED_S - $(seconds "$ms_start") ))
+        if [ "$left" -lt 1 ]; then
+            row model-speed FAIL "no time left for the compiled run (MODEL_SPEED_S=$MODEL_SPEED_S)"
+        elif run model-speed-compiled timeout "$left" "$PY" -m bvit.benchmark "${MS_ARGS[@]}" --amp bf16 --compile \
+                --compile-backend "$MS_BACKEND" --json "$OUT/model-speed/compiled.json"; then
+            result model-speed model-speed "$OUT/model-speed/eager.json" "$OUT/model-speed/compiled.json"
+        else
+            why=$(ended $? "$MODEL_SPEED_S")
+            eager=$(check model-speed "$OUT/model-speed/eager.json" 2>/dev/null | cut -d' ' -f2-)
+            row model-speed FAIL "compiled run: $why (see $OUT/model-speed-compiled.log); eager: $eager"
+        fi
+    else
+        row model-speed FAIL "eager run: $(ended $? "$MODEL_SPEED_S") (see $OUT/model-speed-eager.log)"
+    fi
+    cp "$OUT"/model-speed-*.log "$OUT/model-speed/" 2>/dev/null
+fi
+
+if want fmnist; then
+    cap=$((${FMNIST_BUDGET_S%.*} + 60))
+    # shellcheck disable=SC2086  # FMNIST_ARGS: extra flags, split on spaces
+    if run fmnist timeout "$cap" "$PY" -m studies.fmnist_gpu --fmnist "$FMNIST" --out "$OUT/fmnist" "${FM_ARGS[@]}" \
+            ${FMNIST_ARGS:-}; then
+        result fmnist fmnist "$OUT/fmnist/fmnist.json"
+    else
+        why=$(ended $? "$cap")
+        row fmnist FAIL "$why: $(grep -v '^\s*$' "$OUT/fmnist.log" | tail -1 | cut -c1-300) (see $OUT/fmnist.log)"
+    fi
+fi
+
 echo
 echo "gpu_check summary ($MODE, $N processes, $(seconds "$start") s; logs in $OUT)"
-printf '%-9s %-4s %s\n' check ok? measured
+printf '%-11s %-4s %s\n' check ok? measured
 printf '%s\n' "${ROWS[@]}"
 exit "$FAILED"

@@ -80,3 +80,51 @@ def test_peak_memory_counts_the_frees_inside_ops():
     step()
     peak = peak_memory_mb(step, torch.device('cpu'))
     assert 40 <= peak <= 52, peak
+
+
+def _tiny_bvit():
+    import timm
+    return timm.create_model('bvit_5m', stem='none', img_size=32, depth=2, embed_dim=32, num_heads=2, head_dim=16)
+
+
+def test_autocast_reaches_the_forward_of_both_steps():
+    """``--amp bf16``: the inference call and the training step run the model under bf16 autocast
+    (the head's logits come out bf16); without it, float32."""
+    from bvit.benchmark import _inference, _training
+    x = torch.randn(2, 3, 32, 32)
+    for amp, want in ((torch.bfloat16, torch.bfloat16), (None, torch.float32)):
+        model = _tiny_bvit()
+        dtypes = []
+        model.head.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+        _inference(model.eval(), x, amp)()
+        _training(model.train(), x, amp)()
+        assert dtypes == [want, want]
+        assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_compile_builds_a_graph_for_every_model_and_mode():
+    """``--compile``: each model of the suite runs through torch.compile (dynamo traces one graph
+    per model and mode; the 'eager' backend checks the mechanism without a C compiler)."""
+    from torch._dynamo.utils import counters
+    from bvit.benchmark import _build
+    torch._dynamo.reset()
+    counters.clear()
+    kwargs = dict(stem='none', depth=2, embed_dim=32, num_heads=2, head_dim=16)
+    specs = [('a', 'bvit_5m', kwargs), ('b', 'bvit_5m', dict(kwargs, broad=False))]
+    steps = _build(specs, ['infer', 'train'], torch.randn(2, 3, 32, 32), torch.bfloat16, 'eager')
+    for step in steps.values():
+        step()
+    assert counters['stats']['unique_graphs'] >= 4, dict(counters['stats'])
+
+
+def test_cli_states_bf16_and_compiled(tmp_path):
+    out = _run(['-m', 'bvit.benchmark', '--batch-size', '2', '--img-size', '32', '--repeats', '1', '--iters', '1',
+                '--threads', '1', '--no-memory', '--modes', 'infer', '--amp', 'bf16', '--compile', '--compile-backend', 'eager',
+                '--json', str(tmp_path / 'b.json')])
+    assert ', cpu, bf16 autocast, torch.compile(eager), batch 2 at 32x32;' in out.splitlines()[0]
+    import json
+    import math
+    data = json.load(open(tmp_path / 'b.json'))
+    assert (data['precision'], data['compiled']) == ('bf16 autocast', 'torch.compile(eager)')
+    speeds = [row['infer'] for res in data['runs'] for row in res.values()]
+    assert len(speeds) == 3 and all(math.isfinite(v) and v > 0 for v in speeds)

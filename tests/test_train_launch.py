@@ -5,6 +5,7 @@ SIGINT, exact resume), unreadable images, one rank failing, and the first-GPU ch
 processes where the launcher is what is tested."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -367,9 +368,10 @@ def test_tf32_on_cuda_by_default_and_stated_in_the_precision():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
-def _gpu_check(tmp_path: Path, only: str) -> Dict[str, Tuple[str, str]]:
+def _gpu_check(tmp_path: Path, only: str, **extra_env: str) -> Dict[str, Tuple[str, str]]:
     env = clean_env()
     env['PYTHON'] = sys.executable
+    env.update(extra_env)
     r = subprocess.run(['bash', 'scripts/gpu_check.sh', '--cpu', '--out', str(tmp_path / 'out'), '--only', only],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     table = r.stdout.split('gpu_check summary', 1)[-1].splitlines()[2:]
@@ -400,6 +402,30 @@ def test_gpu_check_cpu_form_speed(tmp_path):
 def test_gpu_check_cpu_form_compile(tmp_path):
     status, what = _gpu_check(tmp_path, 'compile')['compile']
     assert status == 'ok', what
+
+
+def test_gpu_check_cpu_form_model_speed_and_fmnist(tmp_path):
+    """The two single-process rows: bvit.benchmark eager and compiled (bf16), and the GPU-scale
+    Fashion-MNIST study reduced (2 seeds, 2 epochs, 512 images of a learnable stand-in)."""
+    from test_fmnist_gpu import write_learnable_fmnist
+    rows = _gpu_check(tmp_path, 'model-speed,fmnist', FMNIST=str(write_learnable_fmnist(tmp_path / 'fmnist')))
+    assert all(status == 'ok' for status, _ in rows.values()), rows
+    assert re.match(r'bvit_5m\(stem=none\) eager: infer \d+ img/s x[\d.]+ twin x[\d.]+ DeiT, train .*; '
+                    r'torch\.compile\(eager\): infer .*; bf16 autocast, batch 2 at 32$', rows['model-speed'][1])
+    assert re.match(r'2 seeds x 2, 2 epochs: EMA top-1 BViT [\d.]+, twin [\d.]+; BViT - twin [-+][\d.]+ '
+                    r'\[[-+][\d.]+, [-+][\d.]+\] \(95% t\); converged 0/4; \d+ img/s', rows['fmnist'][1])
+    out = tmp_path / 'out'
+    for kind in ('eager', 'compiled'):
+        bench = json.loads((out / 'model-speed' / f'{kind}.json').read_text())
+        speeds = [v[m] for v in bench['runs'][0].values() for m in ('infer', 'train')]
+        assert len(speeds) == 6 and all(math.isfinite(v) and v > 0 for v in speeds)
+    study = json.loads((out / 'fmnist' / 'fmnist.json').read_text())
+    assert len(study['results']) == 4 and study['summary']['paired']['seeds'] == [0, 1]
+    assert all(math.isfinite(v) for r in study['results'] for v in r['curve'] + r['raw_curve'] + r['train_loss'])
+    assert '| BViT: broad 0.4 − no broad (twin) | 2 |' in (out / 'fmnist' / 'fmnist.md').read_text()
+    # each row is written down as soon as it is known (a command cut off later keeps them)
+    assert [line.split()[:2] for line in (out / 'summary.txt').read_text().splitlines()] == [
+        ['model-speed', 'ok'], ['fmnist', 'ok']]
 
 
 # One rank fails: its line first, every rank ends ------------------------------------------------------
