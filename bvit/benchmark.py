@@ -3,6 +3,7 @@
     python -m bvit.benchmark                        # bvit_5m(stem='none'), its twin, deit_tiny_patch16_224
     python -m bvit.benchmark --alternate --runs 3   # one call at a time, spread over 3 runs
     python -m bvit.benchmark --suite full           # the cost table of docs/benchmarks.md (adds 22M, both stems, DeiT-S)
+    python -m bvit.benchmark --suite released       # bvit_5m as released (conv stem) alone
     python -m bvit.benchmark --malloc retain        # glibc keeps freed memory: no page faults once warm
     python -m bvit.benchmark --head-share           # one BViT, broad attention on / off for alternate calls
     python -m bvit.benchmark --device cuda --compile  # bf16 autocast, batch 256, torch.compile (inductor)
@@ -64,6 +65,9 @@ import bvit.models  # noqa: F401  (registers the BViT models)
 # (label, timm name, kwargs)
 Spec = Tuple[str, str, Dict]
 SUITES: Dict[str, List[Spec]] = {
+    'released': [  # what train_hp.py --arch BViT-5 trains: gpu_check's model-only rate beside its pipelines
+        ('bvit_5m(stem=conv)', 'bvit_5m', dict(stem='conv')),
+    ],
     'default': [
         ('bvit_5m(stem=none)', 'bvit_5m', dict(stem='none')),
         ('bvit_5m(stem=none, broad=False)', 'bvit_5m', dict(stem='none', broad=False)),

@@ -31,6 +31,14 @@
 #               fmnist.md). Data: --fmnist $FMNIST (default data/fashion-mnist, `make fmnist-data`;
 #               --cpu falls back to /usr/share/datasets/fashion-mnist); $FMNIST_ARGS is appended
 #               to its command (e.g. FMNIST_ARGS=--compile).
+#   pipeline    the input pipelines on JPEGs: scripts/photo_folder.py writes 2,048 + 512 photos at
+#               ImageNet sizes (8 hard links each: 16,384 training files), then for --pipeline deit
+#               and fast: train_hp.py --benchmark-data (the loader alone, 16 workers) and 2 epochs of
+#               bvit_5m (released stem) training, batch 256, bf16, one process; beside them
+#               bvit.benchmark --suite released (the model alone, the same step without data).
+#               ok when every rate is finite; prints each pipeline's training img/s as a fraction of
+#               the model-alone rate (how busy it keeps the GPU) and the loader's img/s per core
+#               (--cpu: 32 + 8 photos at 32 px, 1 worker, batch 16, 1 epoch). Output: DIR/pipeline/
 # and prints one table (each row also goes to DIR/summary.txt as soon as it is known). Exit status
 # 0 when every check passed, 1 otherwise, 2 for bad usage.
 # Every run's output is in DIR (default: a new folder under /tmp), which must be new or empty.
@@ -40,14 +48,16 @@
 #   (inductor's compilation of bvit_5m assumed ~1 min): about 6 min together.
 #   model-speed: eager ~0.5 min; compiled: 6 graphs (3 models x inference, training), assumed
 #   0.5-1 min of inductor each; the whole row is cut at MODEL_SPEED_S (default 180) seconds.
+#   pipeline: the photos ~5 s (16 processes), 2 loader-only runs ~10 s each, 2 training runs of 2
+#   epochs ~30 s each, the model alone ~20 s: ~1.7 min, cut at PIPELINE_S (default 150) seconds.
 #   fmnist: 16 runs x 30 epochs x 58 steps x 1024 images = 28.5M training images x 1.67 GFLOP
 #   (3x the 0.556 GFLOP forward of bvit.flops.count_flops at 28x28) = 47.6 PFLOP, plus 11
 #   evaluations x 32 models x 10,000 images x 0.556 GFLOP = 2.0 PFLOP: 49.5 PFLOP. Assumed
 #   100-150 TFLOP/s achieved (10-15% of the H200's dense bf16 peak; a 192-wide model with 50
 #   tokens spends much of its time in memory-bound element-wise kernels): 330-500 s. Its own
 #   guard stops it after epoch 2 when the measured pace projects more than FMNIST_BUDGET_S
-#   (default 450) seconds (the row then fails with the measured img/s), and the row is cut at
-#   FMNIST_BUDGET_S + 60 s.
+#   (default 360 here, so that pipeline and fmnist fit one 9-minute command) seconds (the row then
+#   fails with the measured img/s), and the row is cut at FMNIST_BUDGET_S + 30 s.
 # Two commands of at most 9 minutes each (the device tool's limit):
 #   scripts/gpu_check.sh --out gpu1 --only bf16,ema-eval,fp16,compile,resume,speed,model-speed
 #   make fmnist-data   # before, on the machine that sends the tree: data/fashion-mnist is carried
@@ -93,6 +103,12 @@ if [ "$MODE" = cpu ]; then
              --depth 2 --heads 2 --head-dim 8 --threads 1)
     FMNIST_BUDGET_S=${FMNIST_BUDGET_S:-240}
     if [ -z "${FMNIST:-}" ] && [ ! -d data/fashion-mnist ]; then FMNIST=/usr/share/datasets/fashion-mnist; fi
+    PHOTOS=(--images 32 --classes 4 --copies 1 --jobs 1)
+    PIPE=(--device cpu --threads 1 --input-size 32 --patch-size 4 --batch-size 16 --num_workers 1 --print-freq 1000)
+    PIPE_EPOCHS=1
+    PIPE_IMAGES=32
+    PIPE_MODEL=(--device cpu --batch-size 16 --img-size 32 --repeats 1 --iters 2 --warmup 1 --threads 1 --no-memory)
+    PIPELINE_S=${PIPELINE_S:-120}
 else
     N=$("$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
     if [ "${N:-0}" -lt 1 ]; then
@@ -106,8 +122,14 @@ else
     MS_ARGS=(--device cuda --batch-size "$BATCH" --repeats 5 --iters 10 --warmup 3)
     MS_BACKEND=inductor
     MODEL_SPEED_S=${MODEL_SPEED_S:-180}
-    FMNIST_BUDGET_S=${FMNIST_BUDGET_S:-450}
+    FMNIST_BUDGET_S=${FMNIST_BUDGET_S:-360}
     FM_ARGS=(--device cuda --budget-s "$FMNIST_BUDGET_S")
+    PHOTOS=(--images 2048 --classes 10 --copies 8 --jobs 16)
+    PIPE=(--input-size 224 --batch-size "$BATCH" --num_workers 16 --print-freq 20 --amp --amp-dtype bf16)
+    PIPE_EPOCHS=2
+    PIPE_IMAGES=8192
+    PIPE_MODEL=(--device cuda --batch-size "$BATCH" --repeats 3 --iters 10 --warmup 3 --amp bf16)
+    PIPELINE_S=${PIPELINE_S:-150}
 fi
 FMNIST=${FMNIST:-data/fashion-mnist}
 LAUNCH=("$PY" -m torch.distributed.run --standalone --nproc_per_node "$N")
@@ -188,6 +210,19 @@ elif kind == 'fmnist':  # studies/fmnist_gpu.py's record
           f'{mean(by[True]):.2f}, twin {mean(by[False]):.2f}; BViT - twin {mean(p["diffs"]):+.2f} {ci} (95% t); '
           f'converged {s["converged"]}/{s["runs"]}; ' + ('' if fell else 'a training loss did not fall; ') +
           f'{d["train_img_per_s"]:.0f} img/s, {d["wall_s"]:.0f} s')
+elif kind == 'pipeline':  # DIR/pipeline: the loader-only lines, the training logs, the model-alone JSON
+    folder = sys.argv[2]
+    alone = json.load(open(f'{folder}/model.json'))['runs'][0]['bvit_5m(stem=conv)']['train']
+    parts, per_core, ok = [], {}, math.isfinite(alone) and alone > 0
+    for p in ('deit', 'fast'):
+        last = [l for l in open(f'{folder}/data-{p}.log') if l.startswith('data: ')][-1].split()
+        per_core[p], wall = float(last[1]), float(last[last.index('wall;') - 2])
+        train = rows(f'{folder}/train-{p}')[-1]['train_images_per_sec']
+        ok &= all(math.isfinite(v) and v > 0 for v in (per_core[p], wall, train))
+        parts.append(f'{p}: training {train:.0f} img/s = {train / alone:.2f} of the model alone, '
+                     f'loader alone {wall:.0f} img/s, {per_core[p]:.0f}/core')
+    print(('ok' if ok else 'FAIL'), '; '.join(parts) + f'; model alone {alone:.0f} img/s; '
+          f'fast/deit per core {per_core["fast"] / per_core["deit"]:.2f}x')
 elif kind == 'speed':
     bvit, deit = (rows(d)[-1]['train_images_per_sec'] for d in sys.argv[2:4])
     print('ok', f'bvit_5m {bvit:.0f} img/s, deit_tiny {deit:.0f} img/s ({bvit / deit:.2f}x) at batch {sys.argv[4]} '
@@ -306,8 +341,38 @@ if want model-speed; then
     cp "$OUT"/model-speed-*.log "$OUT/model-speed/" 2>/dev/null
 fi
 
+if want pipeline; then
+    P=$OUT/pipeline
+    mkdir -p "$P"
+    pipe_start=$(date +%s)
+    left() { local s=$(( PIPELINE_S - $(seconds "$pipe_start") )); echo $(( s > 1 ? s : 1 )); }  # timeout 0: none
+    why=
+    run pipeline-photos timeout "$(left)" "$PY" scripts/photo_folder.py "$P/photos" "${PHOTOS[@]}" ||
+        why="photo folder: $(ended $? "$PIPELINE_S") (see $OUT/pipeline-photos.log)"
+    for p in deit fast; do
+        [ -z "$why" ] || break
+        FLAGS=(--arch BViT-5 --data-set FOLDER --data-path "$P/photos" --pipeline "$p" "${PIPE[@]}")
+        run "pipeline-data-$p" timeout "$(left)" "$PY" train_hp.py "${FLAGS[@]}" --benchmark-data "$PIPE_IMAGES" ||
+            why="loader-only run ($p): $(ended $? "$PIPELINE_S") (see $OUT/pipeline-data-$p.log)"
+        cp "$OUT/pipeline-data-$p.log" "$P/data-$p.log" 2>/dev/null
+        [ -z "$why" ] || break
+        run "pipeline-train-$p" timeout "$(left)" "$PY" train_hp.py "${FLAGS[@]}" --epochs "$PIPE_EPOCHS" \
+                --no-model-ema --eval-freq 1000 --output_dir "$P/train-$p" ||
+            why="training run ($p): $(ended $? "$PIPELINE_S") (see $OUT/pipeline-train-$p.log)"
+    done
+    [ -n "$why" ] || run pipeline-model timeout "$(left)" "$PY" -m bvit.benchmark --suite released --modes train \
+            "${PIPE_MODEL[@]}" --json "$P/model.json" ||
+        why="model alone: $(ended $? "$PIPELINE_S") (see $OUT/pipeline-model.log)"
+    if [ -z "$why" ]; then
+        result pipeline pipeline "$P"
+    else
+        row pipeline FAIL "$why"
+    fi
+    rm -rf "$P/photos"  # rewritten by the next run in seconds; not worth carrying back
+fi
+
 if want fmnist; then
-    cap=$((${FMNIST_BUDGET_S%.*} + 60))
+    cap=$((${FMNIST_BUDGET_S%.*} + 30))
     # shellcheck disable=SC2086  # FMNIST_ARGS: extra flags, split on spaces
     if run fmnist timeout "$cap" "$PY" -m studies.fmnist_gpu --fmnist "$FMNIST" --out "$OUT/fmnist" "${FM_ARGS[@]}" \
             ${FMNIST_ARGS:-}; then

@@ -404,6 +404,19 @@ def test_gpu_check_cpu_form_compile(tmp_path):
     assert status == 'ok', what
 
 
+def test_gpu_check_cpu_form_pipeline(tmp_path):
+    """Both input pipelines on JPEGs the script writes: the loader alone, training, the model alone."""
+    status, what = _gpu_check(tmp_path, 'pipeline')['pipeline']
+    assert status == 'ok', what
+    assert re.match(r'deit: training \d+ img/s = [\d.]+ of the model alone, loader alone \d+ img/s, \d+/core; '
+                    r'fast: training .*; model alone \d+ img/s; fast/deit per core [\d.]+x$', what)
+    out = tmp_path / 'out' / 'pipeline'
+    for p in ('deit', 'fast'):
+        assert f'pipeline {p}; 32 images of 32 px' in (out / f'data-{p}.log').read_text()
+        assert len(read_log(out / f'train-{p}' / 'log.txt')) == 1
+    assert not (out / 'photos').exists()
+
+
 def test_gpu_check_cpu_form_model_speed_and_fmnist(tmp_path):
     """The two single-process rows: bvit.benchmark eager and compiled (bf16), and the GPU-scale
     Fashion-MNIST study reduced (2 seeds, 2 epochs, 512 images of a learnable stand-in)."""
