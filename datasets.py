@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image
@@ -22,7 +22,9 @@ from torchvision import datasets as tv_datasets
 from torchvision import transforms
 
 import pipeline
+import shards
 from bvit.data import DigitsDataset, eval_transform
+from unreadable import READ_ERRORS, unreadable
 from utils import UsageError
 
 DATASETS = ('IMNET', 'CIFAR10', 'CIFAR100', 'CIFAR', 'INAT', 'INAT19', 'FOLDER', 'SHARDS', 'DIGITS', 'FASHION_MNIST',
@@ -38,44 +40,13 @@ FASHION_MNIST_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte',
                        't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')
 
 
-# Unreadable images --------------------------------------------------------------------------------
-
-class UnreadableImage(NamedTuple):
-    """What a file-based data set returns, instead of raising, for an image that cannot be read
-    (missing, truncated, not an image): :func:`collate_skipping_unreadable` leaves it out of the
-    batch and the training loop warns about it and counts it."""
-    path: str
-    split: str
-    reason: str
-
-
-READ_ERRORS = (OSError, SyntaxError)  # PIL: OSError (truncated, unidentified, missing), SyntaxError (broken PNG)
-
-
-def _unreadable(path: str, split: str, error: BaseException) -> UnreadableImage:
-    reason = ' '.join(str(error).split()) or type(error).__name__
-    return UnreadableImage(str(path), split, f'{type(error).__name__}: {reason}')
-
-
-def collate_skipping_unreadable(batch: Sequence[Any]) -> Tuple[Any, Any, List[UnreadableImage]]:
-    """``(images, targets, unreadable)``: the readable samples collated as usual (None, None when
-    there are none) and the :class:`UnreadableImage` records of the others."""
-    from torch.utils.data import default_collate
-    good = [s for s in batch if not isinstance(s, UnreadableImage)]
-    bad = [s for s in batch if isinstance(s, UnreadableImage)]
-    if not good:
-        return None, None, bad
-    images, targets = default_collate(good)
-    return images, targets, bad
-
-
 def _read_rgb(path: str) -> Image.Image:
     with Image.open(path) as img:
         return img.convert('RGB')
 
 
 class _ImageFolder(tv_datasets.ImageFolder):
-    """torchvision's ImageFolder, returning an :class:`UnreadableImage` for a file it cannot read.
+    """torchvision's ImageFolder, returning an :class:`unreadable.UnreadableImage` for a file it cannot read.
     ``loader``: path -> image (PIL's, torchvision's default; ``pipeline.read_bytes`` under
     ``--pipeline fast``, whose transform decodes)."""
 
@@ -87,7 +58,7 @@ class _ImageFolder(tv_datasets.ImageFolder):
         try:
             return super().__getitem__(index)
         except READ_ERRORS as e:
-            return _unreadable(self.samples[index][0], self.split, e)
+            return unreadable(self.samples[index][0], self.split, e)
 
 
 # Transforms ---------------------------------------------------------------------------------------
@@ -335,7 +306,7 @@ class INatDataset(Dataset):
             if self.transform is not None:
                 img = self.transform(img)
         except READ_ERRORS as e:  # also a file listed in the json but missing
-            return _unreadable(path, self.split, e)
+            return unreadable(path, self.split, e)
         return img, target
 
 
@@ -349,8 +320,9 @@ class FakeImages(tv_datasets.FakeData):
     class, ``signal`` times a unit-variance tensor, is added to each transformed image, so that a
     model can learn (random labels alone cannot be learnt: the loss would stay at ln(classes));
     it costs one addition per image. Under ``--pipeline fast`` (a uint8 image and its drawn
-    operations) it is added before normalisation, scaled by ``255 * std``, and clipped to uint8. ``FakeData`` seeds torch's generators for every image (and
-    restores the CPU one only): on a GPU, use loader workers (``--num_workers`` > 0), as usual."""
+    operations) it is added before normalisation, scaled by ``255 * std``, and rounded and clipped
+    to uint8. ``FakeData`` seeds torch's generators for every image (and restores the CPU one
+    only): on a GPU, use loader workers (``--num_workers`` > 0), as usual."""
 
     def __init__(self, size: int, input_size: int, num_classes: int, train: bool, transform: Any,
                  signal: float, std: Sequence[float] = (1., 1., 1.)) -> None:
@@ -407,8 +379,7 @@ def _layout(data_set: str) -> str:
         year = 2019 if data_set == 'INAT19' else 2018
         return f'expected <data-path>/train{year}.json, val{year}.json and the image folders they name'
     if data_set == 'SHARDS':
-        from shards import LAYOUT
-        return LAYOUT
+        return shards.LAYOUT
     return ''
 
 
@@ -476,7 +447,6 @@ def build_dataset(is_train: bool, args: Any, transform: Optional[Any] = None) ->
         elif name in ('CIFAR10', 'CIFAR100'):
             ds = _cifar(args, is_train, transform)
         elif name == 'SHARDS':
-            import shards  # shards.py imports this module
             ds = shards.ShardDataset(root, 'train' if is_train else 'val', transform,
                                      pipeline.bytes_tensor if loader is not None else shards.pil_loader)
         else:

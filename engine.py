@@ -75,7 +75,7 @@ class UnreadableImages:
 
 def unpack_batch(batch: Sequence[Any], bad: Optional[UnreadableImages]) -> Tuple[Any, Any, int]:
     """(images, targets, skipped) of a loader batch: ``(images, targets)``, or the
-    ``(images, targets, unreadable)`` of :func:`datasets.collate_skipping_unreadable`."""
+    ``(images, targets, unreadable)`` of :func:`unreadable.collate_skipping_unreadable`."""
     if len(batch) < 3:
         return batch[0], batch[1], 0
     skipped = (bad or UnreadableImages()).skip(batch[2]) if batch[2] else 0

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from bvit.builder import canonical_arch, create_model, is_bvit, parse_broad_layers, parse_model_kwargs, record_from_args
 from bvit.checkpoint import load_checkpoint
 from config import parse_with_config
-from datasets import DATASETS, INAT_CATEGORIES, build_datasets, canonical_data_set, collate_skipping_unreadable
+from datasets import DATASETS, INAT_CATEGORIES, build_datasets, canonical_data_set
 from engine import Evaluator, autocast_context, precision, setup_determinism, setup_tf32, train_one_epoch
 from losses import DistillationLoss, build_base_criterion
 import pipeline
@@ -37,6 +37,7 @@ from resume import (
     adopt_record, check_resume_schedule, make_checkpoint, read_resume, restore_training_state, resume_position,
     save_checkpoint,
 )
+from unreadable import collate_skipping_unreadable
 from utils import (
     NonFiniteLossError, UsageError, all_reduce_sum, append_log_line, cleanup_distributed, environment_info,
     exit_without_teardown, format_seconds, get_rank, init_distributed, is_dist, is_main_process, log,

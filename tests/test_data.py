@@ -14,6 +14,7 @@ from PIL import Image
 
 import datasets
 import train_hp
+import unreadable
 from samplers import RepeatAugSampler, ShardSampler
 from utils import UsageError
 
@@ -291,11 +292,11 @@ def test_unreadable_or_missing_images_become_records_left_out_of_the_batch(tmp_p
     train, val, _ = datasets.build_datasets(make_args('--data-set', 'INAT', '--data-path', str(root),
                                                       '--input-size', '16'))
     record = train[1]
-    assert isinstance(record, datasets.UnreadableImage)
+    assert isinstance(record, unreadable.UnreadableImage)
     assert (record.path, record.split) == (str(missing), 'train') and record.reason.startswith('FileNotFoundError')
-    images, targets, bad = datasets.collate_skipping_unreadable([train[i] for i in range(4)])
+    images, targets, bad = unreadable.collate_skipping_unreadable([train[i] for i in range(4)])
     assert images[0].shape == (3, 3, 16, 16) and targets.tolist() == [0, 2, 2] and bad == [record]  # (uint8, ops)
-    assert datasets.collate_skipping_unreadable([record]) == (None, None, [record])
+    assert unreadable.collate_skipping_unreadable([record]) == (None, None, [record])
 
     folder = tmp_path / 'folder'
     for split in ('train', 'val'):
@@ -305,6 +306,6 @@ def test_unreadable_or_missing_images_become_records_left_out_of_the_batch(tmp_p
     _, val, _ = datasets.build_datasets(make_args('--data-set', 'FOLDER', '--data-path', str(folder),
                                                   '--input-size', '16'))
     record = val[0]  # bad.png sorts first
-    assert isinstance(record, datasets.UnreadableImage) and record.split == 'val'
+    assert isinstance(record, unreadable.UnreadableImage) and record.split == 'val'
     assert record.path == str(folder / 'val' / 'x' / 'bad.png') and 'UnidentifiedImageError' in record.reason
     assert val[1][0].shape == (3, 16, 16)

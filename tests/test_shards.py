@@ -26,6 +26,7 @@ import datasets
 import pipeline
 import shards
 import train_hp
+import unreadable
 from bvit.data import eval_transform
 from samplers import RepeatAugSampler
 from utils import UsageError
@@ -234,10 +235,10 @@ def test_an_unreadable_image_in_a_shard_becomes_a_record_left_out_of_the_batch(t
     shards.write_shards(str(src), str(tmp_path / 'dst'), 5, log=lambda line: None)
     ds = shards.ShardDataset(str(tmp_path / 'dst'), 'val', transform=eval_transform(16, (0, 0, 0), (1, 1, 1), 1.0))
     record = ds[0]  # validation keeps ImageFolder order: the cut PNG (ant_00.png) comes first
-    assert isinstance(record, datasets.UnreadableImage) and record.split == 'val'
+    assert isinstance(record, unreadable.UnreadableImage) and record.split == 'val'
     assert record.path == f'{tmp_path / "dst" / "val" / "val-000000.tar"}:00000000.png'
     assert record.reason == 'OSError: image file is truncated'
-    images, targets, bad = datasets.collate_skipping_unreadable([ds[i] for i in range(3)])
+    images, targets, bad = unreadable.collate_skipping_unreadable([ds[i] for i in range(3)])
     assert images.shape == (2, 3, 16, 16) and targets.tolist() == [0, 0] and bad == [record]
 
 

@@ -335,9 +335,11 @@ def test_unreadable_images_are_skipped_named_counted_and_limited(tmp_path, capsy
 # First GPU: FAKE data, TF32, scripts/gpu_check.sh ------------------------------------------------------
 
 def test_fake_data_is_fixed_per_index_and_learnable(tmp_path):
+    import random
     import datasets
-    args = train_hp.parse_args(['--data-set', 'FAKE', '--input-size', '16', '--fake-size', '40', '--fake-val-size',
-                                '12', '--fake-classes', '5', '--aa', 'none', '--reprob', '0'])
+    flags = ['--data-set', 'FAKE', '--input-size', '16', '--fake-size', '40', '--fake-val-size', '12',
+             '--fake-classes', '5', '--aa', 'none', '--reprob', '0']
+    args = train_hp.parse_args(flags + ['--pipeline', 'deit'])
     train, val, classes = datasets.build_datasets(args)
     assert (len(train), len(val), classes) == (40, 12, 5)
     (a, y), (b, z) = val[3], val[3]
@@ -347,6 +349,14 @@ def test_fake_data_is_fixed_per_index_and_learnable(tmp_path):
     x, t = plain[3]
     assert t == y and (a - x - 0.5 * val.patterns[y]).abs().max() < 1e-6  # --fake-signal 0.5: its class pattern
     assert torch.equal(val.patterns, datasets.FakeImages(12, 16, 5, True, None, 0.5).patterns)  # fixed patterns
+    fast = datasets.build_datasets(train_hp.parse_args(flags))[0]  # --pipeline fast: uint8, the pattern in levels
+    random.seed(0), torch.manual_seed(0)
+    (img, ops), t = fast[3]
+    random.seed(0), torch.manual_seed(0)
+    (plain_img, _), _ = datasets.FakeImages(40, 16, 5, True, fast.transform, 0.0)[3]
+    expected = (plain_img.float() + 0.5 * fast.std255 * fast.patterns[t]).round().clamp(0, 255).to(torch.uint8)
+    assert img.dtype == torch.uint8 and ops.shape == (0, 3) and torch.equal(img, expected)
+    assert not torch.equal(img, plain_img)
 
 
 def test_tf32_on_cuda_by_default_and_stated_in_the_precision():
