@@ -9,7 +9,7 @@ without K times the writing; --jobs J processes write them):
 each a random crop of 50-100% of one of the two photos (china.jpg, flower.jpg, 640x427), resized
 to 300-640 px wide with an aspect ratio of 1 to 1.5, saved at quality 75, 85 or 90. ImageNet's
 training images average about 470x390 px and 110 KB (140 GB for 1.28M); 1,200 of these average
-470x381 px and 39 KB (the photos are smooth and compress well, which makes decoding a little
+469x380 px and 39 KB (the photos are smooth and compress well, which makes decoding a little
 cheaper than ImageNet's). DST must not exist yet or be empty.
 """
 from __future__ import annotations
