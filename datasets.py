@@ -24,7 +24,7 @@ from torchvision import transforms
 import pipeline
 import shards
 from bvit.data import DigitsDataset, eval_transform
-from unreadable import READ_ERRORS, unreadable
+from unreadable import READ_ERRORS, unreadable_record
 from utils import UsageError
 
 DATASETS = ('IMNET', 'CIFAR10', 'CIFAR100', 'CIFAR', 'INAT', 'INAT19', 'FOLDER', 'SHARDS', 'DIGITS', 'FASHION_MNIST',
@@ -58,7 +58,7 @@ class _ImageFolder(tv_datasets.ImageFolder):
         try:
             return super().__getitem__(index)
         except READ_ERRORS as e:
-            return unreadable(self.samples[index][0], self.split, e)
+            return unreadable_record(self.samples[index][0], self.split, e)
 
 
 # Transforms ---------------------------------------------------------------------------------------
@@ -306,7 +306,7 @@ class INatDataset(Dataset):
             if self.transform is not None:
                 img = self.transform(img)
         except READ_ERRORS as e:  # also a file listed in the json but missing
-            return unreadable(path, self.split, e)
+            return unreadable_record(path, self.split, e)
         return img, target
 
 

@@ -37,7 +37,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-from unreadable import READ_ERRORS, unreadable
+from unreadable import READ_ERRORS, unreadable_record
 from utils import UsageError
 
 INFO = '_info.json'
@@ -258,7 +258,7 @@ class ShardDataset(Dataset):
             if self.transform is not None:
                 img = self.transform(img)
         except READ_ERRORS as e:
-            return unreadable(self.member(index), self.split, e)
+            return unreadable_record(self.member(index), self.split, e)
         return img, target
 
     def __getstate__(self) -> Dict[str, Any]:  # pickled to a spawned worker: without open files

@@ -21,7 +21,7 @@ class UnreadableImage(NamedTuple):
 READ_ERRORS = (OSError, SyntaxError)  # PIL: OSError (truncated, unidentified, missing), SyntaxError (broken PNG)
 
 
-def unreadable(path: str, split: str, error: BaseException) -> UnreadableImage:
+def unreadable_record(path: str, split: str, error: BaseException) -> UnreadableImage:
     """The record of ``path`` in ``split``, which raised ``error`` (one of :data:`READ_ERRORS`)."""
     reason = ' '.join(str(error).split()) or type(error).__name__
     return UnreadableImage(str(path), split, f'{type(error).__name__}: {reason}')
@@ -38,4 +38,4 @@ def collate_skipping_unreadable(batch: Sequence[Any]) -> Tuple[Any, Any, List[Un
     return images, targets, bad
 
 
-__all__ = ['UnreadableImage', 'READ_ERRORS', 'unreadable', 'collate_skipping_unreadable']
+__all__ = ['UnreadableImage', 'READ_ERRORS', 'unreadable_record', 'collate_skipping_unreadable']
